@@ -1,0 +1,89 @@
+"""Image transforms (``torchvision.transforms.v2``) for training and evaluation.
+
+Every transform accepts an RGB ``uint8`` CHW tensor (the fast path used by the in-memory
+datasets), a PIL image or an HWC ``uint8`` array, and returns a plain ``float32`` tensor of
+shape ``(3, image_size, image_size)`` normalised with mean 0.5 / std 0.5 (values in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+__all__ = ["train_transform", "eval_transform", "TwoViews", "MEAN", "STD"]
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def _finish() -> list:
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(MEAN), std=list(STD)),
+        v2.ToPureTensor(),
+    ]
+
+
+def train_transform(image_size: int, flip: bool = True, strength: float = 1.0) -> v2.Compose:
+    """SimCLR-style augmentation: random resized crop (scale 0.6-1), optional horizontal flip,
+    colour jitter (0.4, 0.4, 0.4, 0.1 times ``strength``, p = 0.8), random greyscale (p = 0.1
+    times ``strength``), then float + normalisation.
+
+    Pass ``flip=False`` for data where a mirror image changes the meaning (digits).
+    """
+    image_size = int(image_size)
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    strength = float(strength)
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    steps: list = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+    ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    if strength > 0:
+        s = strength
+        steps.append(
+            v2.RandomApply(
+                [v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s,
+                                hue=min(0.5, 0.1 * s))],
+                p=0.8,
+            )
+        )
+        steps.append(v2.RandomGrayscale(p=min(1.0, 0.1 * s)))
+    steps += _finish()
+    return v2.Compose(steps)
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Deterministic transform: resize the shorter side to ``image_size`` and centre-crop
+    (a no-op for images already of that size), then float + normalisation."""
+    image_size = int(image_size)
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            *_finish(),
+        ]
+    )
+
+
+class TwoViews:
+    """Wraps a (random) transform ``t`` and returns two independently augmented views
+    ``(t(x), t(x))`` of the same image, as contrastive (SimCLR-style) training needs."""
+
+    def __init__(self, transform):
+        if transform is None:
+            raise ValueError("TwoViews needs a transform")
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x), self.transform(x)
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.transform!r})"

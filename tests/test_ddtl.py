@@ -1,0 +1,176 @@
+"""DDTL (Darlow 2022, ch. 3): tree head, per-class contrastive loss, training and checkpoints."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cbir.engine import TrainConfig, train
+from cbir.losses import PerClassNTXent
+from cbir.models.hasher import Hasher
+from cbir.models.heads import greedy_path, leaf_log_probs
+from cbir.models.registry import MethodSpec, create_method
+
+
+def test_leaf_probabilities_sum_to_one_and_match_path_products():
+    torch.manual_seed(0)
+    depth = 4
+    u = torch.randn(5, 2**depth - 1, dtype=torch.float64) * 2
+    z = leaf_log_probs(u, depth).exp()
+    assert torch.allclose(z.sum(1), torch.ones(5, dtype=torch.float64))
+    sig = torch.sigmoid(u)
+    for leaf in range(2**depth):
+        path = [(leaf >> (depth - 1 - j)) & 1 for j in range(depth)]  # MSB first
+        node, prod = 0, torch.ones(5, dtype=torch.float64)
+        for s in path:
+            prod = prod * (sig[:, node] if s else 1 - sig[:, node])
+            node = 2 * node + 1 + s
+        assert torch.allclose(z[:, leaf], prod)
+
+
+def test_hard_path_is_greedy_descent_from_root():
+    torch.manual_seed(1)
+    depth = 6
+    u = torch.randn(20, 2**depth - 1)
+    bits, nodes = greedy_path(u, depth)
+    for i in range(20):
+        node = 0
+        for j in range(depth):
+            assert nodes[i, j] == node
+            s = bool(torch.sigmoid(u[i, node]) > 0.5)
+            assert bool(bits[i, j]) == s
+            node = 2 * node + 1 + int(s)
+
+
+def _ntxent_by_hand(z1, z2, labels, tau):
+    """Loop version of the per-class NT-Xent of the loss docstring."""
+    per_class = []
+    for c in sorted(set(labels)):
+        idx = [i for i, l in enumerate(labels) if l == c]
+        if len(idx) < 2:
+            continue
+        vecs = [z1[i] for i in idx] + [z2[i] for i in idx]
+        vecs = [v / np.linalg.norm(v) for v in vecs]
+        n = len(idx)
+        losses = []
+        for a in range(2 * n):
+            p = (a + n) % (2 * n)
+            sims = {j: float(vecs[a] @ vecs[j]) / tau for j in range(2 * n) if j != a}
+            losses.append(-sims[p] + math.log(sum(math.exp(s) for s in sims.values())))
+        per_class.append(sum(losses) / len(losses))
+    return sum(per_class) / len(per_class)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_per_class_ntxent_matches_hand_computation(tau):
+    rng = np.random.default_rng(0)
+    z1 = rng.random((6, 5))
+    z2 = rng.random((6, 5))
+    labels = [0, 0, 1, 2, 2, 2]  # class 1 has a single image: no negative, left out
+    got = PerClassNTXent(tau)(torch.tensor(z1), torch.tensor(z2), torch.tensor(labels))
+    assert got.item() == pytest.approx(_ntxent_by_hand(z1, z2, labels, tau), rel=1e-10)
+
+
+def test_per_class_ntxent_tiny_case_by_hand():
+    # one class, two images; views identical to their image, images orthogonal:
+    # anchor sims: positive cos=1, negatives cos=0 (twice) -> l = -1 + log(e + 2)
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = PerClassNTXent(1.0)(z1, z1.clone(), torch.tensor([3, 3]))
+    assert loss.item() == pytest.approx(-1 + math.log(math.e + 2))
+    # no class with two images: zero, but still differentiable
+    z = torch.rand(2, 3, requires_grad=True)
+    out = PerClassNTXent()(z, z, torch.tensor([0, 1]))
+    out.backward()
+    assert out.item() == 0.0
+    with pytest.raises(ValueError, match="tau"):
+        PerClassNTXent(0.0)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = create_method("ddtl", MethodSpec("convnet", 4, None, depth=5))
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss, logs = m.training_loss((x, x + 0.05 * torch.randn_like(x)), y)
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert set(logs) == {"ce", "ntxent"}
+    # the tree parameters get gradient from the contrastive term alone
+    m.zero_grad()
+    m.params.alpha = 0.0
+    loss, _ = m.training_loss((x, x + 0.05 * torch.randn_like(x)), y)
+    loss.backward()
+    assert m.head.g1.weight.grad.abs().sum() > 0
+
+
+def test_bits_layout_and_confidence():
+    m = create_method("ddtl", MethodSpec("convnet", 10, 16)).eval()
+    assert (m.layout.class_bits, m.layout.depth, m.layout.nbits) == (4, 12, 16)
+    bits, conf = m.encode(torch.randn(5, 3, 16, 16))
+    assert bits.shape == conf.shape == (5, 16) and bits.dtype == torch.bool
+    assert ((conf >= 0) & (conf <= 1)).all()
+    class_logits, _ = m.head(m.backbone(torch.zeros(1, 3, 16, 16)))
+    with pytest.raises(ValueError, match="class bits"):
+        create_method("ddtl", MethodSpec("convnet", 10, 4))
+    with pytest.raises(ValueError, match="disagrees"):
+        create_method("ddtl", MethodSpec("convnet", 10, 16, depth=5))
+
+
+def test_class_bits_are_argmax_class_msb_first():
+    m = create_method("ddtl", MethodSpec("convnet", 10, None, depth=3)).eval()
+    x = torch.randn(6, 3, 16, 16)
+    logits, _ = m.head(m.backbone(x))
+    bits, _ = m.encode(x)
+    cls = logits.argmax(1)
+    expect = [[(int(c) >> s) & 1 for s in (3, 2, 1, 0)] for c in cls]
+    assert bits[:, :4].int().tolist() == expect
+
+
+def test_training_lowers_loss_and_checkpoint_roundtrip(tmp_path):
+    cfg = TrainConfig(method="ddtl", dataset="digits", backbone="convnet", depth=6, epochs=4, batch_size=64,
+                      lr=3e-3, max_steps_per_epoch=6, out=str(tmp_path / "m"), progress=False, seed=3)
+    res = train(cfg)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["train_config"]["depth"] == 6 and saved["content_hash"] == res.hasher.content_hash
+    assert (tmp_path / "m" / "history.jsonl").read_text().count("\n") == 4
+
+    x = torch.randn(7, 3, 32, 32)
+    c1, f1 = res.hasher.encode(x)
+    h2 = Hasher.load(res.checkpoint)
+    c2, f2 = h2.encode(x)
+    assert c1 == c2 and np.allclose(f1, f2)
+    assert h2.content_hash == res.hasher.content_hash and h2.layout == res.hasher.layout
+    # PIL input goes through the evaluation transform
+    from cbir.data import load_dataset
+
+    splits = load_dataset("digits")
+    pil = [splits.query.get_pil(i) for i in range(3)]
+    c3, _ = h2.encode(pil)
+    c4, _, idx = h2.encode_imageset(splits.query.subset([0, 1, 2]))
+    assert c3 == c4 and idx.tolist() == [0, 1, 2]
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    base = dict(method="ddtl", dataset="digits", backbone="convnet", depth=4, batch_size=64, lr=3e-3,
+                max_steps_per_epoch=2, progress=False, seed=5)
+    full = train(TrainConfig(epochs=2, out=str(tmp_path / "full"), **base))
+    train(TrainConfig(epochs=1, out=str(tmp_path / "part"), **base))
+    # resuming with a different epoch count is a different run: refused
+    with pytest.raises(ValueError, match="different config"):
+        train(TrainConfig(epochs=3, out=str(tmp_path / "part"), resume=True, **base))
+    assert len(full.history) == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable cbir checkpoint"):
+        Hasher.load(bad)
+    with pytest.raises(FileNotFoundError):
+        Hasher.load(tmp_path / "missing.pt")
