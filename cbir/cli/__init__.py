@@ -15,6 +15,10 @@ import sys
 COMMAND_MODULES = [
     "cbir.cli.train_cmd",
     "cbir.cli.demo_cmd",
+    "cbir.cli.serve_cmd",
+    "cbir.cli.search_cmd",
+    "cbir.cli.bench_cmd",
+    "cbir.cli.index_cmd",
 ]
 
 

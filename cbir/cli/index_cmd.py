@@ -1,0 +1,192 @@
+"""``cbir index``: build an on-disk index from a trained model, and print its statistics.
+
+``cbir index build --model M (--images DIR | --dataset NAME) --out DIR [--batch-size N]
+[--workers N]``: DataLoader workers decode the images, the hasher encodes them in inference
+mode, the codes are sorted and appended to LMDB. Unreadable images are reported (path and
+reason) and skipped. The index is built in a temporary directory and renamed into place, so an
+interrupted build leaves the previous index (or none); rerunning is a clean restart (there is
+no partial resume).
+
+``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
+``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
+entropy, bucket-size histogram) -- the same dict the server's Stats call returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("cbir.index")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("index", help="build an on-disk index / print index statistics",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    sub.required = True
+
+    b = sub.add_parser("build", help="encode images with a trained model and build an index")
+    b.add_argument("--model", required=True, type=Path, help="model checkpoint (from `cbir train`)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="folder of images (class = first sub-folder, if any)")
+    src.add_argument("--dataset", help="dataset name or path understood by cbir.data.load_dataset")
+    b.add_argument("--split", default="database", choices=["database", "query", "train"],
+                   help="--dataset split to index (default: %(default)s)")
+    b.add_argument("--out", required=True, type=Path, help="index directory to create/replace")
+    b.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default: %(default)s)")
+    b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+    b.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=run_build)
+
+    s = sub.add_parser("stats", help="print the statistics of an index")
+    s.add_argument("index", type=Path, help="index directory")
+    s.add_argument("--json", action="store_true", help="print the full statistics as JSON")
+    s.set_defaults(func=run_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+def _image_folder(root: Path):
+    """An ImageSet over every image file under ``root``; class = first sub-folder (if any)."""
+    from PIL import Image
+
+    from cbir.data import ImageSet
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: no such directory")
+    exts = {e.lower() for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"--images {root}: no image files found")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if any(len(p.relative_to(root).parts) == 1 for p in files):
+        classes = ["(none)"] + classes
+    cidx = {c: i for i, c in enumerate(classes)}
+    labels = [cidx[p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "(none)"]
+              for p in files]
+    return ImageSet(np.array(labels, dtype=np.int64), classes, paths=[str(p) for p in files],
+                    name=root.name)
+
+
+def _metadata(imageset, indices: np.ndarray, source: str) -> list[dict]:
+    names = imageset.class_names
+    paths = getattr(imageset, "paths", None)
+    labels = np.asarray(imageset.labels)
+    out = []
+    for i in indices.tolist():
+        m: dict = {"source": source, "index": int(i)}
+        if paths is not None:
+            m["path"] = str(paths[i])
+        if imageset.multilabel:
+            on = np.flatnonzero(labels[i]).tolist()
+            m["labels"] = [names[j] for j in on]
+            m["label_ids"] = on
+        else:
+            m["label"] = names[int(labels[i])] if names else int(labels[i])
+            m["label_id"] = int(labels[i])
+        out.append(m)
+    return out
+
+
+def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: int = 128,
+                     workers: int = 0, device: str = "auto", progress: bool = True,
+                     extra_params: dict | None = None) -> dict:
+    """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``."""
+    from cbir.data import SkipLog
+    from cbir.indexer import build_index
+    from cbir.models.hasher import Hasher
+
+    hasher = Hasher.load(model, device=device, batch_size=batch_size)
+    skip = SkipLog()
+    t0 = time.perf_counter()
+    codes, conf, idx = hasher.encode_imageset(imageset, batch_size=batch_size, num_workers=workers,
+                                              progress=progress, skip_log=skip, desc="index: encode")
+    t_enc = time.perf_counter() - t0
+    order = np.argsort(idx, kind="stable")
+    codes, conf, idx = codes[order] if len(codes) else codes, conf[order], idx[order]
+    meta = _metadata(imageset, idx, source)
+    params = {"model": str(model), "source": source, "batch_size": batch_size, "workers": workers,
+              "images": len(imageset), "skipped": skip.count, "encode_seconds": round(t_enc, 3),
+              "resume": "none (an interrupted build restarts from scratch)"}
+    params.update(extra_params or {})
+    t1 = time.perf_counter()
+    path = build_index(out, idx, codes, meta, conf=conf, layout=hasher.layout,
+                       model_hash=hasher.content_hash, build_params=params, progress=progress)
+    return {"path": str(path), "count": int(len(idx)), "skipped": skip.count,
+            "skipped_items": skip.items, "encode_s": t_enc, "write_s": time.perf_counter() - t1,
+            "nbits": hasher.nbits, "model_hash": hasher.content_hash}
+
+
+def run_build(args) -> int:
+    if args.batch_size <= 0 or args.workers < 0:
+        raise ValueError("--batch-size must be > 0 and --workers >= 0")
+    if args.images is not None:
+        imageset = _image_folder(args.images)
+        source = str(args.images)
+    else:
+        from cbir.data import load_dataset
+
+        splits = load_dataset(args.dataset)
+        imageset = getattr(splits, args.split)
+        source = f"{args.dataset}:{args.split}"
+    res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
+                           args.device, progress=not args.no_progress and sys.stderr.isatty())
+    for path, reason in res["skipped_items"]:
+        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+    print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
+          f"{res['nbits']}-bit codes into {res['path']} "
+          f"(encode {res['encode_s']:.1f} s, write {res['write_s']:.1f} s)")
+    return 0
+
+
+def _fmt_stats(st: dict) -> str:
+    lay = st["layout"]
+    lines = [
+        f"index        {st.get('path', '')}",
+        f"items        {st['count']}",
+        f"code bits    {st['nbits']} (class bits {lay.get('class_bits', 0)}, depth {lay.get('depth', 0)},"
+        f" method {lay.get('method') or '-'})",
+        f"model hash   {st['model_hash'] or '-'}",
+        f"generation   {st['generation']}",
+        f"disk         {st['disk_bytes']} bytes"
+        + (f" ({st['disk_bytes_per_item']:.1f} per item)" if st.get("disk_bytes_per_item") else ""),
+    ]
+    cov = st.get("coverage")
+    if cov:
+        lines += [
+            f"unique codes {cov['unique_codes']} ({cov['unique_percent']:.2f} %)",
+            f"entropy      {cov['entropy_bits']:.3f} bits (max {cov['max_entropy_bits']:.3f})",
+            f"avg collisions {cov['average_collision_count']:.3f}",
+            f"largest bucket {cov['largest_bucket']}",
+        ]
+        pe = cov.get("prefix_entropy", [])
+        if pe:
+            lines.append("prefix entropy by depth: " + " ".join(f"{d + 1}:{v:.2f}" for d, v in enumerate(pe)))
+        h = cov.get("bucket_size_histogram", {})
+        if h.get("sizes"):
+            pairs = list(zip(h["sizes"], h["buckets"]))
+            shown = pairs[:12]
+            more = f" ... (+{len(pairs) - 12} sizes)" if len(pairs) > 12 else ""
+            lines.append("bucket sizes (size x buckets): "
+                         + " ".join(f"{s}x{b}" for s, b in shown) + more)
+    return "\n".join(lines)
+
+
+def run_stats(args) -> int:
+    from cbir.indexer import open_index
+
+    with open_index(args.index) as r:
+        st = dict(r.stats())
+    st["path"] = str(args.index)
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(_fmt_stats(st))
+    return 0

@@ -1,0 +1,126 @@
+"""``cbir serve``: serve an index (and a model, for image queries) over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("cbir.serve")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an index over gRPC (cbir.v1.SearchService, health, reflection)",
+        description="Load an index (and optionally a model for image queries) once and serve it "
+        "until SIGTERM/SIGINT, then drain in-flight calls. Binds 127.0.0.1 by default; any other "
+        "address needs TLS and/or a bearer token unless --insecure.",
+    )
+    p.add_argument("--index", required=True, type=Path, help="index directory (cbir index build)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model checkpoint used to encode image queries (without it: code/id queries only)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to bind (default: %(default)s; port 0 = any free)")
+    p.add_argument("--read-only", action="store_true", help="open the index read-only (Add/Delete fail)")
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key")
+    s.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (default: $CBIR_TOKEN)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without TLS or token (not recommended)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-message-mb", type=float, default=16.0, help="max request/response size in MiB (default: %(default)s)")
+    lim.add_argument("--max-k", type=int, default=10_000, help="max hits per query (default: %(default)s)")
+    lim.add_argument("--max-batch", type=int, default=10_000, help="max queries/items per call (default: %(default)s)")
+    lim.add_argument("--workers", type=int, default=16, help="RPC worker threads (default: %(default)s)")
+    lim.add_argument("--max-concurrent-rpcs", type=int, default=None, help="refuse calls beyond this many in flight")
+    e = p.add_argument_group("encoder")
+    e.add_argument("--encoder-batch", type=int, default=64, help="max images per forward pass (default: %(default)s)")
+    e.add_argument("--encoder-wait-ms", type=float, default=2.0, help="max wait to fill a batch (default: %(default)s)")
+    e.add_argument("--device", default="auto", help="model device: auto, cpu, cuda ... (default: %(default)s)")
+    p.add_argument("--no-access-log", action="store_true", help="no per-call INFO log lines (load tests)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: %(default)s)")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="seconds to report NOT_SERVING before refusing new calls (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read {what} {path}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbir.server import CbirServer, ServerOptions, open_backend
+
+    if args.no_access_log:
+        logging.getLogger("cbir.server.rpc").setLevel(logging.WARNING)
+    token = args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None
+    opts = ServerOptions(
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        max_workers=args.workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        encoder_max_batch=args.encoder_batch,
+        encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
+        token=token,
+        tls_cert=_read(args.tls_cert, "TLS certificate"),
+        tls_key=_read(args.tls_key, "TLS key"),
+        insecure=args.insecure,
+    )
+    if not args.index.is_dir():
+        raise FileNotFoundError(f"no index directory at {args.index} (build one with `cbir index build`)")
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        log.info("received %s: shutting down (grace %.1fs)", signal.Signals(signum).name, args.grace)
+        stop.set()
+
+    try:
+        server = CbirServer(args.address, opts)  # health NOT_SERVING while loading
+    except OSError as exc:
+        print(f"cbir serve: error: {exc}", file=sys.stderr)
+        return 2
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(f"cbir serve: listening on {server.address} (loading...)", flush=True)
+        backend = open_backend(args.index, writable=not args.read_only)
+        hasher = None
+        if args.model is not None:
+            from cbir.models.hasher import Hasher
+
+            hasher = Hasher.load(args.model, device=args.device)
+        try:
+            server.attach(backend, hasher, owns_backend=True)
+        except BaseException:
+            backend.close()
+            raise
+        print(
+            f"cbir serve: SERVING {backend.count()} items ({backend.nbits}-bit codes) on {server.address}"
+            f"{'' if hasher else ' [no model: code/id queries only]'}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=args.grace, drain_delay=args.drain_delay)
+        for s, h in old.items():
+            signal.signal(s, h)
+    print("cbir serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from cbir.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

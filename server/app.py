@@ -1,0 +1,256 @@
+"""Server assembly: :class:`CbirServer`, :func:`create_server`, :func:`serve_in_process`, :func:`connect`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cbir.v1 import search_pb2 as pb
+from cbir.v1 import search_pb2_grpc as pb_grpc
+
+from .backend import IndexBackend, open_backend
+from .encoder import MicroBatchEncoder
+from .security import BearerTokenClientInterceptor, TokenAuthInterceptor, check_bind_policy, split_address
+from .service import Limits, SearchServicer
+
+log = logging.getLogger("cbir.server")
+
+__all__ = ["ServerOptions", "CbirServer", "create_server", "serve_in_process", "connect", "SERVICE_NAME"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SearchService"].full_name  # "cbir.v1.SearchService"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+MiB = 1 << 20
+
+
+@dataclass
+class ServerOptions:
+    max_message_bytes: int = 16 * MiB
+    max_k: int = 10_000
+    max_batch: int = 10_000
+    max_image_pixels: int = 4096 * 4096
+    max_workers: int = 16
+    max_concurrent_rpcs: int | None = None
+    encoder_max_batch: int = 64
+    encoder_max_wait_s: float = 0.002
+    encoder_max_queue: int = 1024
+    token: str | None = None
+    tls_cert: bytes | None = None  # PEM certificate chain
+    tls_key: bytes | None = None  # PEM private key
+    insecure: bool = False
+    reflection: bool = True
+    allow_model_mismatch: bool = False
+    extra_grpc_options: list = field(default_factory=list)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class CbirServer:
+    """A started gRPC server: health NOT_SERVING until :meth:`attach` gives it index + model."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, options: ServerOptions | None = None) -> None:
+        self.options = opts = options or ServerOptions()
+        if (opts.tls_cert is None) != (opts.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        check_bind_policy(address, opts.tls, opts.token, opts.insecure)
+        host, _ = split_address(address)
+        interceptors = [TokenAuthInterceptor(opts.token)] if opts.token else []
+        grpc_options = [
+            ("grpc.max_receive_message_length", int(opts.max_message_bytes)),
+            ("grpc.max_send_message_length", int(opts.max_message_bytes)),
+            ("grpc.so_reuseport", 0),  # never share a port with another server
+            *opts.extra_grpc_options,
+        ]
+        self._executor = futures.ThreadPoolExecutor(max_workers=opts.max_workers, thread_name_prefix="cbir-rpc")
+        self._server = grpc.server(
+            self._executor,
+            interceptors=interceptors,
+            options=grpc_options,
+            maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
+        )
+        self.servicer = SearchServicer(Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels))
+        pb_grpc.add_SearchServiceServicer_to_server(self.servicer, self._server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        for svc in ("", SERVICE_NAME):
+            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if opts.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
+        try:
+            if opts.tls:
+                creds = grpc.ssl_server_credentials([(opts.tls_key, opts.tls_cert)])
+                port = self._server.add_secure_port(address, creds)
+            else:
+                port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            port = 0
+            why = f": {exc}"
+        else:
+            why = ""
+        if not port:
+            self._executor.shutdown(wait=False)
+            raise OSError(f"cannot bind {address} (address in use or not local?){why}")
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.backend: IndexBackend | None = None
+        self.encoder: MicroBatchEncoder | None = None
+        self._owns_backend = False
+        self._stopped = threading.Event()
+        self._server.start()
+        log.info("listening on %s (tls=%s, token=%s)", self.address, opts.tls, bool(opts.token))
+
+    # lifecycle ------------------------------------------------------------------------------
+    def attach(self, backend: IndexBackend, hasher=None, *, owns_backend: bool = False) -> None:
+        """Install the loaded index (and model); health turns SERVING."""
+        if hasher is not None:
+            nbits = hasher.layout.nbits
+            if nbits != backend.nbits:
+                raise ValueError(f"model makes {nbits}-bit codes but the index holds {backend.nbits}-bit codes")
+            ih, mh = backend.model_content_hash, getattr(hasher, "content_hash", "")
+            if ih and mh and ih != mh:
+                msg = f"index was built with model {ih[:12]} but the server loaded model {mh[:12]}"
+                if not self.options.allow_model_mismatch:
+                    raise ValueError(msg + " (pass allow_model_mismatch to serve anyway)")
+                log.warning(msg)
+            o = self.options
+            self.encoder = MicroBatchEncoder(hasher, o.encoder_max_batch, o.encoder_max_wait_s, o.encoder_max_queue)
+        backend.warmup()
+        self.backend = backend
+        self._owns_backend = owns_backend
+        self.servicer.attach(backend, self.encoder)
+        for svc in ("", SERVICE_NAME):
+            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %d items (%d-bit codes, model=%s)", backend.count(), backend.nbits, hasher is not None)
+
+    def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
+        """Graceful stop: health NOT_SERVING, wait ``drain_delay``, finish in-flight calls
+        within ``grace`` seconds (new calls are refused), then release the model and index."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            time.sleep(drain_delay)
+        self._server.stop(grace).wait()
+        if self.encoder is not None:
+            self.encoder.close()
+        if self._owns_backend and self.backend is not None:
+            self.backend.close()
+        self._executor.shutdown(wait=False)
+        log.info("stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> "CbirServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _as_backend(index: Any, writable: bool) -> tuple[IndexBackend, bool]:
+    if isinstance(index, IndexBackend):
+        return index, False
+    if isinstance(index, (str, os.PathLike)):
+        return open_backend(index, writable=writable), True
+    return IndexBackend(index, index if writable else None), False
+
+
+def _as_hasher(model: Any):
+    if model is None or not isinstance(model, (str, os.PathLike)):
+        return model
+    from cbir.models.hasher import Hasher  # type: ignore[import-not-found]
+
+    return Hasher.load(Path(model))
+
+
+def create_server(
+    index: Any,
+    hasher: Any = None,
+    address: str = DEFAULT_ADDRESS,
+    options: ServerOptions | None = None,
+    *,
+    writable: bool = True,
+    **option_overrides: Any,
+) -> CbirServer:
+    """Start a server for ``index`` (an :class:`IndexBackend`, an ``IndexReader``/writer or an
+    index directory) and ``hasher`` (a ``Hasher``, a model path, or ``None`` for code/id queries
+    only) on ``address``. Returns once it is SERVING; call :meth:`CbirServer.stop`."""
+    opts = replace(options or ServerOptions(), **option_overrides)
+    server = CbirServer(address, opts)
+    backend, owns = None, False
+    try:
+        backend, owns = _as_backend(index, writable)
+        server.attach(backend, _as_hasher(hasher), owns_backend=owns)
+    except BaseException:
+        server.stop(grace=0)
+        if owns and backend is not None and server.backend is None:
+            backend.close()
+        raise
+    return server
+
+
+def connect(
+    address: str,
+    *,
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    tls: bool = False,
+    max_message_bytes: int = 16 * MiB,
+    server_name: str | None = None,
+) -> tuple[grpc.Channel, pb_grpc.SearchServiceStub]:
+    """A client channel and stub (bearer token and TLS optional)."""
+    options = [
+        ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ("grpc.max_send_message_length", int(max_message_bytes)),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if tls or tls_ca is not None:
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
+    else:
+        channel = grpc.insecure_channel(address, options)
+    if token:
+        channel = grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))
+    return channel, pb_grpc.SearchServiceStub(channel)
+
+
+@contextlib.contextmanager
+def serve_in_process(
+    index_dir: Any,
+    model_path_or_hasher: Any = None,
+    address: str = "127.0.0.1:0",
+    *,
+    writable: bool = False,
+    ready_timeout: float = 10.0,
+    grace: float = 2.0,
+    **option_overrides: Any,
+) -> Iterator[tuple[str, pb_grpc.SearchServiceStub]]:
+    """Run a server in this process (free loopback port by default) and yield
+    ``(address, stub)``; stops cleanly (in-flight calls finish) when the block exits."""
+    server = create_server(index_dir, model_path_or_hasher, address, writable=writable, **option_overrides)
+    channel = None
+    try:
+        channel, stub = connect(server.address, token=server.options.token)
+        grpc.channel_ready_future(channel).result(timeout=ready_timeout)
+        yield server.address, stub
+    finally:
+        if channel is not None:
+            channel.close()
+        server.stop(grace=grace)

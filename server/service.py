@@ -1,0 +1,432 @@
+"""The ``cbir.v1.SearchService`` servicer.
+
+Every RPC validates its request, maps failures to gRPC status codes (never crashing or
+poisoning the server) and writes one structured log line (method, status, latency) at INFO.
+Image bytes are never logged and no request field is ever used as a filesystem path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from cbir.codes import Codes, common_prefix_length
+from cbir.v1 import search_pb2 as pb
+from cbir.v1 import search_pb2_grpc as pb_grpc
+
+from .backend import AlreadyExists, IndexBackend, NotFound, Result
+from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
+from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder, decode_image
+
+log = logging.getLogger("cbir.server.rpc")
+
+__all__ = ["Limits", "SearchServicer", "RpcError", "MODE_NAMES"]
+
+MODE_NAMES = {pb.LEXICOGRAPHIC: "lex", pb.HAMMING: "hamming", pb.HYBRID: "hybrid", pb.PREFIX: "prefix"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 10_000
+    max_batch: int = 10_000  # queries per BatchSearch, items per Add/Delete, images per GetCode
+    max_offset: int = 1_000_000
+    default_k: int = 10
+    max_image_pixels: int = 4096 * 4096  # larger images are refused (memory / decompression bombs)
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(msg: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def _rpc(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        status = grpc.StatusCode.OK
+        detail = ""
+        try:
+            return fn(self, request, context)
+        except RpcError as e:
+            status, detail = e.code, e.message
+        except Exception as e:  # a bug or an index failure: report, keep serving
+            log.exception("rpc %s failed", name)
+            status, detail = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                ms = (time.perf_counter() - t0) * 1e3
+                log.info(
+                    "rpc method=%s status=%s latency_ms=%.3f%s",
+                    name,
+                    status.name,
+                    ms,
+                    f" detail={detail!r}" if detail else "",
+                    extra={"rpc_method": name, "rpc_status": status.name, "rpc_latency_ms": ms},
+                )
+        context.abort(status, detail)
+
+    return wrapper
+
+
+class SearchServicer(pb_grpc.SearchServiceServicer):
+    """Serves one :class:`IndexBackend` and (optionally) one hasher through a micro-batching encoder."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.backend: IndexBackend | None = None
+        self.encoder: MicroBatchEncoder | None = None
+
+    def attach(self, backend: IndexBackend, encoder: MicroBatchEncoder | None) -> None:
+        self.encoder = encoder
+        self.backend = backend
+
+    # helpers --------------------------------------------------------------------------------
+    def _ready(self) -> IndexBackend:
+        b = self.backend
+        if b is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "index and model are still loading")
+        return b
+
+    @staticmethod
+    def _remaining(context) -> float | None:
+        t = context.time_remaining()
+        if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
+            return None
+        if t <= 0:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return t
+
+    def _encode_images(self, images: list[bytes], context, names: list[str] | None = None):
+        """Decode (request thread) + encode (shared micro-batch). Returns (Codes, conf)."""
+        enc = self.encoder
+        if enc is None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no model: query by code or id")
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(decode_image(data, max_pixels=self.limits.max_image_pixels))
+            except ImageDecodeError as e:
+                where = f"{names[i]}: " if names else (f"image {i}: " if len(images) > 1 else "")
+                raise _invalid(f"{where}{e}") from None
+        try:
+            batch = enc.transform(decoded)
+        except Exception as e:
+            raise _invalid(f"cannot transform image: {e}") from None
+        timeout = self._remaining(context)
+        try:
+            codes, conf = enc.encode(batch, timeout=timeout)
+        except TimeoutError:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+        except EncoderBusy as e:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except EncoderClosed as e:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        if codes.nbits != self._ready().nbits:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "model and index bit counts differ")
+        return codes, conf
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self.limits.max_batch:
+            raise _invalid(f"too many {what}: {n} > limit {self.limits.max_batch}")
+
+    def _query_codes(self, requests, context) -> list[Codes]:
+        """Resolve the query of each request to a 1-row Codes (images encoded as one batch)."""
+        backend = self._ready()
+        out: list[Codes | None] = [None] * len(requests)
+        img_idx, img_data = [], []
+        for i, r in enumerate(requests):
+            kind = r.WhichOneof("query")
+            where = f"request {i}: " if len(requests) > 1 else ""
+            if kind == "image":
+                img_idx.append(i)
+                img_data.append(r.image)
+            elif kind == "code":
+                try:
+                    out[i] = pb_to_codes(r.code, backend.nbits)
+                except ValueError as e:
+                    raise _invalid(f"{where}{e}") from None
+            elif kind == "id":
+                if r.id >= 2**63:
+                    raise RpcError(grpc.StatusCode.NOT_FOUND, f"{where}no item with id {r.id}")
+                try:
+                    out[i] = backend.get_codes([r.id])
+                except NotFound:
+                    raise RpcError(grpc.StatusCode.NOT_FOUND, f"{where}no item with id {r.id}") from None
+            else:
+                raise _invalid(f"{where}a query (image, code or id) is required")
+        if img_data:
+            names = [f"request {i}" for i in img_idx] if len(requests) > 1 else None
+            codes, _ = self._encode_images(img_data, context, names)
+            for j, i in enumerate(img_idx):
+                out[i] = codes[j]
+        return out  # type: ignore[return-value]
+
+    def _validate_search(self, r: pb.SearchRequest, nbits: int, where: str = "") -> tuple[str, int]:
+        lim = self.limits
+        k = r.k or lim.default_k
+        if k > lim.max_k:
+            raise _invalid(f"{where}k={k} exceeds the limit {lim.max_k}")
+        if r.offset > lim.max_offset:
+            raise _invalid(f"{where}offset={r.offset} exceeds the limit {lim.max_offset}")
+        mode = MODE_NAMES.get(r.mode)
+        if mode is None:
+            raise _invalid(f"{where}unknown search mode {r.mode}")
+        if r.HasField("radius") and mode != "hamming":
+            raise _invalid(f"{where}radius is only valid in HAMMING mode")
+        if mode == "prefix":
+            if not 1 <= r.prefix_bits <= nbits:
+                raise _invalid(f"{where}prefix_bits must be in 1..{nbits}, got {r.prefix_bits}")
+            if r.offset:
+                raise _invalid(f"{where}PREFIX mode pages with cursor, not offset")
+        elif r.cursor:
+            raise _invalid(f"{where}cursor is only valid in PREFIX mode")
+        return mode, k
+
+    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, context) -> pb.SearchResponse:
+        backend = self._ready()
+        radius = min(r.radius, backend.nbits) if r.HasField("radius") else None
+        labels = set(r.label_filter)
+        try:
+            if not labels:
+                res = backend.search(query, mode, k, r.offset, radius, r.prefix_bits, r.cursor)
+                metas = backend.get_metadata(res.ids) if r.return_metadata else None
+            else:
+                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, context)
+        except RpcError:
+            raise
+        except (ValueError, KeyError) as e:  # e.g. a malformed cursor
+            raise _invalid(f"bad search request: {e}") from None
+        return self._response(r, query, res, metas, r.offset)
+
+    def _filtered(self, backend, query, mode, k, r, radius, labels, context):
+        """Search with a label filter: page through the ranking until k matches (bounded)."""
+        class_names = backend.layout.class_names if backend.layout is not None else ()
+        want = k + r.offset
+        ids: list[int] = []
+        rows: list[bytes] = []
+        metas: list[dict | None] = []
+
+        def take(res: Result) -> None:
+            for j, meta in enumerate(backend.get_metadata(res.ids)):
+                if _labels_match(meta, labels, class_names) and len(ids) < want:
+                    ids.append(int(res.ids[j]))
+                    rows.append(res.codes.packed[j].tobytes())
+                    metas.append(meta)
+
+        cursor = b""
+        if mode == "prefix":
+            cursor = r.cursor
+            while len(ids) < k:
+                self._remaining(context)
+                res = backend.search(query, mode, k - len(ids), 0, None, r.prefix_bits, cursor)
+                take(res)
+                cursor = res.next_cursor
+                if not cursor or len(res.ids) == 0:
+                    break
+            want = k
+        elif mode == "lex":
+            page, pos = max(64, 2 * want), 0
+            while len(ids) < want:
+                self._remaining(context)
+                res = backend.search(query, mode, page, pos)
+                take(res)
+                pos += len(res.ids)
+                if len(res.ids) < page:
+                    break
+                page = min(page * 2, 1 << 20)
+        else:
+            total = backend.count()
+            kk = max(64, 2 * want)
+            while True:
+                self._remaining(context)
+                ids.clear(), rows.clear(), metas.clear()
+                res = backend.search(query, mode, kk, 0, radius)
+                take(res)
+                if len(ids) >= want or len(res.ids) < kk or kk > total:
+                    break
+                kk *= 4
+        skip = r.offset if mode != "prefix" else 0
+        codes = Codes.from_bytes(rows[skip:], backend.nbits) if len(rows) > skip else Codes.empty(backend.nbits)
+        return Result(np.asarray(ids[skip:], dtype=np.int64), codes, cursor), metas[skip:]
+
+    def _response(self, r, query: Codes, res: Result, metas, offset: int) -> pb.SearchResponse:
+        resp = pb.SearchResponse(query_code=code_to_pb(query), next_cursor=res.next_cursor)
+        n = len(res.ids)
+        if n == 0:
+            return resp
+        if res.distances is not None:
+            ham = res.distances.tolist()
+        else:
+            ham = np.bitwise_count(res.codes.packed ^ query.packed).sum(axis=1, dtype=np.int64).tolist()
+        if res.prefix_lengths is not None:
+            cpl = res.prefix_lengths.tolist()
+        else:
+            cpl = common_prefix_length(query, res.codes)[0].tolist()
+        ids = res.ids.tolist()
+        hits = resp.hits
+        for j in range(n):
+            h = hits.add(id=ids[j], hamming_distance=ham[j], common_prefix_length=cpl[j], rank=offset + j)
+            if r.return_codes:
+                h.code.data = res.codes.packed[j].tobytes()
+                h.code.nbits = res.codes.nbits
+            if r.return_metadata and metas is not None and metas[j]:
+                h.metadata.update(json_safe(metas[j]))
+        return resp
+
+    # RPCs -----------------------------------------------------------------------------------
+    @_rpc
+    def Search(self, request, context):
+        backend = self._ready()
+        mode, k = self._validate_search(request, backend.nbits)
+        (query,) = self._query_codes([request], context)
+        self._remaining(context)
+        return self._search_one(request, query, mode, k, context)
+
+    @_rpc
+    def BatchSearch(self, request, context):
+        backend = self._ready()
+        reqs = request.requests
+        self._check_count(len(reqs), "queries")
+        params = [self._validate_search(r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
+        queries = self._query_codes(reqs, context)
+        resp = pb.BatchSearchResponse()
+        for r, q, (mode, k) in zip(reqs, queries, params):
+            self._remaining(context)
+            resp.responses.append(self._search_one(r, q, mode, k, context))
+        return resp
+
+    @_rpc
+    def Add(self, request, context):
+        backend = self._ready()
+        items = request.items
+        self._check_count(len(items), "items")
+        if not items:
+            return pb.AddResponse(added=0)
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise _invalid("duplicate ids in one Add request")
+        if any(i >= 2**63 for i in ids):
+            raise _invalid("ids must be < 2**63")
+        rows: list[bytes | None] = [None] * len(items)
+        img_idx, img_data = [], []
+        for i, it in enumerate(items):
+            kind = it.WhichOneof("content")
+            if kind == "code":
+                try:
+                    rows[i] = pb_to_codes(it.code, backend.nbits).packed[0].tobytes()
+                except ValueError as e:
+                    raise _invalid(f"item {i} (id {it.id}): {e}") from None
+            elif kind == "image":
+                img_idx.append(i)
+                img_data.append(it.image)
+            else:
+                raise _invalid(f"item {i} (id {it.id}): an image or a code is required")
+        conf = None
+        if img_data:
+            names = [f"item {i} (id {items[i].id})" for i in img_idx]
+            codes, img_conf = self._encode_images(img_data, context, names)
+            for j, i in enumerate(img_idx):
+                rows[i] = codes.packed[j].tobytes()
+            if len(img_idx) == len(items) and img_conf is not None:
+                conf = img_conf  # every item is an image: store the per-bit confidence too
+        codes = Codes.from_bytes(rows, backend.nbits)  # type: ignore[arg-type]
+        metas = [from_struct(it.metadata) if it.HasField("metadata") else {} for it in items]
+        self._remaining(context)
+        try:
+            n = backend.add(ids, codes, metas, upsert=request.upsert, conf=conf)
+        except AlreadyExists as e:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"id {e.args[0]} is already indexed (use upsert)") from None
+        except PermissionError as e:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        resp = pb.AddResponse(added=n)
+        if request.return_codes:
+            resp.codes.extend(codes_to_pb(codes))
+        return resp
+
+    @_rpc
+    def Delete(self, request, context):
+        backend = self._ready()
+        self._check_count(len(request.ids), "ids")
+        if any(i >= 2**63 for i in request.ids):
+            raise _invalid("ids must be < 2**63")
+        try:
+            n = backend.delete(list(request.ids), must_exist=request.must_exist)
+        except NotFound as e:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no item with id {e.args[0]}") from None
+        except PermissionError as e:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        return pb.DeleteResponse(deleted=n)
+
+    @_rpc
+    def GetStats(self, request, context):
+        backend = self._ready()
+        st = json_safe(backend.stats())
+        cov = st.get("coverage") if isinstance(st.get("coverage"), dict) else st
+
+        def num(*names):
+            for n in names:
+                v = cov.get(n, st.get(n))
+                if isinstance(v, (int, float)):
+                    return float(v)
+            return 0.0
+
+        prefix = cov.get("prefix_entropy", st.get("prefix_entropy")) or []
+        if isinstance(prefix, dict):  # {depth: entropy}
+            prefix = [v for _, v in sorted(prefix.items(), key=lambda kv: int(kv[0]))]
+        return pb.GetStatsResponse(
+            count=backend.count(),
+            layout=layout_to_pb(backend.layout, backend.nbits),
+            model_content_hash=backend.model_content_hash,
+            entropy=num("entropy", "entropy_bits"),
+            unique_percent=num("unique_percent", "unique_pct", "unique"),
+            average_collisions=num("average_collisions", "avg_collisions", "average_collision_count"),
+            prefix_entropy=[float(v) for v in prefix if isinstance(v, (int, float))],
+            details=to_struct(st),
+        )
+
+    @_rpc
+    def GetCode(self, request, context):
+        self._ready()
+        self._check_count(len(request.images), "images")
+        resp = pb.GetCodeResponse()
+        if not request.images:
+            return resp
+        codes, conf = self._encode_images(list(request.images), context)
+        for j in range(len(codes)):
+            e = resp.codes.add(code=code_to_pb(codes, j))
+            if request.return_confidence and conf is not None:
+                e.confidence.extend(np.asarray(conf[j], dtype=np.float32).tolist())
+        return resp
+
+    @_rpc
+    def Ping(self, request, context):
+        return pb.PingResponse()
+
+
+def _labels_match(meta: dict | None, wanted: set[str], class_names=()) -> bool:
+    if not meta:
+        return False
+    vals = meta.get("labels", meta.get("label"))
+    if vals is None:
+        return False
+    if not isinstance(vals, (list, tuple)):
+        vals = [vals]
+    for v in vals:
+        if str(v) in wanted:
+            return True
+        if isinstance(v, int) and 0 <= v < len(class_names) and class_names[v] in wanted:
+            return True
+    return False

@@ -1,0 +1,98 @@
+"""``cbir search`` against a real server; ``cbir serve`` as a subprocess (SIGTERM -> clean exit)."""
+
+from __future__ import annotations
+
+import json
+
+from cbir.cli import main
+
+
+def test_cbir_search_table(served, dataset, images, tmp_path, capsys):
+    ids, codes, metas = dataset
+    assert main(["search", "--address", served.address, "--id", str(int(ids[0])), "-k", "5", "--mode", "hamming"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("query code: ") and "(16 bits)" in lines[0]
+    assert lines[1].split()[:4] == ["rank", "id", "hamming", "prefix"]
+    assert lines[3].split()[1] == str(int(ids[0])) and lines[3].split()[2] == "0"
+    assert "item0" in out and lines[-1].startswith("5 hits (hamming)")
+
+    img = tmp_path / "q.png"
+    img.write_bytes(images[0])
+    assert main(["search", "--address", served.address, "--image", str(img), "-k", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["hits"]) == 3
+
+    hexcode = codes.packed[3].tobytes().hex()
+    assert main(["search", "--address", served.address, "--code", hexcode, "-k", "2", "--mode", "prefix",
+                 "--prefix-bits", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "hits (prefix)" in out
+
+
+def test_cbir_search_errors(served, capsys):
+    assert main(["search", "--address", served.address, "--id", "987654321"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["search", "--address", served.address, "--code", "abcdef", "--nbits", "24"]) == 1
+    assert "expects 16 bits" in capsys.readouterr().err
+    assert main(["search", "--address", served.address, "--code", "zz"]) == 2
+
+
+def _read_line_with(proc, needle: str, timeout: float) -> str:
+    import selectors
+    import time
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < end:
+        if not sel.select(timeout=max(0.0, end - time.monotonic())):
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no line with {needle!r} within {timeout}s; got {seen!r}")
+
+
+def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset):
+    import signal
+    import subprocess
+    import sys
+
+    import grpc
+
+    from cbir.server import connect
+    from cbir.v1 import search_pb2 as pb
+
+    model = hasher.save(tmp_path / "model.pt")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model),
+         "--address", "127.0.0.1:0", "--grace", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = _read_line_with(proc, "SERVING", timeout=60)
+        address = line.rsplit(" on ", 1)[1].split()[0]
+        assert address.startswith("127.0.0.1:")
+        channel, stub = connect(address)
+        with channel:
+            resp = stub.Search(pb.SearchRequest(id=int(dataset[0][0]), k=3, mode=pb.HAMMING), timeout=10)
+            assert len(resp.hits) == 3 and resp.hits[0].hamming_distance == 0
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped" in out
+        assert "rpc method=Search status=OK" in err  # per-call structured log at INFO
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def test_cbir_serve_refuses_public_bind_without_auth(index_dir, capsys):
+    assert main(["serve", "--index", str(index_dir), "--address", "0.0.0.0:0"]) == 2
+    assert "--insecure" in capsys.readouterr().err
