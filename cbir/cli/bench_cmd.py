@@ -134,8 +134,12 @@ def run_compare(args) -> int:
         if not summary["same_data"]:
             print("warning: the models were benchmarked on different data", file=sys.stderr)
         print(compare_table(rows))
+    for e in summary["errors"]:
+        print(f"failed: {e['path']}: {e['error']}", file=sys.stderr)
     print(f"\nwritten: {out / 'compare.md'}  {out / 'compare.json'}")
-    return 0
+    if not rows:
+        raise ValueError("no model could be benchmarked")
+    return 1 if summary["errors"] else 0
 
 
 def register(sub) -> None:
@@ -144,9 +148,10 @@ def register(sub) -> None:
     p.add_argument("--model", help="model checkpoint (model.pt) or a `cbir train` output directory")
     p.add_argument("--out", default=None, help="report directory (default: <model dir>/bench; compare: runs/compare)")
     p.add_argument("--index", default=None, metavar="DIR",
-                   help="read the database codes from this `cbir index` directory instead of encoding")
+                   help="read the database codes from this `cbir index build` directory instead of encoding "
+                        "(items matched to the database by file path, else by id = position in the database set)")
     p.add_argument("--address", default=None, metavar="HOST:PORT",
-                   help="also measure the ranked figures through this running server's Search calls (bearer token from $CBIR_TOKEN)")
+                   help="also measure the ranked figures through this running server's Search calls (bearer token from $CBIR_TOKEN); give --index too (the index it serves) to map its ids by path")
     _add_data_args(p)
     bsub = p.add_subparsers(dest="bench_command", metavar="{compare}", title="sub-command (optional)")
     c = bsub.add_parser("compare", help="bench several models on the same data; one table (thesis Tables 3.4/3.5)",

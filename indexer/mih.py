@@ -1,0 +1,294 @@
+"""Exact multi-index hashing (Norouzi, Punjani & Fleet, "Fast exact search in Hamming space
+with multi-index hashing", TPAMI 2014) over packed :class:`cbir.codes.Codes`.
+
+The B bits are split into ``m`` contiguous substrings. Each substring table maps a substring
+value to the positions of the items holding it (CSR: ``perm`` sorted by value, plus either a
+direct ``offsets`` array of 2^s + 1 entries or the sorted values for ``searchsorted``).
+
+k-NN: probe the tables at substring radius r = 0, 1, ... (values at exactly distance r, one
+table at a time). After radius r is done in tables 0..i (and r - 1 in the others), every item not
+yet seen has full distance >= m*r + i + 1 (pigeonhole), so once >= k seen items lie within
+``m*r + i`` the answer (ties included) is complete. An item is counted once: at its first
+(radius, table) discovery, decided from its substring distances, so no set is needed.
+Range search with radius R probes every table to ``R // m``.
+
+Positions refer to the rows of the ``codes`` array the tables were built from.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from itertools import combinations
+
+import numpy as np
+
+DIRECT_MAX_BITS = 24  # substring tables of at most this many bits are directly addressed
+
+
+@lru_cache(maxsize=512)
+def flip_masks(s: int, r: int) -> np.ndarray:
+    """All ``s``-bit integers with exactly ``r`` bits set (uint64)."""
+    if r > s:
+        return np.zeros(0, dtype=np.uint64)
+    if r == 0:
+        return np.zeros(1, dtype=np.uint64)
+    out = np.fromiter(
+        (sum(1 << b for b in c) for c in combinations(range(s), r)),
+        dtype=np.uint64,
+        count=math.comb(s, r),
+    )
+    out.setflags(write=False)
+    return out
+
+
+def substring_values(packed: np.ndarray, start: int, s: int) -> np.ndarray:
+    """Integer value (uint64) of bits ``start .. start+s-1`` of every packed code (bit 0 = MSB)."""
+    b0, b1 = start // 8, (start + s - 1) // 8
+    acc = np.zeros(len(packed), dtype=np.uint64)
+    for b in range(b0, b1 + 1):
+        acc = (acc << np.uint64(8)) | packed[:, b].astype(np.uint64)
+    tail = (b1 + 1) * 8 - (start + s)
+    return (acc >> np.uint64(tail)) & np.uint64((1 << s) - 1)
+
+
+def choose_m(nbits: int, n: int) -> int:
+    """Number of substrings: about B / log2(N) (Norouzi), each of at most 32 bits."""
+    if n <= 1:
+        return max(1, math.ceil(nbits / 32))
+    m = max(1, round(nbits / max(1.0, math.log2(n))))
+    return max(m, math.ceil(nbits / 32))
+
+
+class MIH:
+    """Multi-index hash tables over ``codes`` (packed uint8 (N, nb)) of ``nbits`` bits."""
+
+    def __init__(self, codes: np.ndarray, nbits: int, m: int | None = None, tables=None) -> None:
+        self.codes = codes
+        self.nbits = nbits
+        self.n = len(codes)
+        self.m = m or choose_m(nbits, self.n)
+        base, extra = divmod(nbits, self.m)
+        sizes = [base + (1 if i < extra else 0) for i in range(self.m)]
+        self.starts = [sum(sizes[:i]) for i in range(self.m)]
+        self.sizes = sizes
+        self.codes64 = None
+        if codes.shape[1] <= 8:
+            buf = np.zeros((self.n, 8), dtype=np.uint8)
+            buf[:, : codes.shape[1]] = codes
+            self.codes64 = buf.view(">u8").reshape(-1).astype(np.uint64)
+        if tables is None:
+            tables = [self._build_table(i) for i in range(self.m)]
+        self.tables = tables  # list of (perm, offsets or None, sorted values or None)
+
+    def _subvals(self, i: int, rows=None) -> np.ndarray:
+        src = self.codes if rows is None else self.codes[rows]
+        return substring_values(src, self.starts[i], self.sizes[i])
+
+    def _build_table(self, i: int):
+        s = self.sizes[i]
+        vals = self._subvals(i)
+        perm = np.argsort(vals, kind="stable").astype(np.int64 if self.n >= 2**31 else np.int32)
+        if s <= DIRECT_MAX_BITS and (1 << s) <= max(8 * self.n, 1 << 16):
+            counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
+            offsets = np.zeros((1 << s) + 1, dtype=np.int64 if self.n >= 2**31 else np.int32)
+            np.cumsum(counts, out=offsets[1:])
+            return perm, offsets, None
+        return perm, None, vals[perm]
+
+    # persistence ----------------------------------------------------------------------------
+    def arrays(self) -> dict:
+        out = {}
+        for i, (perm, offs, svals) in enumerate(self.tables):
+            out[f"mih{i}_perm"] = perm
+            if offs is not None:
+                out[f"mih{i}_offsets"] = offs
+            else:
+                out[f"mih{i}_values"] = svals
+        return out
+
+    @classmethod
+    def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict) -> "MIH":
+        tables = []
+        for i in range(m):
+            tables.append((arrays[f"mih{i}_perm"], arrays.get(f"mih{i}_offsets"),
+                           arrays.get(f"mih{i}_values")))
+        return cls(codes, nbits, m=m, tables=tables)
+
+    # lookup ---------------------------------------------------------------------------------
+    def _lookup(self, i: int, values: np.ndarray) -> np.ndarray:
+        perm, offs, svals = self.tables[i]
+        if offs is not None:
+            lo = offs[values.astype(np.int64)]
+            hi = offs[values.astype(np.int64) + 1]
+        else:
+            lo = np.searchsorted(svals, values, side="left")
+            hi = np.searchsorted(svals, values, side="right")
+        ln = (hi - lo).astype(np.int64)
+        keep = ln > 0
+        if not keep.any():
+            return np.zeros(0, dtype=np.int64)
+        lo, ln = lo[keep].astype(np.int64), ln[keep]
+        tot = int(ln.sum())
+        # concatenated ranges perm[lo_j : lo_j + ln_j]
+        starts = np.repeat(lo - np.concatenate([[0], np.cumsum(ln)[:-1]]), ln)
+        idx = starts + np.arange(tot, dtype=np.int64)
+        return perm[idx].astype(np.int64)
+
+    def _full_dist(self, q: np.ndarray, q64, pos: np.ndarray) -> np.ndarray:
+        if self.codes64 is not None:
+            return np.bitwise_count(self.codes64[pos] ^ q64).astype(np.int32)
+        return np.bitwise_count(self.codes[pos] ^ q[None, :]).sum(axis=1, dtype=np.int32)
+
+    def _qsub(self, q: np.ndarray) -> list[int]:
+        return [int(substring_values(q[None, :], self.starts[i], self.sizes[i])[0])
+                for i in range(self.m)]
+
+    def _q64(self, q):
+        if self.codes64 is None:
+            return None
+        return np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
+
+    def _combined(self):
+        """All direct tables as one CSR (values of table t shifted by base[t]), or None."""
+        if getattr(self, "_comb", None) is None:
+            if any(offs is None for _p, offs, _v in self.tables):
+                self._comb = False
+            else:
+                n = self.n
+                bases, offs, perms = [], [], []
+                base = 0
+                for t, (perm, off, _v) in enumerate(self.tables):
+                    bases.append(base)
+                    base += len(off)
+                    offs.append(off.astype(np.int64) + t * n)
+                    perms.append(perm)
+                perm_all = np.concatenate(perms)
+                # codes stored again in bucket order: candidates of a bucket are then read
+                # sequentially instead of gathered at random (<= 64-bit codes)
+                codes_all = self.codes64[perm_all] if self.codes64 is not None else None
+                self._comb = (np.array(bases, dtype=np.uint64), np.concatenate(offs), perm_all,
+                              codes_all)
+        return self._comb or None
+
+    def _step(self, q, q64, qsub, r):
+        """Items first discovered at substring radius ``r`` (any table): (positions, dists).
+
+        An item is reported once, by the first (radius, table) that finds it: kept from table i
+        iff its substring distance is > r in tables < i and >= r in tables > i."""
+        tabs = [t for t in range(self.m) if r <= self.sizes[t]]
+        comb = self._combined()
+        pos_parts, org_parts = [], []
+        x = None
+        if comb is not None:
+            bases, offs, perm, codes_all = comb
+            vals = np.concatenate([(np.uint64(qsub[t]) ^ flip_masks(self.sizes[t], r)) + bases[t]
+                                   for t in tabs]).astype(np.int64)
+            origin = np.repeat(np.array(tabs, dtype=np.int8), [math.comb(self.sizes[t], r) for t in tabs])
+            lo = offs[vals]
+            ln = offs[vals + 1] - lo
+            keep = ln > 0
+            if keep.any():
+                lo, ln, origin = lo[keep], ln[keep], origin[keep]
+                tot = int(ln.sum())
+                idx = np.repeat(lo - (np.cumsum(ln) - ln), ln) + np.arange(tot, dtype=np.int64)
+                pos_parts.append(perm[idx].astype(np.int64))
+                org_parts.append(np.repeat(origin, ln))
+                if codes_all is not None:
+                    x = codes_all[idx] ^ q64
+        else:
+            for t in tabs:
+                pp = self._lookup(t, np.uint64(qsub[t]) ^ flip_masks(self.sizes[t], r))
+                pos_parts.append(pp)
+                org_parts.append(np.full(len(pp), t, dtype=np.int8))
+        if not pos_parts or sum(len(p) for p in pos_parts) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        pos = np.concatenate(pos_parts)
+        org = np.concatenate(org_parts)
+        if x is None and self.codes64 is not None:
+            x = self.codes64[pos] ^ q64
+        if x is not None:
+            dist = np.bitwise_count(x).astype(np.int32)
+        else:
+            dist = self._full_dist(q, q64, pos)
+        if self.m == 1:
+            return pos, dist
+        keep = np.ones(len(pos), dtype=bool)
+        for t in range(self.m):
+            if x is not None:
+                sh = np.uint64(64 - self.starts[t] - self.sizes[t])
+                dt = np.bitwise_count((x >> sh) & np.uint64((1 << self.sizes[t]) - 1))
+            else:
+                dt = np.bitwise_count(self._subvals(t, pos) ^ np.uint64(qsub[t]))
+            # tables before the origin must not have found it at this radius (dt > r), tables
+            # after it must not have found it at an earlier radius (dt >= r); the origin table
+            # has dt == r
+            keep &= dt >= (org > t) + np.uint8(r)
+        return pos[keep], dist[keep]
+
+    #: cost model of the ``budget`` (rough nanoseconds on one CPU core, numpy): per radius
+    #: step, per enumerated bucket, per candidate checked
+    STEP_COST = 40_000
+    PROBE_COST = 40
+    CANDIDATE_COST = 150
+
+    def knn(self, q: np.ndarray, k: int, budget: int | None = None):
+        """Exact candidate set for the k nearest: (positions, distances) of every item with
+        distance <= D, where at least min(k, N) items lie within D (ties complete).
+
+        After substring radius r has been probed in all m tables, every unseen item has
+        distance >= m (r + 1). Returns None as soon as the estimated cost (STEP_COST etc.)
+        would exceed ``budget``."""
+        k = min(k, self.n)
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        q = np.ascontiguousarray(q, dtype=np.uint8)
+        q64 = self._q64(q)
+        qsub = self._qsub(q)
+        hist = np.zeros(self.nbits + 2, dtype=np.int64)
+        P, D = [], []
+        cost = 0
+        for r in range(max(self.sizes) + 1):
+            cost += self.STEP_COST + self.PROBE_COST * sum(
+                math.comb(s, r) for s in self.sizes if r <= s)
+            if budget is not None and cost > budget:
+                return None
+            pos, dist = self._step(q, q64, qsub, r)
+            cost += self.CANDIDATE_COST * len(pos)
+            if len(pos):
+                P.append(pos)
+                D.append(dist)
+                hist += np.bincount(dist, minlength=self.nbits + 2)[: self.nbits + 2]
+            guaranteed = self.m * (r + 1) - 1  # every item with distance <= this has been seen
+            if hist[: min(guaranteed, self.nbits) + 1].sum() >= k:
+                pos = np.concatenate(P)
+                dist = np.concatenate(D)
+                sel = dist <= guaranteed
+                return pos[sel], dist[sel]
+        pos = np.concatenate(P) if P else np.zeros(0, np.int64)
+        dist = np.concatenate(D) if D else np.zeros(0, np.int32)
+        return pos, dist
+
+    def range(self, q: np.ndarray, radius: int, budget: int | None = None):
+        """(positions, distances) of every item within Hamming distance ``radius`` (pigeonhole:
+        some substring is within ``radius // m``); None when the estimated cost exceeds
+        ``budget``."""
+        if self.n == 0 or radius < 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        q = np.ascontiguousarray(q, dtype=np.uint8)
+        q64 = self._q64(q)
+        qsub = self._qsub(q)
+        rr = radius // self.m
+        cost = sum(self.STEP_COST + self.PROBE_COST * sum(math.comb(s, r) for s in self.sizes if r <= s)
+                   for r in range(min(rr, max(self.sizes)) + 1))
+        if budget is not None and cost > budget:
+            return None
+        P, D = [], []
+        for r in range(min(rr, max(self.sizes)) + 1):
+            pos, dist = self._step(q, q64, qsub, r)
+            sel = dist <= radius
+            P.append(pos[sel])
+            D.append(dist[sel])
+        if not P:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return np.concatenate(P), np.concatenate(D)

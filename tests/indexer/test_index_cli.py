@@ -1,0 +1,80 @@
+"""`cbir index build` / `cbir index stats` end to end with a tiny real (untrained) model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cbir.cli import main
+from cbir.codes import rank
+from cbir.indexer import open_index
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    import torch
+
+    from cbir.models.hasher import Hasher
+    from cbir.models.registry import MethodSpec, create_method, resolve_params
+
+    torch.manual_seed(0)
+    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=10, depth=8,
+                      class_names=("a", "b", "c"), backbone_kwargs=(("width", 8),))
+    params = resolve_params("ddtl", None)
+    h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
+    return h.save(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def _images(root, n_per_class=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)
+            Image.fromarray(arr, "RGB").save(root / c / f"{i}.png")
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+
+
+def test_index_build_and_stats(tmp_path, model_path, capsys):
+    from cbir.models.hasher import Hasher
+
+    _images(tmp_path / "imgs")
+    out = tmp_path / "ix"
+    rc = main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
+               "--out", str(out), "--batch-size", "4", "--no-progress"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "indexed 12 images (1 unreadable skipped)" in cap.out
+    assert "broken.png" in cap.err
+    h = Hasher.load(model_path, device="cpu")
+    with open_index(out) as r:
+        assert r.count() == 12 and r.model_hash == h.content_hash
+        assert r.layout == h.layout
+        assert r.manifest["build"]["skipped"] == 1
+        ids = np.array(sorted(int(i) for i in r.search_prefix("", 100).ids))
+        items = [r.get(int(i)) for i in ids]
+        assert {it.meta["label"] for it in items} == {"cat", "dog"}
+        assert all(it.meta["path"].endswith(".png") and it.conf is not None for it in items)
+        # the stored codes are the model's codes of those files
+        from PIL import Image
+
+        codes, _ = h.encode([Image.open(it.meta["path"]) for it in items])
+        assert np.array_equal(codes.packed, np.concatenate([it.code.packed for it in items]))
+        q = codes[:1]
+        assert np.array_equal(r.search_lex(q, 12).ids, ids[rank(q, codes, 12, ids=ids)[0]])
+    rc = main(["index", "stats", str(out), "--json"])
+    st = json.loads(capsys.readouterr().out)
+    assert rc == 0 and st["count"] == 12 and st["coverage"]["n"] == 12
+    assert main(["index", "stats", str(out)]) == 0
+    assert "unique codes" in capsys.readouterr().out
+
+
+def test_index_build_errors(tmp_path, model_path, capsys):
+    assert main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "ix")]) == 2
+    assert main(["index", "stats", str(tmp_path)]) == 2
+    assert "not a cbir index" in capsys.readouterr().err

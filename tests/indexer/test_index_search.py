@@ -1,0 +1,215 @@
+"""Every search path of cbir.indexer equals the brute-force reference ranking of cbir.codes."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
+from cbir.codes import CodeLayout, Codes
+from cbir.indexer import build_index, open_index
+from cbir.indexer.lexsearch import LexSearcher
+
+NBITS = st.sampled_from([1, 3, 7, 8, 12, 16, 21, 33, 64, 70])
+KIND = st.sampled_from(["uniform", "clustered", "dups"])
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _build(tmp, codes, ids, class_bits=0):
+    layout = CodeLayout(nbits=codes.nbits, class_bits=min(class_bits, codes.nbits))
+    return open_index(build_index(f"{tmp}/ix", ids, codes, layout=layout))
+
+
+@SETTINGS
+@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1),
+       widen=st.sampled_from([0, 1, 3]))
+def test_search_lex_matches_brute_force(nbits, n, kind, seed, widen):
+    rng = np.random.default_rng(seed)
+    codes = random_codes(rng, n, nbits, kind)
+    ids = random_ids(rng, n)
+    old = LexSearcher.MAX_WIDEN
+    LexSearcher.MAX_WIDEN = widen  # 0 forces the recursion into sibling subtrees
+    try:
+        with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
+            for q in queries_for(rng, codes, nbits, 3):
+                for k in {0, 1, 3, 17, n, n + 5}:
+                    got = r.search_lex(q, k)
+                    ref = ref_ids(q, codes, ids, k, "lex")
+                    assert np.array_equal(got.ids, ref), (k, got.ids[:8], ref[:8])
+                    assert got.codes.nbits == nbits and len(got.codes) == len(ref)
+                    if len(ref):
+                        # codes, distances and prefix lengths belong to the returned ids
+                        pos = {int(i): j for j, i in enumerate(ids)}
+                        rows = [pos[int(i)] for i in got.ids]
+                        assert np.array_equal(got.codes.packed, codes.packed[rows])
+                        x = codes.packed[rows] ^ q.packed[0]
+                        assert np.array_equal(got.distances, np.bitwise_count(x).sum(1))
+                        assert (got.prefix_lengths[:-1] >= got.prefix_lengths[1:]).all()
+                # offset = a later page of the same ranking
+                ref = ref_ids(q, codes, ids, 12, "lex")
+                assert np.array_equal(r.search_lex(q, 7, offset=5).ids, ref[5:12])
+    finally:
+        LexSearcher.MAX_WIDEN = old
+
+
+@SETTINGS
+@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1))
+def test_search_hamming_matches_brute_force(nbits, n, kind, seed):
+    rng = np.random.default_rng(seed)
+    codes = random_codes(rng, n, nbits, kind)
+    ids = random_ids(rng, n)
+    with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
+        for q in queries_for(rng, codes, nbits, 2):
+            for k in {1, 5, n, n + 3}:
+                ref = ref_ids(q, codes, ids, k, "hamming")
+                for method in ("auto", "mih", "faiss", "brute"):
+                    got = r.search_hamming(q, k=k, method=method)
+                    assert np.array_equal(got.ids, ref), (method, k)
+                    assert got.order == "hamming"
+            for radius in {0, 1, nbits // 4, nbits}:
+                ref = ref_radius(q, codes, ids, radius)
+                for method in ("auto", "mih", "faiss", "brute"):
+                    assert np.array_equal(r.search_hamming(q, radius=radius, method=method).ids, ref)
+                assert np.array_equal(r.search_hamming(q, k=3, radius=radius).ids, ref[:3])
+
+
+@SETTINGS
+@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1),
+       cb=st.integers(0, 5))
+def test_search_hybrid_matches_brute_force(nbits, n, kind, seed, cb):
+    rng = np.random.default_rng(seed)
+    codes = random_codes(rng, n, nbits, kind)
+    ids = random_ids(rng, n)
+    cb = min(cb, nbits)
+    with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids, class_bits=cb) as r:
+        for q in queries_for(rng, codes, nbits, 2):
+            for k in (1, 4, n + 2):
+                got = r.search_hybrid(q, k)
+                if cb == 0:
+                    ref = ref_ids(q, codes, ids, k, "hamming")
+                else:
+                    same = (codes.to_bits()[:, :cb] == q.to_bits()[0, :cb]).all(axis=1)
+                    sub = np.flatnonzero(same)
+                    ref = ref_ids(q, codes[sub], ids[sub], k, "hamming") if len(sub) else np.zeros(0)
+                assert np.array_equal(got.ids, ref)
+
+
+@SETTINGS
+@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1),
+       limit=st.integers(1, 40))
+def test_search_prefix_paginates_the_subtree(nbits, n, kind, seed, limit):
+    rng = np.random.default_rng(seed)
+    codes = random_codes(rng, n, nbits, kind)
+    ids = random_ids(rng, n)
+    with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
+        bits = codes.to_bits()
+        src = bits[0] if n else np.zeros(nbits, np.uint8)
+        for p in sorted({0, 1, nbits // 2, nbits}):
+            prefix = src[:p]
+            match = np.flatnonzero((bits[:, :p] == prefix).all(axis=1))
+            # ascending code then id == lex order w.r.t. the all-zero query
+            zero = Codes(np.zeros((1, codes.nbytes), np.uint8), nbits)
+            ref = ref_ids(zero, codes[match], ids[match], None, "lex") if len(match) else np.zeros(0)
+            got, cursor, pages = [], None, 0
+            arg = "".join(map(str, prefix))
+            while True:
+                page = r.search_prefix(arg, limit, cursor)
+                got.extend(page.ids.tolist())
+                pages += 1
+                assert len(page) <= limit
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+            assert np.array_equal(np.asarray(got, dtype=np.int64), ref)
+            assert pages == max(1, -(-len(ref) // limit)) or len(ref) % limit == 0
+            if p:  # a Codes prefix works the same
+                page = r.search_prefix(Codes.from_bits(prefix[None, :]), n + 1)
+                assert np.array_equal(page.ids, ref)
+
+
+def test_uncertain_bits_become_wildcards():
+    rng = np.random.default_rng(3)
+    nbits, n = 20, 400
+    codes = random_codes(rng, n, nbits, "clustered")
+    ids = np.arange(n) * 3
+    with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
+        for t in range(10):
+            q = codes[int(rng.integers(n))]
+            conf = rng.random(nbits).astype(np.float32)
+            got = r.search_lex(q, 25, conf=conf, conf_threshold=0.3, probe_budget=8)
+            low = np.flatnonzero(conf < 0.3)
+            wild = low[np.argsort(conf[low], kind="stable")[:3]]
+            keep = np.ones(nbits, bool)
+            keep[wild] = False
+            qb, cb = q.to_bits()[0], codes.to_bits()
+            # reference: order by masked XOR, then full XOR, then id
+            masked = Codes.from_bits(cb * keep)
+            qm = Codes.from_bits((qb * keep)[None, :])
+            xm = (masked.packed ^ qm.packed[0]).tolist()
+            xf = (codes.packed ^ q.packed[0]).tolist()
+            order = sorted(range(n), key=lambda i: (xm[i], xf[i], ids[i]))
+            assert np.array_equal(got.ids, ids[order[:25]])
+            # no low-confidence bits: plain lexicographic search
+            plain = r.search_lex(q, 25, conf=np.ones(nbits), conf_threshold=0.3)
+            assert np.array_equal(plain.ids, r.search_lex(q, 25).ids)
+
+
+def test_batch_versions_and_query_forms():
+    rng = np.random.default_rng(5)
+    codes = random_codes(rng, 500, 16, "clustered")
+    ids = np.arange(500)
+    with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids, class_bits=2) as r:
+        Q = codes[:4]
+        for fn in ("search_lex", "search_hybrid"):
+            batch = getattr(r, fn + "_batch")(Q, 9)
+            assert [b.ids.tolist() for b in batch] == [getattr(r, fn)(Q[i], 9).ids.tolist() for i in range(4)]
+        hb = r.search_hamming_batch(Q, k=9)
+        assert [b.ids.tolist() for b in hb] == [r.search_hamming(Q[i], k=9).ids.tolist() for i in range(4)]
+        q = Q[1]
+        a = r.search_lex(q, 5).ids
+        assert np.array_equal(r.search_lex(q.packed[0].tobytes(), 5).ids, a)
+        assert np.array_equal(r.search_lex(q.to_bits()[0], 5).ids, a)
+        with pytest.raises(ValueError):
+            r.search_lex(Codes.from_bits(np.zeros((1, 8), np.uint8)), 5)
+        with pytest.raises(ValueError):
+            r.search_hamming(q)
+        assert len(r.search_prefix_batch(["0", "1"], 1000)[0]) + len(r.search_prefix("1", 1000)) == 500
+
+
+def test_empty_index():
+    with tempfile.TemporaryDirectory() as tmp:
+        codes = Codes.empty(12)
+        with _build(tmp, codes, np.zeros(0, np.int64), class_bits=2) as r:
+            q = Codes.from_bits(np.ones((1, 12), np.uint8))
+            assert len(r) == 0 and r.count() == 0
+            assert len(r.search_lex(q, 10)) == 0
+            assert len(r.search_hamming(q, k=10)) == 0
+            assert len(r.search_hamming(q, radius=12)) == 0
+            assert len(r.search_hybrid(q, 10)) == 0
+            page = r.search_prefix("1", 10)
+            assert len(page) == 0 and page.next_cursor is None
+            assert r.get(0) is None
+            st_ = r.stats()
+            assert st_["count"] == 0 and st_["coverage"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uniform", "clustered"])
+@pytest.mark.parametrize("nbits", [16, 64, 100])
+def test_large_index_matches_brute_force(tmp_path, kind, nbits):
+    rng = np.random.default_rng(nbits)
+    n = 300_000
+    codes = random_codes(rng, n, nbits, kind)
+    ids = rng.permutation(n).astype(np.int64) * 7
+    with open_index(build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(nbits, class_bits=3))) as r:
+        for q in queries_for(rng, codes, nbits, 5):
+            for k in (1, 100, 1000):
+                assert np.array_equal(r.search_lex(q, k).ids, ref_ids(q, codes, ids, k, "lex"))
+            ref = ref_ids(q, codes, ids, 100, "hamming")
+            for method in ("auto", "mih", "faiss"):
+                assert np.array_equal(r.search_hamming(q, k=100, method=method).ids, ref)
