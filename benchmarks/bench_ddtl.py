@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.1, help="DDTL contrastive weight")
+    ap.add_argument("--tau", type=float, default=1.0, help="DDTL NT-Xent temperature")
+    ap.add_argument("--skip-ce", action="store_true", help="DDTL only (no CE-only baseline)")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument("--out", default="runs/bench_ddtl")
@@ -68,20 +70,25 @@ def main(argv=None) -> int:
         print(f"cifar10-subset: {len(splits.query)} queries, {len(splits.database)} database/train images; "
               f"{args.epochs} epochs, batch {args.batch_size}, {args.backbone}", flush=True)
         results.append(run_one(f"DDTL 4+{args.depth} bits", TrainConfig(
-            method="ddtl", dataset="cifar10-subset", depth=args.depth, params={"beta": args.beta},
+            method="ddtl", dataset="cifar10-subset", depth=args.depth, params={"beta": args.beta, "tau": args.tau},
             out=str(out / "cifar_ddtl"), **common), splits))
-        results.append(run_one("CE-only (4 class bits)", TrainConfig(
+        if args.skip_ce:
+            results.append(None)
+        else:
+            results.append(run_one("CE-only (4 class bits)", TrainConfig(
             method="ce", dataset="cifar10-subset", out=str(out / "cifar_ce"), **common), splits))
-        d, c = results[-2], results[-1]
-        print(f"DDTL - CE mAP@1000 (lex): {d['map@1000_lex'] - c['map@1000_lex']:+.4f}; "
-              f"DDTL unique {d['coverage']['unique_percent']:.2f} % (target >= 50), "
+        d, c = results[-2], results.pop()
+        if c is not None:
+            results.append(c)
+            print(f"DDTL - CE mAP@1000 (lex): {d['map@1000_lex'] - c['map@1000_lex']:+.4f}", flush=True)
+        print(f"DDTL unique {d['coverage']['unique_percent']:.2f} % (target >= 50), "
               f"collisions {d['coverage']['average_collision_count']:.3f} (target <= 3)", flush=True)
     if not args.skip_mnist:
         splits = load_dataset("mnist")
         print(f"mnist: {len(splits.query)} queries, {len(splits.database)} database/train images; "
               f"{args.mnist_epochs} epochs", flush=True)
         results.append(run_one(f"MNIST DDTL 4+{args.depth} bits", TrainConfig(
-            method="ddtl", dataset="mnist", depth=args.depth, params={"beta": args.beta},
+            method="ddtl", dataset="mnist", depth=args.depth, params={"beta": args.beta, "tau": args.tau},
             out=str(out / "mnist_ddtl"), **dict(common, epochs=args.mnist_epochs)), splits))
         print(f"MNIST mAP@1000 (lex) {results[-1]['map@1000_lex']:.4f} (target >= 0.98)", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
