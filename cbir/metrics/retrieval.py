@@ -493,17 +493,27 @@ def precision_at_k(
     The denominator is always ``k`` (an empty slot, e.g. when ``k > N`` or a backend returns
     fewer items, counts as not relevant). One search with ``max(ks)`` serves every ``k``.
     """
+    ks, ql, _, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
+    total = np.zeros(len(ks))
+    for _, got in chunks:
+        total += (got / ks[None, :]).sum(axis=0)
+    return total / len(ql)
+
+
+def _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids):
+    """Validate, then ``(ks, ql, dl, chunks)`` where ``chunks`` yields ``(query slice, got)`` with
+    ``got[i, j]`` = relevant items in the top ``ks[j]`` of query ``i`` (one search at max(ks))."""
     ks = _check_ks(ks)
     query_codes, ql, db_codes, dl = _check_problem(
         query_codes, query_labels, db_codes, db_labels, need_db_codes=searcher is None
     )
-    kmax = int(ks.max())
-    total = np.zeros(len(ks))
-    for _, rel, _ in _iter_ranked(query_codes, ql, db_codes, dl, kmax, searcher, order, db_ids):
-        hits = np.concatenate([np.zeros((len(rel), 1)), np.cumsum(rel, axis=1)], axis=1)
-        got = hits[:, np.minimum(ks, rel.shape[1])]
-        total += (got / ks[None, :]).sum(axis=0)
-    return total / len(ql)
+
+    def chunks():
+        for sl, rel, _ in _iter_ranked(query_codes, ql, db_codes, dl, int(ks.max()), searcher, order, db_ids):
+            hits = np.concatenate([np.zeros((len(rel), 1)), np.cumsum(rel, axis=1)], axis=1)
+            yield sl, hits[:, np.minimum(ks, rel.shape[1])]
+
+    return ks, ql, dl, chunks()
 
 
 def recall_at_k(
@@ -522,16 +532,10 @@ def recall_at_k(
     ``R`` is the number of relevant items in the whole database; a query with ``R = 0`` scores 0
     and still counts.
     """
-    ks = _check_ks(ks)
-    query_codes, ql, db_codes, dl = _check_problem(
-        query_codes, query_labels, db_codes, db_labels, need_db_codes=searcher is None
-    )
+    ks, ql, dl, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
     n_rel = relevant_counts(ql, dl).astype(np.float64)
-    kmax = int(ks.max())
     total = np.zeros(len(ks))
-    for sl, rel, _ in _iter_ranked(query_codes, ql, db_codes, dl, kmax, searcher, order, db_ids):
-        hits = np.concatenate([np.zeros((len(rel), 1)), np.cumsum(rel, axis=1)], axis=1)
-        got = hits[:, np.minimum(ks, rel.shape[1])]
+    for sl, got in chunks:
         r = n_rel[sl, None]
         total += np.divide(got, r, out=np.zeros_like(got), where=r > 0).sum(axis=0)
     return total / len(ql)
