@@ -135,12 +135,6 @@ def _lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _to_device(images, device):
-    if isinstance(images, (tuple, list)):
-        return tuple(x.to(device, non_blocking=True) for x in images)
-    return images.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def _val_accuracy(method, loader, device) -> float | None:
     """Top-1 accuracy of the class bits on a held-out part of the training set."""
@@ -150,7 +144,7 @@ def _val_accuracy(method, loader, device) -> float | None:
     correct = total = 0
     shifts = torch.arange(method.layout.class_bits - 1, -1, -1)
     for batch in loader:
-        bits, _ = method.encode(_to_device(batch.images, device))
+        bits, _ = method.encode(batch.to(device, non_blocking=True).images)
         pred = (bits[:, : method.layout.class_bits].long().cpu() << shifts).sum(1)
         correct += int((pred == batch.targets).sum())
         total += len(batch.targets)
@@ -243,7 +237,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     progress = max(progress, elapsed / cfg.time_budget_s)
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(cfg, progress, step)
-                loss, logs = method.training_loss(_to_device(batch.images, device), batch.targets.to(device))
+                batch = batch.to(device, non_blocking=True)
+                loss, logs = method.training_loss(batch.images, batch.targets)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -324,8 +319,7 @@ class _DeviceLoader:
 
     def __iter__(self):
         for batch in self.loader:
-            yield dataclasses.replace(batch, images=_to_device(batch.images, self.device),
-                                      targets=batch.targets.to(self.device))
+            yield batch.to(self.device, non_blocking=True)
 
     def __len__(self):
         return len(self.loader)

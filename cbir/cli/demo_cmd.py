@@ -18,11 +18,10 @@ def run(args) -> int:
     import io
     import sys
 
-    import numpy as np
-
-    from cbir.codes import Codes, rank
+    from cbir.codes import rank
     from cbir.indexer import build_index
     from cbir.server import serve_in_process
+    from cbir.server.convert import pb_to_codes
     from cbir.v1 import search_pb2 as pb
     from cbir.data import load_dataset
     from cbir.engine import train
@@ -68,10 +67,10 @@ def run(args) -> int:
             got = [h.id for h in resp.hits]
             mismatches += got != expect.tolist()
             if qi == 0:
-                qcode = Codes(np.frombuffer(resp.query_code.data, np.uint8)[None, :], resp.query_code.nbits)
+                qcode = pb_to_codes(resp.query_code, hasher.nbits)
                 print(f"      query 0 (class {names[int(enc.query_labels[0])]!s}) code {qcode.to_hex()[0]}")
                 for h in resp.hits:
-                    hit_code = Codes(np.frombuffer(h.code.data, np.uint8)[None, :], h.code.nbits)
+                    hit_code = pb_to_codes(h.code, hasher.nbits)
                     print(f"        id {h.id:5d}  class {h.metadata['label']!s:>10}  code {hit_code.to_hex()[0]}  "
                           f"prefix {h.common_prefix_length:2d}  hamming {h.hamming_distance:2d}")
     print(f"      gRPC results equal the in-memory reference ranking for {n_check - mismatches}/{n_check} queries")
