@@ -24,6 +24,8 @@ Full grid (slow: 9 methods x 4 bit lengths x the budget; run on an otherwise idl
 Quick check::
 
     python benchmarks/bench_methods.py --methods dmuh regu --bits 12 --time-budget 20
+
+Re-measure some rows of an existing table (e.g. after a disturbed run) with ``--merge``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default="benchmarks/results/methods")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in <out>/results.json, replacing those this run re-measures")
     args = ap.parse_args(argv)
 
     from cbir.data import load_dataset, shared_datasets_dir
@@ -177,11 +181,17 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "argv": sys.argv[1:]}
     rows: list[dict] = []
+    if args.merge and (out / "results.json").is_file():
+        rows = json.loads((out / "results.json").read_text())["results"]
     for label, name, params in methods:
         for bits in ([None] if name == "ce" else args.bits):
             print(f"[bench] {label} bits={bits} ...", flush=True)
             row = run_one(label, name, params, bits, splits, args)
-            rows.append(row)
+            same = [i for i, r in enumerate(rows) if (r["method"], r["requested_bits"]) == (label, bits)]
+            if same:
+                rows[same[0]] = row  # re-measured: keep its place in the table
+            else:
+                rows.append(row)
             kk = min(args.k, len(splits.database))
             print(f"[bench] {label} {row['bits']} bits: mAP@{kk} lex {row[f'map@{kk}_lex']:.4f} hamming "
                   f"{row[f'map@{kk}_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "

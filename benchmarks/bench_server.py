@@ -75,44 +75,52 @@ def png(seed: int) -> bytes:
 
 
 def load(call, requests: list, concurrency: int, max_requests: int, duration: float, timeout: float = 30.0):
-    """Closed loop: ``concurrency`` threads issue calls until ``max_requests`` in total or
-    ``duration`` seconds. Returns (completed, errors, elapsed_s, latencies_s)."""
+    """Closed loop with ``concurrency`` calls in flight, driven by completion callbacks of the
+    client's future API (no client thread per call, so the client spends its one core on gRPC,
+    not on GIL hand-offs); stops after ``max_requests`` calls or ``duration`` seconds.
+    Returns (completed, errors, elapsed_s, latencies_s)."""
     lock = threading.Lock()
-    state = {"issued": 0}
+    finished = threading.Event()
+    state = {"issued": 0, "outstanding": 0}
     lat: list[float] = []
     errors = [0]
     deadline = time.perf_counter() + duration
 
-    def worker(wid: int) -> None:
-        mine = []
-        i = wid
-        while True:
-            with lock:
-                if state["issued"] >= max_requests:
-                    break
-                state["issued"] += 1
-            if time.perf_counter() > deadline:
-                break
-            req = requests[i % len(requests)]
-            i += concurrency
-            t0 = time.perf_counter()
-            try:
-                call(req, timeout=timeout)
-            except Exception:  # noqa: BLE001 - counted and reported
-                errors[0] += 1
-                continue
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            lat.extend(mine)
+    def issue(i: int) -> None:
+        t0 = time.perf_counter()
+        fut = call.future(requests[i % len(requests)], timeout=timeout)
+        fut.add_done_callback(lambda f, t0=t0: done(f, t0))
 
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    def done(fut, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        failed = fut.exception() is not None
+        with lock:
+            if failed:
+                errors[0] += 1
+            else:
+                lat.append(dt)
+            nxt = None
+            if state["issued"] < max_requests and time.perf_counter() < deadline:
+                nxt = state["issued"]
+                state["issued"] += 1
+            else:
+                state["outstanding"] -= 1
+                if state["outstanding"] == 0:
+                    finished.set()
+        if nxt is not None:
+            issue(nxt)
+
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration + timeout + 5)
+    first = min(concurrency, max_requests)
+    with lock:
+        state["issued"] = state["outstanding"] = first
+    for i in range(first):
+        issue(i)
+    if first:
+        finished.wait(duration + timeout + 5)
     elapsed = time.perf_counter() - t0
-    return len(lat), errors[0], elapsed, np.asarray(lat)
+    with lock:
+        return len(lat), errors[0], elapsed, np.asarray(lat)
 
 
 def fmt_row(name: str, c: int, res) -> tuple[str, float, float, float]:
@@ -144,6 +152,8 @@ def raw_inference(hasher, batch: int, seconds: float, windows: int = 3) -> float
 def start_server(index_dir: Path, model_path: Path, args, log_path: Path):
     cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model_path),
            "--address", "127.0.0.1:0", "--no-access-log", "--grace", "5", "--workers", str(args.workers),
+           "--inline-modes", args.inline_modes,
+           *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else []),
            "--encoder-batch", str(args.encoder_batch), "--encoder-wait-ms", str(args.encoder_wait_ms),
            "--device", "cpu", "--read-only"]
     logf = open(log_path, "w")
@@ -173,7 +183,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default="resnet20", help="backbone of the untrained model (default: %(default)s)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved windows per code-search level (default: %(default)s)")
-    ap.add_argument("--workers", type=int, default=16, help="server RPC threads")
+    ap.add_argument("--workers", type=int, default=4, help="server offload threads (scans, writes)")
+    ap.add_argument("--inline-modes", default="lex,prefix", help="server --inline-modes (default: %(default)s)")
+    ap.add_argument("--server-torch-threads", type=int, default=None,
+                    help="server --torch-threads (default: torch's choice); the raw-inference baseline always "
+                         "uses this process's default threads")
     ap.add_argument("--encoder-batch", type=int, default=64)
     ap.add_argument("--encoder-wait-ms", type=float, default=2.0)
     ap.add_argument("--concurrency", default="1,4,16", help="code-search levels (default: %(default)s)")

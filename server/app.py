@@ -1,18 +1,24 @@
-"""Server assembly: :class:`CbirServer`, :func:`create_server`, :func:`serve_in_process`, :func:`connect`."""
+"""Server assembly: :class:`CbirServer`, :func:`create_server`, :func:`serve_in_process`, :func:`connect`.
+
+The server is a ``grpc.aio`` server running on its own event-loop thread, behind a synchronous
+API (start, attach, stop) so that the CLI, the demo and tests can drive it from ordinary code.
+See :mod:`cbir.server.service` for what runs on the loop and what on the offload pool.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cbir.v1 import search_pb2 as pb
@@ -38,7 +44,8 @@ class ServerOptions:
     max_k: int = 10_000
     max_batch: int = 10_000
     max_image_pixels: int = 4096 * 4096
-    max_workers: int = 16
+    max_workers: int = 4  # offload threads: HAMMING/HYBRID scans, filtered search, writes, stats
+    inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
     encoder_max_batch: int = 64
     encoder_max_wait_s: float = 0.002
@@ -56,6 +63,31 @@ class ServerOptions:
         return self.tls_cert is not None
 
 
+class _LoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="cbir-grpc-loop", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
 class CbirServer:
     """A started gRPC server: health NOT_SERVING until :meth:`attach` gives it index + model."""
 
@@ -63,47 +95,23 @@ class CbirServer:
         self.options = opts = options or ServerOptions()
         if (opts.tls_cert is None) != (opts.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if opts.max_workers < 1:
+            raise ValueError(f"max_workers (offload threads) must be >= 1, got {opts.max_workers}")
         check_bind_policy(address, opts.tls, opts.token, opts.insecure)
         host, _ = split_address(address)
-        interceptors = [TokenAuthInterceptor(opts.token)] if opts.token else []
-        grpc_options = [
-            ("grpc.max_receive_message_length", int(opts.max_message_bytes)),
-            ("grpc.max_send_message_length", int(opts.max_message_bytes)),
-            ("grpc.so_reuseport", 0),  # never share a port with another server
-            *opts.extra_grpc_options,
-        ]
-        self._executor = futures.ThreadPoolExecutor(max_workers=opts.max_workers, thread_name_prefix="cbir-rpc")
-        self._server = grpc.server(
-            self._executor,
-            interceptors=interceptors,
-            options=grpc_options,
-            maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
-        )
-        self.servicer = SearchServicer(Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels))
-        pb_grpc.add_SearchServiceServicer_to_server(self.servicer, self._server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        for svc in ("", SERVICE_NAME):
-            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if opts.reflection:
-            from grpc_reflection.v1alpha import reflection
-
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-            )
+        self.servicer = SearchServicer(Limits(max_k=opts.max_k, max_batch=opts.max_batch,
+                                              max_image_pixels=opts.max_image_pixels), opts.max_workers,
+                                       opts.inline_modes)
+        self._loop = _LoopThread()
         try:
-            if opts.tls:
-                creds = grpc.ssl_server_credentials([(opts.tls_key, opts.tls_cert)])
-                port = self._server.add_secure_port(address, creds)
-            else:
-                port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
-            port = 0
-            why = f": {exc}"
-        else:
-            why = ""
+            self._server, port, why = self._loop.call(self._start(address), timeout=60)
+        except BaseException:
+            self._loop.close()
+            self.servicer.close()
+            raise
         if not port:
-            self._executor.shutdown(wait=False)
+            self._loop.close()
+            self.servicer.close()
             raise OSError(f"cannot bind {address} (address in use or not local?){why}")
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -111,8 +119,47 @@ class CbirServer:
         self.encoder: MicroBatchEncoder | None = None
         self._owns_backend = False
         self._stopped = threading.Event()
-        self._server.start()
         log.info("listening on %s (tls=%s, token=%s)", self.address, opts.tls, bool(opts.token))
+
+    async def _start(self, address: str):
+        """Build, bind and start the aio server on the loop thread; returns (server, port, why)."""
+        opts = self.options
+        interceptors = [TokenAuthInterceptor(opts.token)] if opts.token else []
+        grpc_options = [
+            ("grpc.max_receive_message_length", int(opts.max_message_bytes)),
+            ("grpc.max_send_message_length", int(opts.max_message_bytes)),
+            ("grpc.so_reuseport", 0),  # never share a port with another server
+            *opts.extra_grpc_options,
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=grpc_options,
+                                 maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
+        pb_grpc.add_SearchServiceServicer_to_server(self.servicer, server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if opts.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        why = ""
+        try:
+            if opts.tls:
+                creds = grpc.ssl_server_credentials([(opts.tls_key, opts.tls_cert)])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            port, why = 0, f": {exc}"
+        if port:
+            await server.start()
+        return server, port, why
+
+    async def _set_health(self, status) -> None:
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, status)
 
     # lifecycle ------------------------------------------------------------------------------
     def attach(self, backend: IndexBackend, hasher=None, *, owns_backend: bool = False) -> None:
@@ -133,8 +180,7 @@ class CbirServer:
         self.backend = backend
         self._owns_backend = owns_backend
         self.servicer.attach(backend, self.encoder)
-        for svc in ("", SERVICE_NAME):
-            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self._loop.call(self._set_health(health_pb2.HealthCheckResponse.SERVING), timeout=30)
         log.info("serving %d items (%d-bit codes, model=%s)", backend.count(), backend.nbits, hasher is not None)
 
     def stop(self, grace: float | None = 5.0, drain_delay: float = 0.0) -> None:
@@ -143,19 +189,23 @@ class CbirServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
+        self._loop.call(self.health.enter_graceful_shutdown(), timeout=30)
         if drain_delay > 0:
             time.sleep(drain_delay)
-        self._server.stop(grace).wait()
-        if self.encoder is not None:
-            self.encoder.close()
-        if self._owns_backend and self.backend is not None:
-            self.backend.close()
-        self._executor.shutdown(wait=False)
+        try:
+            self._loop.call(self._server.stop(grace))
+        finally:
+            if self.encoder is not None:
+                self.encoder.close()
+            self.servicer.close()
+            if self._owns_backend and self.backend is not None:
+                self.backend.close()
+            self._loop.close()
         log.info("stopped")
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
+        """Block until the server stops (True) or ``timeout`` seconds pass (False)."""
+        return self._stopped.wait(timeout) if not self._stopped.is_set() else True
 
     def __enter__(self) -> "CbirServer":
         return self

@@ -1,10 +1,15 @@
 """Micro-batching image encoder: concurrent image requests share one forward pass.
 
-Request threads decode and transform their images (in parallel, outside the worker), then
-:meth:`MicroBatchEncoder.encode` puts them on a bounded queue and waits. One worker thread takes
-the first waiting job, gathers more for at most ``max_wait_s`` (or until ``max_batch`` images),
-stacks them into one tensor batch and calls ``hasher.encode`` once; each caller gets back its
-own rows. Jobs whose caller gave up (deadline, cancellation) are dropped before the forward pass.
+Callers submit either encoded image payloads (:meth:`MicroBatchEncoder.submit_images`, what the
+server does) or already transformed float batches (:meth:`MicroBatchEncoder.submit`). One worker
+thread takes the first waiting job, gathers more for at most ``max_wait_s`` (or until
+``max_batch`` images), then, for the whole micro-batch at once: decodes the payloads (a payload
+that does not decode fails *its own* job with :class:`ImageDecodeError`, the others go on),
+transforms all decoded images in one ``hasher.preprocess`` call (same-size images are transformed
+as one tensor), and calls ``hasher.encode`` once; each caller's future gets its own rows. Jobs
+whose caller gave up (deadline, cancellation) are dropped before any work is done on them.
+Decoding on the worker keeps request threads / the server's event loop free, and the forward
+pass releases the GIL, so RPCs are served while a batch is encoded.
 """
 
 from __future__ import annotations
@@ -68,10 +73,25 @@ def decode_image(data: bytes, max_pixels: int | None = None):
 
 @dataclass
 class _Job:
-    batch: object  # float tensor (n, 3, H, W)
+    batch: object  # float tensor (n, 3, H, W), or None for a payload job
     n: int
     future: Future = field(default_factory=Future)
     deadline: float | None = None  # time.monotonic() value
+    payloads: list | None = None  # encoded images (bytes) to decode on the worker
+    names: list | None = None  # how to name payload i in an error message
+    max_pixels: int | None = None
+
+    def where(self, i: int) -> str:
+        if self.names:
+            return f"{self.names[i]}: "
+        return f"image {i}: " if self.n > 1 else ""
+
+
+def _decode_named(job: _Job, i: int, data: bytes):
+    try:
+        return decode_image(data, max_pixels=job.max_pixels)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{job.where(i)}{e}") from None
 
 
 class MicroBatchEncoder:
@@ -115,7 +135,21 @@ class MicroBatchEncoder:
         n = int(batch.shape[0])
         if n == 0:
             raise ValueError("empty batch")
-        job = _Job(batch=batch, n=n, deadline=deadline)
+        return self._put(_Job(batch=batch, n=n, deadline=deadline))
+
+    def submit_images(self, payloads: list, deadline: float | None = None, max_pixels: int | None = None,
+                      names: list | None = None) -> Future:
+        """Queue encoded images (bytes in any format Pillow reads), decoded and transformed on the
+        worker. The future resolves to ``(Codes, conf)``, or fails with :class:`ImageDecodeError`
+        naming the first payload that does not decode (``names[i]``, else ``image i``)."""
+        if not payloads:
+            raise ValueError("no images")
+        if names is not None and len(names) != len(payloads):
+            raise ValueError("names must match the payloads one to one")
+        return self._put(_Job(batch=None, n=len(payloads), deadline=deadline, payloads=list(payloads),
+                              names=names, max_pixels=max_pixels))
+
+    def _put(self, job: _Job) -> Future:
         with self._lock:
             if self._closed:
                 raise EncoderClosed("encoder is shut down")
@@ -163,6 +197,35 @@ class MicroBatchEncoder:
             count += job.n
         return jobs, stop
 
+    def _prepare(self, live: list[_Job]) -> list[_Job]:
+        """Decode the payload jobs and transform all their images in one call; fail (only) the
+        jobs whose payloads do not decode. Returns the jobs that still go to the forward pass."""
+        pending = [j for j in live if j.batch is None]
+        if not pending:
+            return live
+        decoded: list = []
+        ok: list[tuple[_Job, int]] = []  # (job, first row in `decoded`)
+        for j in pending:
+            try:
+                imgs = [_decode_named(j, i, data) for i, data in enumerate(j.payloads)]
+            except ImageDecodeError as e:
+                j.future.set_exception(e)
+                continue
+            ok.append((j, len(decoded)))
+            decoded.extend(imgs)
+        if ok:
+            try:
+                x = self.transform(decoded)
+            except Exception:  # noqa: BLE001 - isolate the job(s) the transform cannot handle
+                x = None
+            for j, start in ok:
+                try:
+                    j.batch = x[start : start + j.n] if x is not None else self.transform(decoded[start : start + j.n])
+                except Exception as e:  # noqa: BLE001
+                    j.future.set_exception(ImageDecodeError(f"cannot transform image: {e}"))
+                j.payloads = None  # free the bytes early
+        return [j for j in live if j.batch is not None]
+
     def _run(self) -> None:
         import torch
 
@@ -179,9 +242,10 @@ class MicroBatchEncoder:
                     j.future.cancel()
                 if j.future.set_running_or_notify_cancel():
                     live.append(j)
-            if not live:
-                continue
             try:
+                live = self._prepare(live)
+                if not live:
+                    continue
                 x = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
                 with torch.inference_mode():
                     codes, conf = self.hasher.encode(x)

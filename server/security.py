@@ -7,6 +7,7 @@ import ipaddress
 import logging
 
 import grpc
+import grpc.aio
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def check_bind_policy(address: str, tls: bool, token: str | None, insecure: bool
 
 
 def _abort_handler(handler, message: str):
-    def abort(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    def abort_stream(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover
 
     kw = dict(
@@ -83,26 +84,26 @@ def _abort_handler(handler, message: str):
     return grpc.unary_unary_rpc_method_handler(abort, **kw)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except health checks (asyncio server)."""
 
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("empty token")
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
         if method.startswith(UNAUTHENTICATED_PREFIXES):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         got = b""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else bytes(value)
                 break
         if hmac.compare_digest(got, self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         log.info("rpc method=%s status=UNAUTHENTICATED", method.rsplit("/", 1)[-1])

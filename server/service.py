@@ -1,12 +1,24 @@
-"""The ``cbir.v1.SearchService`` servicer.
+"""The ``cbir.v1.SearchService`` servicer (asyncio, for ``grpc.aio``).
 
 Every RPC validates its request, maps failures to gRPC status codes (never crashing or
 poisoning the server) and writes one structured log line (method, status, latency) at INFO.
 Image bytes are never logged and no request field is ever used as a filesystem path.
+
+Where work runs. The RPCs are coroutines on the server's one event loop:
+
+* cheap index lookups (by default LEXICOGRAPHIC and PREFIX search without a label filter, id
+  queries: one LMDB cursor walk, tens of microseconds; ``inline_modes`` to change) run inline on
+  the loop: no thread hop, no GIL hand-off between request threads;
+* scans and writes (HAMMING / HYBRID search, label-filtered paging, BatchSearch, Add, Delete,
+  GetStats) run on a small thread pool (``offload_workers``) so they never stall the loop;
+* image queries are awaited on the micro-batching encoder (:mod:`cbir.server.encoder`): no thread
+  waits on them, so every in-flight image request can join the same forward pass.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
@@ -21,13 +33,14 @@ from cbir.v1 import search_pb2_grpc as pb_grpc
 
 from .backend import AlreadyExists, IndexBackend, NotFound, Result
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
-from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder, decode_image
+from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
 
 log = logging.getLogger("cbir.server.rpc")
 
 __all__ = ["Limits", "SearchServicer", "RpcError", "MODE_NAMES"]
 
 MODE_NAMES = {pb.LEXICOGRAPHIC: "lex", pb.HAMMING: "hamming", pb.HYBRID: "hybrid", pb.PREFIX: "prefix"}
+INLINE_MODES = frozenset({"lex", "prefix"})  # default: O(log N + k) cursor walks, served on the event loop
 
 
 @dataclass(frozen=True)
@@ -50,18 +63,36 @@ def _invalid(msg: str) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
 
+def _deadline(context) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` value (None without one)."""
+    t = context.time_remaining()
+    if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
+        return None
+    if t <= 0:
+        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    return time.monotonic() + t
+
+
+def _check(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+
 def _rpc(fn):
     name = fn.__name__
 
     @functools.wraps(fn)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         t0 = time.perf_counter()
         status = grpc.StatusCode.OK
         detail = ""
         try:
-            return fn(self, request, context)
+            return await fn(self, request, context)
         except RpcError as e:
             status, detail = e.code, e.message
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
         except Exception as e:  # a bug or an index failure: report, keep serving
             log.exception("rpc %s failed", name)
             status, detail = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
@@ -76,7 +107,7 @@ def _rpc(fn):
                     f" detail={detail!r}" if detail else "",
                     extra={"rpc_method": name, "rpc_status": status.name, "rpc_latency_ms": ms},
                 )
-        context.abort(status, detail)
+        await context.abort(status, detail)
 
     return wrapper
 
@@ -84,14 +115,27 @@ def _rpc(fn):
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Serves one :class:`IndexBackend` and (optionally) one hasher through a micro-batching encoder."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, offload_workers: int = 2,
+                 inline_modes: frozenset[str] | set[str] | tuple[str, ...] = INLINE_MODES) -> None:
+        if offload_workers < 0:
+            raise ValueError(f"offload_workers must be >= 0 (0 runs everything on the event loop), got {offload_workers}")
+        unknown = set(inline_modes) - set(MODE_NAMES.values())
+        if unknown:
+            raise ValueError(f"unknown inline search mode(s) {sorted(unknown)}; choose from {sorted(MODE_NAMES.values())}")
+        self.inline_modes = frozenset(inline_modes)
         self.limits = limits or Limits()
         self.backend: IndexBackend | None = None
         self.encoder: MicroBatchEncoder | None = None
+        self._pool = (concurrent.futures.ThreadPoolExecutor(offload_workers, thread_name_prefix="cbir-offload")
+                      if offload_workers else None)
 
     def attach(self, backend: IndexBackend, encoder: MicroBatchEncoder | None) -> None:
         self.encoder = encoder
         self.backend = backend
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     # helpers --------------------------------------------------------------------------------
     def _ready(self) -> IndexBackend:
@@ -100,38 +144,34 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "index and model are still loading")
         return b
 
-    @staticmethod
-    def _remaining(context) -> float | None:
-        t = context.time_remaining()
-        if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
-            return None
-        if t <= 0:
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return t
+    async def _offload(self, fn, *args):
+        """Run ``fn(*args)`` on the offload pool (inline when there is none)."""
+        if self._pool is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
-    def _encode_images(self, images: list[bytes], context, names: list[str] | None = None):
-        """Decode (request thread) + encode (shared micro-batch). Returns (Codes, conf)."""
+    async def _encode_images(self, images: list[bytes], deadline: float | None, names: list[str] | None = None):
+        """Decode + transform + encode on the micro-batching encoder. Returns (Codes, conf)."""
         enc = self.encoder
         if enc is None:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no model: query by code or id")
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(decode_image(data, max_pixels=self.limits.max_image_pixels))
-            except ImageDecodeError as e:
-                where = f"{names[i]}: " if names else (f"image {i}: " if len(images) > 1 else "")
-                raise _invalid(f"{where}{e}") from None
         try:
-            batch = enc.transform(decoded)
-        except Exception as e:
-            raise _invalid(f"cannot transform image: {e}") from None
-        timeout = self._remaining(context)
-        try:
-            codes, conf = enc.encode(batch, timeout=timeout)
-        except TimeoutError:
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+            fut = enc.submit_images(list(images), deadline, self.limits.max_image_pixels, names)
         except EncoderBusy as e:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except EncoderClosed as e:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            codes, conf = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+        except asyncio.CancelledError:
+            if fut.cancelled() and deadline is not None and time.monotonic() >= deadline:  # dropped by the worker
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+            raise
+        except ImageDecodeError as e:
+            raise _invalid(str(e)) from None
         except EncoderClosed as e:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         if codes.nbits != self._ready().nbits:
@@ -142,7 +182,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if n > self.limits.max_batch:
             raise _invalid(f"too many {what}: {n} > limit {self.limits.max_batch}")
 
-    def _query_codes(self, requests, context) -> list[Codes]:
+    async def _query_codes(self, requests, deadline: float | None) -> list[Codes]:
         """Resolve the query of each request to a 1-row Codes (images encoded as one batch)."""
         backend = self._ready()
         out: list[Codes | None] = [None] * len(requests)
@@ -169,7 +209,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 raise _invalid(f"{where}a query (image, code or id) is required")
         if img_data:
             names = [f"request {i}" for i in img_idx] if len(requests) > 1 else None
-            codes, _ = self._encode_images(img_data, context, names)
+            codes, _ = await self._encode_images(img_data, deadline, names)
             for j, i in enumerate(img_idx):
                 out[i] = codes[j]
         return out  # type: ignore[return-value]
@@ -195,7 +235,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise _invalid(f"{where}cursor is only valid in PREFIX mode")
         return mode, k
 
-    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, context) -> pb.SearchResponse:
+    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, deadline: float | None) -> pb.SearchResponse:
         backend = self._ready()
         radius = min(r.radius, backend.nbits) if r.HasField("radius") else None
         labels = set(r.label_filter)
@@ -204,14 +244,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 res = backend.search(query, mode, k, r.offset, radius, r.prefix_bits, r.cursor)
                 metas = backend.get_metadata(res.ids) if r.return_metadata else None
             else:
-                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, context)
+                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, deadline)
         except RpcError:
             raise
         except (ValueError, KeyError) as e:  # e.g. a malformed cursor
             raise _invalid(f"bad search request: {e}") from None
         return self._response(r, query, res, metas, r.offset)
 
-    def _filtered(self, backend, query, mode, k, r, radius, labels, context):
+    def _filtered(self, backend, query, mode, k, r, radius, labels, deadline):
         """Search with a label filter: page through the ranking until k matches (bounded)."""
         class_names = backend.layout.class_names if backend.layout is not None else ()
         want = k + r.offset
@@ -230,7 +270,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if mode == "prefix":
             cursor = r.cursor
             while len(ids) < k:
-                self._remaining(context)
+                _check(deadline)
                 res = backend.search(query, mode, k - len(ids), 0, None, r.prefix_bits, cursor)
                 take(res)
                 cursor = res.next_cursor
@@ -240,7 +280,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         elif mode == "lex":
             page, pos = max(64, 2 * want), 0
             while len(ids) < want:
-                self._remaining(context)
+                _check(deadline)
                 res = backend.search(query, mode, page, pos)
                 take(res)
                 pos += len(res.ids)
@@ -251,7 +291,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             total = backend.count()
             kk = max(64, 2 * want)
             while True:
-                self._remaining(context)
+                _check(deadline)
                 ids.clear(), rows.clear(), metas.clear()
                 res = backend.search(query, mode, kk, 0, radius)
                 take(res)
@@ -288,29 +328,38 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     # RPCs -----------------------------------------------------------------------------------
     @_rpc
-    def Search(self, request, context):
+    async def Search(self, request, context):
         backend = self._ready()
+        deadline = _deadline(context)
         mode, k = self._validate_search(request, backend.nbits)
-        (query,) = self._query_codes([request], context)
-        self._remaining(context)
-        return self._search_one(request, query, mode, k, context)
+        (query,) = await self._query_codes([request], deadline)
+        _check(deadline)
+        if mode in self.inline_modes and not request.label_filter:
+            return self._search_one(request, query, mode, k, deadline)
+        return await self._offload(self._search_one, request, query, mode, k, deadline)
 
     @_rpc
-    def BatchSearch(self, request, context):
+    async def BatchSearch(self, request, context):
         backend = self._ready()
+        deadline = _deadline(context)
         reqs = request.requests
         self._check_count(len(reqs), "queries")
         params = [self._validate_search(r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
-        queries = self._query_codes(reqs, context)
-        resp = pb.BatchSearchResponse()
-        for r, q, (mode, k) in zip(reqs, queries, params):
-            self._remaining(context)
-            resp.responses.append(self._search_one(r, q, mode, k, context))
-        return resp
+        queries = await self._query_codes(reqs, deadline)
+
+        def run() -> pb.BatchSearchResponse:
+            resp = pb.BatchSearchResponse()
+            for r, q, (mode, k) in zip(reqs, queries, params):
+                _check(deadline)
+                resp.responses.append(self._search_one(r, q, mode, k, deadline))
+            return resp
+
+        return await self._offload(run)
 
     @_rpc
-    def Add(self, request, context):
+    async def Add(self, request, context):
         backend = self._ready()
+        deadline = _deadline(context)
         items = request.items
         self._check_count(len(items), "items")
         if not items:
@@ -337,16 +386,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         conf = None
         if img_data:
             names = [f"item {i} (id {items[i].id})" for i in img_idx]
-            codes, img_conf = self._encode_images(img_data, context, names)
+            codes, img_conf = await self._encode_images(img_data, deadline, names)
             for j, i in enumerate(img_idx):
                 rows[i] = codes.packed[j].tobytes()
             if len(img_idx) == len(items) and img_conf is not None:
                 conf = img_conf  # every item is an image: store the per-bit confidence too
         codes = Codes.from_bytes(rows, backend.nbits)  # type: ignore[arg-type]
         metas = [from_struct(it.metadata) if it.HasField("metadata") else {} for it in items]
-        self._remaining(context)
+        _check(deadline)
         try:
-            n = backend.add(ids, codes, metas, upsert=request.upsert, conf=conf)
+            n = await self._offload(functools.partial(backend.add, ids, codes, metas, upsert=request.upsert, conf=conf))
         except AlreadyExists as e:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"id {e.args[0]} is already indexed (use upsert)") from None
         except PermissionError as e:
@@ -357,13 +406,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return resp
 
     @_rpc
-    def Delete(self, request, context):
+    async def Delete(self, request, context):
         backend = self._ready()
         self._check_count(len(request.ids), "ids")
         if any(i >= 2**63 for i in request.ids):
             raise _invalid("ids must be < 2**63")
         try:
-            n = backend.delete(list(request.ids), must_exist=request.must_exist)
+            n = await self._offload(functools.partial(backend.delete, list(request.ids), must_exist=request.must_exist))
         except NotFound as e:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"no item with id {e.args[0]}") from None
         except PermissionError as e:
@@ -371,9 +420,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return pb.DeleteResponse(deleted=n)
 
     @_rpc
-    def GetStats(self, request, context):
+    async def GetStats(self, request, context):
         backend = self._ready()
-        st = json_safe(backend.stats())
+        st = json_safe(await self._offload(backend.stats))
         cov = st.get("coverage") if isinstance(st.get("coverage"), dict) else st
 
         def num(*names):
@@ -398,13 +447,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         )
 
     @_rpc
-    def GetCode(self, request, context):
+    async def GetCode(self, request, context):
         self._ready()
+        deadline = _deadline(context)
         self._check_count(len(request.images), "images")
         resp = pb.GetCodeResponse()
         if not request.images:
             return resp
-        codes, conf = self._encode_images(list(request.images), context)
+        codes, conf = await self._encode_images(list(request.images), deadline)
         for j in range(len(codes)):
             e = resp.codes.add(code=code_to_pb(codes, j))
             if request.return_confidence and conf is not None:
@@ -412,7 +462,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return resp
 
     @_rpc
-    def Ping(self, request, context):
+    async def Ping(self, request, context):
         return pb.PingResponse()
 
 

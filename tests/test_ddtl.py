@@ -174,3 +174,82 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         Hasher.load(bad)
     with pytest.raises(FileNotFoundError):
         Hasher.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("depth,max_d,expected", [(12, 12, [12]), (8, 12, [8]), (20, 12, [10, 10]),
+                                                  (28, 12, [10, 9, 9]), (44, 12, [11, 11, 11, 11]), (5, 2, [2, 2, 1])])
+def test_split_depth_balances_trees(depth, max_d, expected):
+    from cbir.models.heads import split_depth
+
+    assert split_depth(depth, max_d) == expected
+    assert sum(expected) == depth
+
+
+def test_split_depth_rejects_bad_arguments():
+    from cbir.models.heads import split_depth
+
+    with pytest.raises(ValueError, match="max_tree_depth"):
+        split_depth(10, 0)
+    with pytest.raises(ValueError, match="path depth"):
+        split_depth(0, 12)
+
+
+def test_forest_is_concatenation_of_independent_trees():
+    from cbir.models.heads import forest_greedy_path, forest_leaf_probs
+
+    torch.manual_seed(3)
+    depths = [3, 2, 2]
+    u = torch.randn(7, sum(2**d - 1 for d in depths), dtype=torch.float64)
+    z = forest_leaf_probs(u, depths)
+    bits, nodes = forest_greedy_path(u, depths)
+    assert z.shape == (7, 8 + 4 + 4) and bits.shape == nodes.shape == (7, 7)
+    start, col, leaf_col = 0, 0, 0
+    for d in depths:
+        sub = u[:, start:start + 2**d - 1]
+        assert torch.allclose(z[:, leaf_col:leaf_col + 2**d], leaf_log_probs(sub, d).exp())
+        assert torch.allclose(z[:, leaf_col:leaf_col + 2**d].sum(1), torch.ones(7, dtype=torch.float64))
+        b, nd = greedy_path(sub, d)
+        assert torch.equal(bits[:, col:col + d], b)
+        assert torch.equal(nodes[:, col:col + d], nd + start)
+        start, col, leaf_col = start + 2**d - 1, col + d, leaf_col + 2**d
+
+
+def test_long_ddtl_code_uses_a_forest_and_encodes_in_order():
+    m = create_method("ddtl", MethodSpec(num_classes=10, backbone="convnet", nbits=32, backbone_kwargs=(("width", 8),)))
+    assert m.layout.nbits == 32 and m.layout.class_bits == 4 and m.layout.depth == 28
+    assert m.head.tree_depths == [10, 9, 9]
+    m.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        bits, conf = m.encode(x)
+        class_logits, node_logits = m.head(m.backbone(x))
+    assert bits.shape == conf.shape == (5, 32)
+    from cbir.models.heads import forest_greedy_path
+
+    assert torch.equal(bits[:, 4:], forest_greedy_path(node_logits, [10, 9, 9])[0])
+    assert bool(((conf >= 0) & (conf <= 1)).all())
+    loss, logs = m.training_loss((x, x.flip(-1)), torch.tensor([0, 1, 1, 2, 2]))
+    assert torch.isfinite(loss) and set(logs) == {"ce", "ntxent"}
+
+
+def test_batched_preprocess_equals_per_image_transform():
+    """Hasher.preprocess groups same-size images into one transform call: rows must equal the
+    per-image eval transform, in input order, for mixed sizes and PIL / tensor inputs."""
+    from PIL import Image
+
+    from cbir.models.registry import resolve_params
+
+    spec = MethodSpec(backbone="convnet", num_classes=10, nbits=None, depth=4, backbone_kwargs=(("width", 8),))
+    params = resolve_params("ddtl", None)
+    h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=24, device="cpu")
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32), (40, 28), (32, 32), (24, 24), (40, 28), (32, 32)]
+    imgs = [Image.fromarray(rng.integers(0, 256, (hh, ww, 3), dtype=np.uint8)) for hh, ww in sizes]
+    imgs[3] = torch.from_numpy(np.array(imgs[3])).permute(2, 0, 1).contiguous()  # a uint8 CHW tensor
+    got = h.preprocess(imgs)
+    from torchvision.transforms.v2 import functional as TF
+
+    for i, im in enumerate(imgs):
+        t = im if isinstance(im, torch.Tensor) else TF.pil_to_tensor(im)
+        assert torch.allclose(got[i], h.eval_transform(t), atol=1e-6), i
+    assert got.shape == (6, 3, 24, 24) and h.preprocess([]).shape == (0, 3, 24, 24)

@@ -71,13 +71,13 @@ def test_dmuh_detached_weights_only_gamma_reaches_u():
     assert not torch.allclose(u2.grad, torch.full_like(H, 0.5 / 40))
 
 
-def _hegh_numpy(b, logits, y, gamma, lam, mu):
+def _hegh_numpy(b, logits, y, gamma, lam, mu, group_norm=False):
     n, k = b.shape
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     onehot = np.eye(logits.shape[1])[y]
     l_class = ((onehot - p) ** 2).sum(1).mean()
     pairs = list(itertools.combinations(range(n), 2))
-    total = 0.0
+    weights, terms = {}, {}
     for i, j in pairs:
         d2 = np.sum((b[i] - b[j]) ** 2)
         similar = y[i] == y[j]
@@ -85,7 +85,14 @@ def _hegh_numpy(b, logits, y, gamma, lam, mu):
         pi = 1 - p[i, y[i]] if similar else p[i, y[j]]
         pj = 1 - p[j, y[j]] if similar else p[j, y[i]]
         reg = np.abs(np.abs(b[i]) - 1).sum() + np.abs(np.abs(b[j]) - 1).sum()
-        total += (pi * pj) ** gamma * lp + lam * reg
+        weights[i, j], terms[i, j] = (pi * pj) ** gamma, (lp, lam * reg, similar)
+    if group_norm:
+        for flag in (True, False):
+            group = [ij for ij in pairs if terms[ij][2] == flag]
+            mean = np.mean([weights[ij] for ij in group])
+            for ij in group:
+                weights[ij] /= mean
+    total = sum(weights[ij] * terms[ij][0] + terms[ij][1] for ij in pairs)
     return total / len(pairs) + mu * l_class
 
 
@@ -93,8 +100,13 @@ def test_hegh_loss_hand_computed_and_gamma0_is_plain_pair_loss():
     b = torch.tensor([[0.9, -0.8], [0.7, -0.9], [-0.2, 0.1], [0.95, 0.9]], dtype=torch.float64)
     logits = torch.tensor([[2.0, 0.1, -1.0], [0.3, 0.2, 0.1], [0.0, 1.5, 0.2], [1.0, 1.0, 0.5]], dtype=torch.float64)
     for gamma in (1.0, 2.0, 0.0):
-        loss, _ = HEGHLoss(gamma=gamma, lam=0.01, mu=1.0)(b, logits, Y)
+        loss, _ = HEGHLoss(gamma=gamma, lam=0.01, mu=1.0, weight_norm="none")(b, logits, Y)
         assert float(loss) == pytest.approx(_hegh_numpy(b.numpy(), logits.numpy(), Y.numpy(), gamma, 0.01, 1.0), rel=1e-10)
+        loss_g, _ = HEGHLoss(gamma=gamma, lam=0.01, mu=1.0)(b, logits, Y)  # default: group-normalised weights
+        want_g = _hegh_numpy(b.numpy(), logits.numpy(), Y.numpy(), gamma, 0.01, 1.0, group_norm=True)
+        assert float(loss_g) == pytest.approx(want_g, rel=1e-10)
+        if gamma > 0:
+            assert float(loss_g) != pytest.approx(float(loss), rel=1e-6)  # the normalisation changes something
     # gamma = 0: every hard weight is 1 -> plain eq. 1 pair loss (+ regulariser + class terms)
     loss0, logs = HEGHLoss(gamma=0.0, lam=0.0, mu=0.0)(b, logits, Y)
     plain = np.mean([0.5 * np.sum((b[i] - b[j]).numpy() ** 2) if Y[i] == Y[j]

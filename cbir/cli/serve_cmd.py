@@ -36,12 +36,20 @@ def register(subparsers) -> None:
     lim.add_argument("--max-message-mb", type=float, default=16.0, help="max request/response size in MiB (default: %(default)s)")
     lim.add_argument("--max-k", type=int, default=10_000, help="max hits per query (default: %(default)s)")
     lim.add_argument("--max-batch", type=int, default=10_000, help="max queries/items per call (default: %(default)s)")
-    lim.add_argument("--workers", type=int, default=16, help="RPC worker threads (default: %(default)s)")
+    lim.add_argument("--workers", type=int, default=4,
+                     help="offload threads for scans (HAMMING/HYBRID), filtered search and writes; RPCs and "
+                          "lexicographic/prefix lookups run on one asyncio event loop (default: %(default)s)")
+    lim.add_argument("--inline-modes", default="lex,prefix",
+                     help="search modes answered on the event loop without a thread hop (comma-separated from "
+                          "lex,prefix,hamming,hybrid; the others go to the offload threads; default: %(default)s)")
     lim.add_argument("--max-concurrent-rpcs", type=int, default=None, help="refuse calls beyond this many in flight")
     e = p.add_argument_group("encoder")
     e.add_argument("--encoder-batch", type=int, default=64, help="max images per forward pass (default: %(default)s)")
     e.add_argument("--encoder-wait-ms", type=float, default=2.0, help="max wait to fill a batch (default: %(default)s)")
     e.add_argument("--device", default="auto", help="model device: auto, cpu, cuda ... (default: %(default)s)")
+    e.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for the model's forward pass (default: torch's choice; on a small machine "
+                        "shared with the RPC loop, 1 avoids thread-barrier stalls)")
     p.add_argument("--no-access-log", action="store_true", help="no per-call INFO log lines (load tests)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: %(default)s)")
     p.add_argument("--drain-delay", type=float, default=0.0,
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_batch=args.max_batch,
         max_workers=args.workers,
+        inline_modes=tuple(m.strip() for m in args.inline_modes.split(",") if m.strip()),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         encoder_max_batch=args.encoder_batch,
         encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
@@ -99,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None:
             from cbir.models.hasher import Hasher
 
+            if args.torch_threads is not None:
+                import torch
+
+                if args.torch_threads < 1:
+                    raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+                torch.set_num_threads(args.torch_threads)
             hasher = Hasher.load(args.model, device=args.device)
         try:
             server.attach(backend, hasher, owns_backend=True)

@@ -23,7 +23,7 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--backbone", default=defaults.backbone, choices=list_backbones(), help="backbone (default: %(default)s)")
     g.add_argument("--width", type=int, default=None, help="backbone width multiplier where supported (resnet20: base width)")
     g.add_argument("--bits", type=int, default=defaults.bits, help="code length B (DDTL: class bits + depth)")
-    g.add_argument("--depth", type=int, default=defaults.depth, help="DDTL tree depth d (path bits; default 12)")
+    g.add_argument("--depth", type=int, default=defaults.depth, help="DDTL path bits d (default 12; more than --param max_tree_depth=12 are split over a forest of trees)")
     g.add_argument("--param", action="append", type=_kv, default=[], metavar="NAME=VALUE",
                    help="method hyper-parameter, repeatable (e.g. --param beta=0.1); see `cbir train --list-methods`")
     d = p.add_argument_group("data")

@@ -30,6 +30,15 @@ all unordered pairs ``i < j`` of the minibatch (``Y_ij = 0`` similar, ``1`` diss
   Normalisation: the pair sum is divided by the number of unordered pairs ``N (N - 1) / 2``;
   ``L_class`` is a mean over images. With ``gamma = 0`` every weight is 1 (``0^0 = 1``) and the
   loss is the plain pair loss plus the regulariser and classification terms.
+* weight normalisation (``weight_norm``, our addition). ``"none"`` is eq. 4 literally. Trained
+  from scratch, it collapses the codes: with ``m`` classes the classifier starts at
+  ``p ~ 1/m``, so similar pairs weigh ``~(1 - 1/m)^2 ~ 0.81`` and dissimilar ones ``~1/m^2 ~
+  0.01`` (m = 10); only attraction is left and every image gets the same code (measured: one
+  code for the whole CIFAR subset, mAP@1000 0.106 vs 0.148 at gamma = 0). ``"group"``
+  (default) divides each weight by the mean weight of its group (similar pairs, dissimilar
+  pairs) in the minibatch, so hardness re-distributes emphasis *within* attraction and within
+  repulsion, as the paper intends (hard positives / hard negatives), without changing their
+  balance. Both modes are identical at ``gamma = 0``.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from torch import nn
 
 from cbir.losses.pairs import check_codes, similarity_matrix
 
-__all__ = ["HEGHLoss", "contrastive_pair_loss", "hard_degree"]
+__all__ = ["HEGHLoss", "contrastive_pair_loss", "hard_degree", "normalise_within_groups"]
 
 
 def contrastive_pair_loss(b: torch.Tensor, sim: torch.Tensor, margin: float, squared_hinge: bool = True) -> torch.Tensor:
@@ -63,12 +72,25 @@ def hard_degree(probs: torch.Tensor, targets: torch.Tensor, sim: torch.Tensor) -
     return sim * (1 - q) + (1 - sim) * q
 
 
+def normalise_within_groups(w: torch.Tensor, similar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Divide ``w`` by the mean of ``w[mask]`` over its group (``similar`` true / false)."""
+    out = w.clone()
+    for group in (similar & mask, ~similar & mask):
+        if bool(group.any()):
+            out[group] = w[group] / w[group].mean().clamp(min=1e-12)
+    return out
+
+
 class HEGHLoss(nn.Module):
     """Hard-example-weighted pair loss + binarisation regulariser + squared-error classification."""
 
     def __init__(self, gamma: float = 1.0, lam: float = 0.01, mu: float = 1.0, margin: float | None = None,
-                 squared_hinge: bool = True):
+                 squared_hinge: bool = True, weight_norm: str = "group"):
         super().__init__()
+        if weight_norm not in ("group", "none"):
+            raise ValueError(f"weight_norm must be 'group' (mean 1 within similar and within dissimilar pairs) "
+                             f"or 'none' (eq. 4 literally), got {weight_norm!r}")
+        self.weight_norm = weight_norm
         if not gamma >= 0:
             raise ValueError(f"gamma (hard-example exponent) must be >= 0, got {gamma}")
         if not lam >= 0 or not mu >= 0:
@@ -93,8 +115,10 @@ class HEGHLoss(nn.Module):
         lp = contrastive_pair_loss(b, sim, margin, self.squared_hinge)
         hd = hard_degree(probs.detach(), targets, sim)
         w = (hd * hd.t()).pow(self.gamma)
-        reg = (b.abs() - 1).abs().sum(1)  # || |b_i| - 1 ||_1
         upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=b.device), diagonal=1)
+        if self.weight_norm == "group":
+            w = normalise_within_groups(w, sim > 0.5, upper)
+        reg = (b.abs() - 1).abs().sum(1)  # || |b_i| - 1 ||_1
         npairs = n * (n - 1) / 2
         pair = (w * lp)[upper].sum() / npairs
         regp = self.lam * (reg[:, None] + reg[None, :])[upper].sum() / npairs

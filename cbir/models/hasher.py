@@ -184,17 +184,28 @@ class Hasher:
         return Codes.from_bits(np.concatenate(bits_out)), np.concatenate(conf_out).astype(np.float32)
 
     def preprocess(self, images: Iterable) -> torch.Tensor:
-        """PIL images / uint8 CHW tensors -> one float batch in the evaluation transform."""
+        """PIL images / uint8 CHW tensors -> one float batch in the evaluation transform.
+
+        Images of the same size are stacked and transformed as one batch (one resize / normalise
+        call instead of one per image); the rows keep the input order and equal the per-image
+        transform (tested).
+        """
         from torchvision.transforms.v2 import functional as TF
 
-        tensors = []
-        for img in images:
-            if not isinstance(img, torch.Tensor):
-                img = TF.pil_to_tensor(img.convert("RGB"))
-            tensors.append(self.eval_transform(img))
-        if not tensors:
+        raw = [img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img.convert("RGB")) for img in images]
+        if not raw:
             return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack(tensors)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(raw):
+            groups.setdefault((t.dtype, *t.shape), []).append(i)
+        out = torch.empty(len(raw), 3, self.image_size, self.image_size)
+        for rows in groups.values():
+            batch = self.eval_transform(torch.stack([raw[i] for i in rows]))
+            if batch.shape[1:] != out.shape[1:]:
+                raise ValueError(f"the eval transform gave {tuple(batch.shape[1:])}, expected {tuple(out.shape[1:])}"
+                                 " (images must have 3 channels)")
+            out[rows] = batch
+        return out
 
     def encode_batches(self, batches: Iterable, progress: bool = False, desc: str = "encode") -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode an iterable of ``cbir.data.Batch``; returns (codes, conf, dataset indices)."""

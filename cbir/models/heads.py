@@ -12,6 +12,15 @@ thesis, Edinburgh 2022), ch. 3:
   ``s_1..s_d``; computed in log space, vectorised over all leaves (``leaf_log_probs``);
 * hash path (eqs. 3.6-3.7): greedy descent from the root, ``s_j = 1[sigma(u_{n_j}) > 0.5]``,
   ``n_{j+1} = 2 n_j + 1 + s_j`` (``greedy_path``).
+
+Long codes (our extension, not in the thesis). One tree of depth ``d`` has ``2^d`` leaves, so
+the leaf-probability vector is only affordable up to ``d ~ 12-16`` (the thesis uses 12). For
+more path bits the head holds a *forest*: ``T = ceil(d / max_tree_depth)`` trees whose depths
+differ by at most one (larger first, e.g. 44 path bits -> 4 trees of 11), all reading the same
+features. The code is the concatenation of the trees' greedy paths in tree order (tree 0's
+path is the most significant after the class bits, so prefix search refines first within tree
+0), and the contrastive loss sees the concatenation of the trees' leaf-probability vectors
+(``forest_leaf_probs``). With ``d <= max_tree_depth`` the forest is the thesis' single tree.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DDTLHead", "leaf_log_probs", "greedy_path", "ClassHead"]
+__all__ = ["DDTLHead", "leaf_log_probs", "greedy_path", "ClassHead", "split_depth", "forest_leaf_probs",
+           "forest_greedy_path"]
 
 
 def leaf_log_probs(node_logits: torch.Tensor, depth: int) -> torch.Tensor:
@@ -52,6 +62,44 @@ def greedy_path(node_logits: torch.Tensor, depth: int) -> tuple[torch.Tensor, to
     return torch.stack(bits, 1), torch.stack(nodes, 1)
 
 
+def split_depth(depth: int, max_tree_depth: int) -> list[int]:
+    """Depths of the forest holding ``depth`` path bits (see the module docstring)."""
+    if depth < 1:
+        raise ValueError(f"path depth must be >= 1, got {depth}")
+    if not 1 <= max_tree_depth <= 16:
+        raise ValueError(f"max_tree_depth must be in 1..16 (2^d leaves per tree), got {max_tree_depth}")
+    n_trees = -(-depth // max_tree_depth)
+    base, extra = divmod(depth, n_trees)
+    return [base + (1 if t < extra else 0) for t in range(n_trees)]
+
+
+def _node_slices(depths: list[int]) -> list[slice]:
+    out, start = [], 0
+    for d in depths:
+        out.append(slice(start, start + (1 << d) - 1))
+        start += (1 << d) - 1
+    return out
+
+
+def forest_leaf_probs(node_logits: torch.Tensor, depths: list[int]) -> torch.Tensor:
+    """Concatenated leaf probabilities of the forest's trees: ``(N, sum_t 2^d_t)``."""
+    return torch.cat([leaf_log_probs(node_logits[:, sl], d).exp() for sl, d in zip(_node_slices(depths), depths)], 1)
+
+
+def forest_greedy_path(node_logits: torch.Tensor, depths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy paths of every tree, concatenated: ``(bits (N, sum d) bool, nodes (N, sum d) long)``.
+
+    ``nodes`` index columns of the full ``node_logits`` (each tree's heap indices are offset by the
+    node count of the trees before it).
+    """
+    bits, nodes = [], []
+    for sl, d in zip(_node_slices(depths), depths):
+        b, nd = greedy_path(node_logits[:, sl], d)
+        bits.append(b)
+        nodes.append(nd + sl.start)
+    return torch.cat(bits, 1), torch.cat(nodes, 1)
+
+
 class ClassHead(nn.Module):
     """Linear class logits (``g2``)."""
 
@@ -66,15 +114,16 @@ class ClassHead(nn.Module):
 
 
 class DDTLHead(nn.Module):
-    """Class logits ``g2`` and tree node logits ``g1`` (see module docstring)."""
+    """Class logits ``g2`` and node logits ``g1`` of a forest of ``tree_depths`` (module docstring)."""
 
-    def __init__(self, in_dim: int, num_classes: int, depth: int):
+    def __init__(self, in_dim: int, num_classes: int, depth: int, max_tree_depth: int = 12):
         super().__init__()
-        if not 1 <= depth <= 20:
-            raise ValueError(f"tree depth must be in 1..20 (2^d leaves), got {depth}")
+        if not 1 <= depth <= 256:
+            raise ValueError(f"path depth must be in 1..256 bits, got {depth}")
         self.depth = depth
+        self.tree_depths = split_depth(depth, max_tree_depth)
         self.g2 = ClassHead(in_dim, num_classes)
-        self.g1 = nn.Linear(in_dim, (1 << depth) - 1)
+        self.g1 = nn.Linear(in_dim, sum((1 << d) - 1 for d in self.tree_depths))
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.g2(feat), self.g1(feat)

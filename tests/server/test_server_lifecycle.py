@@ -264,3 +264,39 @@ def test_model_must_match_the_index(index, hasher):
     wrong_bits = SimpleNamespace(layout=CodeLayout(nbits=24), content_hash=hasher.content_hash)
     with pytest.raises(ValueError, match="24-bit codes"):
         create_server(index, wrong_bits, "127.0.0.1:0")
+
+
+def test_image_requests_batch_beyond_the_offload_threads(index, hasher, server_factory, client_factory, images):
+    """Image requests wait on the encoder without holding a thread: with one offload thread,
+    48 concurrent image Searches still share forward passes of many images each."""
+    server = server_factory(index, hasher, max_workers=1, encoder_max_wait_s=0.3, encoder_max_batch=64)
+    stub = client_factory(server.address)
+    n = 48
+    futs = [stub.Search.future(pb.SearchRequest(image=images[i % len(images)], k=3)) for i in range(n)]
+    results = [f.result(timeout=60) for f in futs]
+    enc = server.encoder
+    assert enc.images_encoded == n and all(len(r.hits) == 3 for r in results)
+    assert enc.max_batch_seen >= 24 > 1  # the old thread-per-request server capped batches at its thread count
+
+
+def test_one_bad_image_fails_only_its_own_request(hasher, images, make_png):
+    """Payloads are decoded on the encoder worker, per job: a corrupt payload fails its job
+    with the reason, the jobs batched with it are encoded normally."""
+    from cbir.data import decode_image as decode
+    from cbir.server.encoder import ImageDecodeError, MicroBatchEncoder
+
+    enc = MicroBatchEncoder(hasher, max_batch=64, max_wait_s=0.3)
+    try:
+        good1 = enc.submit_images([images[0], images[1]])
+        bad = enc.submit_images([images[2], b"\x89PNG not really"], names=["first", "second"])
+        good2 = enc.submit_images([images[3]])
+        c1, f1 = good1.result(timeout=30)
+        c2, _ = good2.result(timeout=30)
+        with pytest.raises(ImageDecodeError, match="^second: cannot decode image"):
+            bad.result(timeout=30)
+    finally:
+        enc.close()
+    assert enc.forward_passes == 1 and enc.images_encoded == 3
+    expect, conf = hasher.encode([decode(images[i]) for i in (0, 1, 3)])
+    assert c1.to_bytes_list() + c2.to_bytes_list() == expect.to_bytes_list()
+    assert np.allclose(f1, conf[:2], atol=1e-6)

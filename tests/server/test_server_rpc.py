@@ -59,6 +59,23 @@ def test_search_by_code_equals_index(served, dataset, mode):
             assert resp.query_code.data == q.packed[0].tobytes() and resp.query_code.nbits == NBITS
 
 
+@pytest.mark.parametrize("inline", [(), ("lex", "prefix", "hamming", "hybrid")])
+def test_inline_or_offloaded_search_gives_the_same_hits(index, server_factory, client_factory, dataset, inline):
+    """Where a search runs (event loop or offload thread) never changes its answer."""
+    stub = client_factory(server_factory(index, None, inline_modes=inline, max_workers=1).address)
+    for q in queries(dataset, 3):
+        for mode in ("lex", "hamming", "hybrid"):
+            resp = stub.Search(pb.SearchRequest(code=code_pb(q), k=20, mode=MODES[mode]))
+            assert ids_of(resp) == direct(index, q, mode, 20), (inline, mode)
+
+
+def test_unknown_inline_mode_is_a_clear_error(index):
+    from cbir.server import create_server
+
+    with pytest.raises(ValueError, match="unknown inline search mode"):
+        create_server(index, None, "127.0.0.1:0", inline_modes=("lex", "fast"))
+
+
 def test_lex_search_is_the_lexicographic_order(served, dataset):
     """Independent check against the brute-force reference of cbir.codes."""
     from cbir.codes import rank

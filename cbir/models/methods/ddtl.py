@@ -9,6 +9,9 @@ leaf-probability vectors of the two augmented views, computed within each class 
 minibatch and averaged (:class:`cbir.losses.PerClassNTXent`). No quantisation loss is needed:
 the code is read off the tree's decisions. Defaults alpha=1, beta=0.1, tau=1, d=12.
 
+More than ``max_tree_depth`` (default 12) path bits are held by a forest of balanced trees whose
+paths are concatenated (our extension for long codes, see :mod:`cbir.models.heads`).
+
 Per-bit confidence at encode time: class bits get the class-probability margin (top-1 minus
 top-2; ``|2p - 1|`` per label for multi-label), path bits ``|2 sigma(u) - 1|`` of the node
 visited.
@@ -23,7 +26,7 @@ import torch
 from cbir.codes import CodeLayout, class_bits_for
 from cbir.losses import AsymmetricLoss, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
-from cbir.models.heads import DDTLHead, greedy_path, leaf_log_probs
+from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs
 from cbir.models.methods.ce import class_code
 from cbir.models.registry import MethodSpec, register_method
 
@@ -38,6 +41,7 @@ class DDTLParams:
     beta: float = 0.1
     tau: float = 1.0
     multilabel_loss: str = "bce"  # "bce" or "asl"
+    max_tree_depth: int = 12  # more path bits -> a forest of trees (cbir.models.heads.split_depth)
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
@@ -46,6 +50,8 @@ class DDTLParams:
             raise ValueError("tau must be > 0")
         if self.multilabel_loss not in ("bce", "asl"):
             raise ValueError("multilabel_loss must be 'bce' or 'asl'")
+        if not 1 <= self.max_tree_depth <= 16:
+            raise ValueError(f"max_tree_depth must be in 1..16 (each tree has 2^d leaves), got {self.max_tree_depth}")
 
 
 def ddtl_depth(spec: MethodSpec, class_bits: int) -> int:
@@ -74,7 +80,7 @@ class DDTL(HashingMethod):
         layout = CodeLayout(nbits=cbits + depth, class_bits=cbits, depth=depth, multilabel=spec.multilabel,
                             class_names=spec.class_names, method="ddtl")
         super().__init__(spec.make_backbone(), layout)
-        self.head = DDTLHead(self.backbone.feature_dim, spec.num_classes, depth)
+        self.head = DDTLHead(self.backbone.feature_dim, spec.num_classes, depth, params.max_tree_depth)
         self.params = params
         self.multilabel = spec.multilabel
         self.contrastive = PerClassNTXent(params.tau)
@@ -85,7 +91,7 @@ class DDTL(HashingMethod):
         n = x1.shape[0]
         class_logits, node_logits = self.head(self.backbone(torch.cat([x1, x2], 0)))
         ce = classification_loss(class_logits, torch.cat([targets, targets], 0), self.multilabel, self.asl)
-        z = leaf_log_probs(node_logits, self.layout.depth).exp()
+        z = forest_leaf_probs(node_logits, self.head.tree_depths)
         con = self.contrastive(z[:n], z[n:], targets)
         loss = self.params.alpha * ce + self.params.beta * con
         return loss, {"ce": float(ce.detach()), "ntxent": float(con.detach())}
@@ -93,7 +99,7 @@ class DDTL(HashingMethod):
     def encode(self, images):
         class_logits, node_logits = self.head(self.backbone(images))
         cbits, cconf = class_code(class_logits, self.multilabel, self.layout.class_bits)
-        pbits, nodes = greedy_path(node_logits, self.layout.depth)
+        pbits, nodes = forest_greedy_path(node_logits, self.head.tree_depths)
         pconf = (2 * torch.sigmoid(node_logits.gather(1, nodes)) - 1).abs()
         return torch.cat([cbits, pbits], 1), torch.cat([cconf, pconf], 1)
 
