@@ -48,7 +48,8 @@ class ServerOptions:
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
     encoder_max_batch: int = 64
-    encoder_max_wait_s: float = 0.002
+    encoder_max_wait_s: float = 0.002  # a batch keeps filling while requests arrive this close together
+    encoder_max_delay_s: float | None = None  # ... for at most this long (default 8 x encoder_max_wait_s)
     encoder_max_queue: int = 1024
     token: str | None = None
     tls_cert: bytes | None = None  # PEM certificate chain
@@ -175,7 +176,8 @@ class CbirServer:
                     raise ValueError(msg + " (pass allow_model_mismatch to serve anyway)")
                 log.warning(msg)
             o = self.options
-            self.encoder = MicroBatchEncoder(hasher, o.encoder_max_batch, o.encoder_max_wait_s, o.encoder_max_queue)
+            self.encoder = MicroBatchEncoder(hasher, o.encoder_max_batch, o.encoder_max_wait_s, o.encoder_max_queue,
+                                            o.encoder_max_delay_s)
         backend.warmup()
         self.backend = backend
         self._owns_backend = owns_backend

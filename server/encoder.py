@@ -2,8 +2,9 @@
 
 Callers submit either encoded image payloads (:meth:`MicroBatchEncoder.submit_images`, what the
 server does) or already transformed float batches (:meth:`MicroBatchEncoder.submit`). One worker
-thread takes the first waiting job, gathers more for at most ``max_wait_s`` (or until
-``max_batch`` images), then, for the whole micro-batch at once: decodes the payloads (a payload
+thread takes the first waiting job and gathers more while they keep arriving less than
+``max_wait_s`` apart (at most ``max_delay_s`` after the first, default ``8 * max_wait_s``, or
+until ``max_batch`` images), then, for the whole micro-batch at once: decodes the payloads (a payload
 that does not decode fails *its own* job with :class:`ImageDecodeError`, the others go on),
 transforms all decoded images in one ``hasher.preprocess`` call (same-size images are transformed
 as one tensor), and calls ``hasher.encode`` once; each caller's future gets its own rows. Jobs
@@ -103,12 +104,18 @@ class MicroBatchEncoder:
         max_batch: int = 64,
         max_wait_s: float = 0.002,
         max_queue: int = 1024,
+        max_delay_s: float | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if max_wait_s < 0 or (max_delay_s is not None and max_delay_s < 0):
+            raise ValueError("max_wait_s and max_delay_s must be >= 0")
         self.hasher = hasher
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
+        # the batch keeps filling while requests arrive less than max_wait_s apart, for at most
+        # max_delay_s after the first one (default 8 x max_wait_s)
+        self.max_delay_s = float(8 * max_wait_s if max_delay_s is None else max_delay_s)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=int(max_queue))
         self._closed = False
         self._lock = threading.Lock()
@@ -183,9 +190,11 @@ class MicroBatchEncoder:
         jobs = [first]
         count = first.n
         stop = False
-        end = time.monotonic() + self.max_wait_s
+        start = time.monotonic()
+        end = start + self.max_wait_s
+        hard_end = start + self.max_delay_s
         while count < self.max_batch:
-            remaining = end - time.monotonic()
+            remaining = min(end, hard_end) - time.monotonic()
             try:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -195,6 +204,7 @@ class MicroBatchEncoder:
                 break
             jobs.append(job)
             count += job.n
+            end = time.monotonic() + self.max_wait_s  # requests still arriving: keep filling the batch
         return jobs, stop
 
     def _prepare(self, live: list[_Job]) -> list[_Job]:

@@ -45,7 +45,10 @@ def register(subparsers) -> None:
     lim.add_argument("--max-concurrent-rpcs", type=int, default=None, help="refuse calls beyond this many in flight")
     e = p.add_argument_group("encoder")
     e.add_argument("--encoder-batch", type=int, default=64, help="max images per forward pass (default: %(default)s)")
-    e.add_argument("--encoder-wait-ms", type=float, default=2.0, help="max wait to fill a batch (default: %(default)s)")
+    e.add_argument("--encoder-wait-ms", type=float, default=2.0,
+                   help="a batch keeps filling while images arrive less than this apart (default: %(default)s)")
+    e.add_argument("--encoder-max-delay-ms", type=float, default=None,
+                   help="...but starts at most this long after its first image (default: 8 x --encoder-wait-ms)")
     e.add_argument("--device", default="auto", help="model device: auto, cpu, cuda ... (default: %(default)s)")
     e.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model's forward pass (default: torch's choice; on a small machine "
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         encoder_max_batch=args.encoder_batch,
         encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
+        encoder_max_delay_s=None if args.encoder_max_delay_ms is None else args.encoder_max_delay_ms / 1000.0,
         token=token,
         tls_cert=_read(args.tls_cert, "TLS certificate"),
         tls_key=_read(args.tls_key, "TLS key"),

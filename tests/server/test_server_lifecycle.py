@@ -300,3 +300,28 @@ def test_one_bad_image_fails_only_its_own_request(hasher, images, make_png):
     expect, conf = hasher.encode([decode(images[i]) for i in (0, 1, 3)])
     assert c1.to_bytes_list() + c2.to_bytes_list() == expect.to_bytes_list()
     assert np.allclose(f1, conf[:2], atol=1e-6)
+
+
+def test_batch_keeps_filling_while_requests_arrive_and_respects_max_delay(hasher):
+    """Jobs arriving 10 ms apart join one batch with a 60 ms gap window, although the stream
+    (150 ms) lasts longer than the window; with a 30 ms max delay the same stream is split."""
+    import torch
+
+    from cbir.server.encoder import MicroBatchEncoder
+
+    x = torch.zeros(1, 3, 32, 32)
+
+    def stream(enc, n, gap_s):
+        futs = []
+        for _ in range(n):
+            futs.append(enc.submit(x))
+            time.sleep(gap_s)
+        for f in futs:
+            f.result(timeout=30)
+        enc.close()
+        return enc.forward_passes
+
+    assert stream(MicroBatchEncoder(hasher, max_batch=64, max_wait_s=0.06, max_delay_s=10.0), 15, 0.01) == 1
+    assert stream(MicroBatchEncoder(hasher, max_batch=64, max_wait_s=0.06, max_delay_s=0.03), 15, 0.01) >= 2
+    with pytest.raises(ValueError, match="max_delay_s"):
+        MicroBatchEncoder(hasher, max_delay_s=-1)
