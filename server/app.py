@@ -106,14 +106,12 @@ class CbirServer:
         self._loop = _LoopThread()
         try:
             self._server, port, why = self._loop.call(self._start(address), timeout=60)
+            if not port:
+                raise OSError(f"cannot bind {address} (address in use or not local?){why}")
         except BaseException:
             self._loop.close()
             self.servicer.close()
             raise
-        if not port:
-            self._loop.close()
-            self.servicer.close()
-            raise OSError(f"cannot bind {address} (address in use or not local?){why}")
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.backend: IndexBackend | None = None
@@ -137,8 +135,7 @@ class CbirServer:
         pb_grpc.add_SearchServiceServicer_to_server(self.servicer, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for svc in ("", SERVICE_NAME):
-            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if opts.reflection:
             from grpc_reflection.v1alpha import reflection
 
@@ -207,7 +204,7 @@ class CbirServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (True) or ``timeout`` seconds pass (False)."""
-        return self._stopped.wait(timeout) if not self._stopped.is_set() else True
+        return self._stopped.wait(timeout)
 
     def __enter__(self) -> "CbirServer":
         return self

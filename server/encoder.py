@@ -44,29 +44,15 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int | None = None):
-    """Decode image bytes to an RGB PIL image, or raise :class:`ImageDecodeError` with a reason.
-
-    Uses ``cbir.data.decode_image`` when available (the one decoder of the project); falls back
-    to Pillow directly. Never touches the filesystem.
+    """Decode image bytes to an RGB PIL image with ``cbir.data.decode_image`` (the one decoder of
+    the project), or raise :class:`ImageDecodeError` with a reason. Never touches the filesystem.
     """
+    from cbir.data import decode_image as _decode
+
     if not data:
         raise ImageDecodeError("empty image payload")
     try:
-        from cbir.data import decode_image as _decode
-    except ImportError:  # pragma: no cover - cbir.data always ships it
-        _decode = None
-    try:
-        if _decode is not None:
-            return _decode(bytes(data), max_pixels=max_pixels)
-        import io
-
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                raise ValueError(f"image too large: {im.size[0]}x{im.size[1]} pixels exceeds {max_pixels}")
-            im.load()
-            return im.convert("RGB")
+        return _decode(bytes(data), max_pixels=max_pixels)
     except Exception as exc:  # CorruptImageError, PIL errors, decompression bombs...
         reason = str(exc) or type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {reason}") from exc
@@ -165,16 +151,6 @@ class MicroBatchEncoder:
             except queue.Full:
                 raise EncoderBusy("encoder queue is full") from None
         return job.future
-
-    def encode(self, batch, timeout: float | None = None):
-        """Encode a transformed batch, waiting at most ``timeout`` seconds (TimeoutError)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        fut = self.submit(batch, deadline)
-        try:
-            return fut.result(timeout=timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued jobs, then stop the worker."""

@@ -26,7 +26,7 @@ import torch
 from cbir.codes import CodeLayout, class_bits_for
 from cbir.losses import AsymmetricLoss, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
-from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs
+from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs, split_depth
 from cbir.models.methods.ce import class_code
 from cbir.models.registry import MethodSpec, register_method
 
@@ -50,8 +50,7 @@ class DDTLParams:
             raise ValueError("tau must be > 0")
         if self.multilabel_loss not in ("bce", "asl"):
             raise ValueError("multilabel_loss must be 'bce' or 'asl'")
-        if not 1 <= self.max_tree_depth <= 16:
-            raise ValueError(f"max_tree_depth must be in 1..16 (each tree has 2^d leaves), got {self.max_tree_depth}")
+        split_depth(1, self.max_tree_depth)  # validates max_tree_depth (1..16)
 
 
 def ddtl_depth(spec: MethodSpec, class_bits: int) -> int:

@@ -54,12 +54,11 @@ class HEGHParams:
             raise ValueError("gamma, lam and mu must be >= 0")
         if self.margin < 0:
             raise ValueError("margin must be >= 0 (0 means m_c = 2k)")
-        if self.weight_norm not in ("group", "none"):
-            raise ValueError("weight_norm must be 'group' or 'none'")
         if self.cbam_blocks < 0:
             raise ValueError("cbam_blocks must be >= 0 (0 disables CBAM)")
         if self.cbam_reduction < 1:
             raise ValueError("cbam_reduction must be >= 1")
+        HEGHLoss(self.gamma, self.lam, self.mu, self.margin or None, self.squared_hinge, self.weight_norm)  # validates weight_norm
 
 
 class HEGH(HashingMethod):
