@@ -34,6 +34,8 @@ import numpy as np
 
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
+from cbir.indexer import publish as _publish
+from cbir.indexer.publish import DERIVED_DIR, FORMAT, LMDB_DIR, MANIFEST
 from cbir.indexer.derived import Derived, View, latest_saved
 from cbir.indexer.lexsearch import LexSearcher
 from cbir.indexer.mih import MIH
@@ -41,11 +43,7 @@ from cbir.indexer.results import Item, PrefixPage, SearchResult, hamming_to, mak
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cbir-index"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-LMDB_DIR = "lmdb"
-DERIVED_DIR = "derived"
 DBS = (b"tree", b"codes", b"meta", b"conf", b"info", b"log")
 #: change-log records kept (one per write transaction; readers replay them onto their derived
 #: structures instead of rebuilding), and the largest batch logged in full
@@ -485,33 +483,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _cleanup_stale(parent: Path, name: str, out: Path) -> None:
-    """Remove temp dirs of dead builders; restore ``out`` if a swap was interrupted."""
-    for p in parent.glob(f".{name}.tmp-*"):
-        try:
-            pid = int(p.name.split(".tmp-")[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in parent.glob(f".{name}.old-*"):
-        if not out.exists() and (p / MANIFEST).exists():
-            os.rename(p, out)  # interrupted between the two renames: put the old index back
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_dir(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def build_index(
     out_dir,
     ids,
@@ -523,6 +494,7 @@ def build_index(
     build_params: dict | None = None,
     overwrite: bool = True,
     progress: bool = False,
+    force: bool = False,
 ) -> Path:
     """Build a complete index at ``out_dir`` atomically; returns its path.
 
@@ -530,6 +502,11 @@ def build_index(
     synced, and renamed into place, so an interrupted build leaves the previous index (or none),
     never a partial one; the next build removes the dead temp directory (a clean restart, no
     resume). Keys are sorted and appended (``putmulti(append=True)``).
+
+    ``out_dir`` may be new, an empty directory or an existing cbir index (replaced when
+    ``overwrite``); anything else raises :class:`~cbir.indexer.publish.OutputExistsError`
+    unless ``force``, and even then only the index's own entries are written there
+    (:mod:`cbir.indexer.publish`): cbir never deletes a file it did not write.
     """
     out = Path(out_dir).absolute()
     if layout is None:
@@ -543,11 +520,12 @@ def build_index(
         raise ValueError("ids must be unique")
     meta_b = _meta_bytes(meta, n)
     conf_h = _conf_rows(conf, n, layout.nbits)
-    if out.exists() and not overwrite:
+    mode = _publish.check_output(out, force)
+    if mode == "index" and not overwrite:
         raise FileExistsError(f"{out} exists (overwrite=False)")
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(parent, out.name, out)
+    _publish.cleanup_stale(parent, out.name, out, _pid_alive)
     tmp = parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     bar = _bar(progress, n)
@@ -588,15 +566,8 @@ def build_index(
         if n >= _derived.PERSIST_MIN:
             Derived(1, layout.nbits, sorted_codes, sorted_ids).save(tmp / DERIVED_DIR)
         _write_manifest(tmp, man)  # the manifest is written last: it marks a complete index
-        _fsync_dir(tmp)
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(parent)
+        _publish.fsync_dir(tmp)
+        _publish.publish(tmp, out, _publish.check_output(out, force))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

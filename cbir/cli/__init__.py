@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # user errors: one clear line, no traceback
         print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

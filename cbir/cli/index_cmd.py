@@ -5,7 +5,8 @@
 mode, the codes are sorted and appended to LMDB. Unreadable images are reported (path and
 reason) and skipped. The index is built in a temporary directory and renamed into place, so an
 interrupted build leaves the previous index (or none); rerunning is a clean restart (there is
-no partial resume).
+no partial resume). ``--out`` must be new, empty or an existing cbir index: cbir refuses to
+replace anything else (a folder of photos, a file) and never deletes a file it did not write.
 
 ``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
 ``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
@@ -38,7 +39,13 @@ def register(subparsers) -> None:
     src.add_argument("--dataset", help="dataset name or path understood by cbir.data.load_dataset")
     b.add_argument("--split", default="database", choices=["database", "query", "train"],
                    help="--dataset split to index (default: %(default)s)")
-    b.add_argument("--out", required=True, type=Path, help="index directory to create/replace")
+    b.add_argument("--out", required=True, type=Path,
+                   help="index directory to create, or an existing cbir index to replace; any "
+                        "other existing path is refused (see --force)")
+    b.add_argument("--force", action="store_true",
+                   help="write into an --out that is not a cbir index (or lies inside the image "
+                        "source): only manifest.json, lmdb/ and derived/ are written there, every "
+                        "other file stays")
     b.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default: %(default)s)")
     b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
     b.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
@@ -97,11 +104,14 @@ def _metadata(imageset, indices: np.ndarray, source: str) -> list[dict]:
 
 def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: int = 128,
                      workers: int = 0, device: str = "auto", progress: bool = True,
-                     extra_params: dict | None = None) -> dict:
+                     extra_params: dict | None = None, force: bool = False) -> dict:
     """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``."""
     from cbir.data import SkipLog
     from cbir.indexer import build_index
+    from cbir.indexer.publish import check_output
     from cbir.models.hasher import Hasher
+
+    check_output(out, force)  # refuse a bad --out before minutes of encoding
 
     hasher = Hasher.load(model, device=device, batch_size=batch_size)
     skip = SkipLog()
@@ -118,7 +128,8 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
     params.update(extra_params or {})
     t1 = time.perf_counter()
     path = build_index(out, idx, codes, meta, conf=conf, layout=hasher.layout,
-                       model_hash=hasher.content_hash, build_params=params, progress=progress)
+                       model_hash=hasher.content_hash, build_params=params, progress=progress,
+                       force=force)
     return {"path": str(path), "count": int(len(idx)), "skipped": skip.count,
             "skipped_items": skip.items, "encode_s": t_enc, "write_s": time.perf_counter() - t1,
             "nbits": hasher.nbits, "model_hash": hasher.content_hash}
@@ -127,6 +138,14 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
 def run_build(args) -> int:
     if args.batch_size <= 0 or args.workers < 0:
         raise ValueError("--batch-size must be > 0 and --workers >= 0")
+    from cbir.indexer.publish import OutputExistsError, check_output, inside
+
+    src_dir = args.images if args.images is not None else Path(args.dataset)
+    if src_dir.is_dir() and inside(args.out, src_dir) and not args.force:
+        raise OutputExistsError(f"--out {args.out} lies inside the image source {src_dir}: its "
+                                "files would mix with your images. Choose an --out outside it "
+                                "(or pass --force)")
+    check_output(args.out, args.force)
     if args.images is not None:
         imageset = _image_folder(args.images)
         source = str(args.images)
@@ -137,7 +156,8 @@ def run_build(args) -> int:
         imageset = getattr(splits, args.split)
         source = f"{args.dataset}:{args.split}"
     res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
-                           args.device, progress=not args.no_progress and sys.stderr.isatty())
+                           args.device, progress=not args.no_progress and sys.stderr.isatty(),
+                           force=args.force)
     for path, reason in res["skipped_items"]:
         print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
     print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
