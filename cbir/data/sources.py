@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from cbir.data.imageset import ImageSet
-from cbir.data.transforms import eval_transform, train_transform
+from cbir.data.transforms import eval_transform, resize_uint8, train_transform
 
 __all__ = [
     "shared_datasets_dir",
@@ -212,15 +211,12 @@ def _to_chw3(images: np.ndarray, where: str) -> torch.Tensor:
 
 
 def _maybe_resize(t: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Bilinear resize of a uint8 (N,3,H,W) tensor to image_size when that stays small;
-    otherwise keep it and let the transform resize per item."""
+    """Pre-resize a uint8 (N,3,H,W) tensor with the evaluation geometry
+    (:func:`cbir.data.transforms.resize_uint8`, so an npz gives the pixels its image files
+    would) when that stays small; otherwise keep it and let the transform resize per item."""
     if tuple(t.shape[-2:]) == (image_size, image_size) or image_size > _MAX_PRERESIZE:
         return t
-    out = []
-    for chunk in torch.split(t, 2048):
-        r = F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear",
-                          align_corners=False, antialias=image_size < max(chunk.shape[-2:]))
-        out.append(r.round_().clamp_(0, 255).to(torch.uint8))
+    out = [resize_uint8(chunk, image_size) for chunk in torch.split(t, 2048)]
     return torch.cat(out) if out else t
 
 
@@ -268,9 +264,8 @@ def _load_digits(image_size: int) -> DatasetSplits:
 
     d = load_digits()
     imgs = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (N,8,8)
-    t = torch.from_numpy(imgs).unsqueeze(1).float()
-    t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    t = t.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    t = resize_uint8(torch.from_numpy(imgs).unsqueeze(1), image_size)
+    t = t.expand(-1, 3, -1, -1).contiguous()
     labels = d.target.astype(np.int64)
     names = tuple(str(int(c)) for c in d.target_names)
     full = ImageSet(labels, names, images=t, name="digits")

@@ -3,14 +3,22 @@
 Every transform accepts an RGB ``uint8`` CHW tensor (the fast path used by the in-memory
 datasets), a PIL image or an HWC ``uint8`` array, and returns a plain ``float32`` tensor of
 shape ``(3, image_size, image_size)`` normalised with mean 0.5 / std 0.5 (values in [-1, 1]).
+
+**One preprocessing path.** The geometry of evaluation (shorter side resized to
+``image_size`` with antialiased bilinear interpolation on the ``uint8`` tensor, then a centre
+crop) is :func:`resize_uint8`, used both by :func:`eval_transform` (one image from a file or a
+gRPC payload) and by the in-memory datasets when they pre-resize a whole array at load time;
+it is exact on batches, so the same pixels give the same tensor - and the same code - whichever
+way they arrive (``tests/test_preprocessing.py``).
 """
 
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["train_transform", "eval_transform", "TwoViews", "MEAN", "STD"]
+__all__ = ["train_transform", "eval_transform", "resize_uint8", "TwoViews", "MEAN", "STD"]
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -57,20 +65,38 @@ def train_transform(image_size: int, flip: bool = True, strength: float = 1.0) -
     return v2.Compose(steps)
 
 
+def resize_uint8(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The evaluation geometry on ``uint8`` ``(..., 3, H, W)`` tensors (one image or a batch):
+    shorter side to ``image_size`` (antialiased bilinear), centre crop to a square. A no-op for
+    images already ``image_size`` square; per-image results equal batched ones exactly."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"resize_uint8 expects a uint8 tensor, got {x.dtype}")
+    if tuple(x.shape[-2:]) == (image_size, image_size):
+        return x
+    x = TF.resize(x, [image_size], antialias=True)
+    return TF.center_crop(x, [image_size, image_size])
+
+
+class _EvalResize(torch.nn.Module):
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+
+    def forward(self, x):
+        return resize_uint8(x, self.image_size)
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}"
+
+
 def eval_transform(image_size: int) -> v2.Compose:
-    """Deterministic transform: resize the shorter side to ``image_size`` and centre-crop
-    (a no-op for images already of that size), then float + normalisation."""
+    """Deterministic transform: :func:`resize_uint8` (shorter side to ``image_size``, centre
+    crop; a no-op for images already of that size), then float + normalisation."""
     image_size = int(image_size)
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(image_size, antialias=True),
-            v2.CenterCrop(image_size),
-            *_finish(),
-        ]
-    )
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True), _EvalResize(image_size),
+                       *_finish()])
 
 
 class TwoViews:
