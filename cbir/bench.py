@@ -15,12 +15,16 @@ Figures
 -------
 * Ranked retrieval, for both engine orders (``lex``: lexicographic; ``hamming``: Hamming then
   lexicographic then id): mAP@k, mAP@all, P@k and recall@k curves.
-* Tie-aware mAP@k and mAP@all for Hamming ranking (He et al., CVPR 2018): expected AP over all
-  orders of tied items, independent of database order.
+* **The headline: tie-aware mAP@k and mAP@all** for both orders (He et al., CVPR 2018):
+  expected AP over all orders of tied items (lex: identical codes; Hamming: equal distance),
+  independent of database order. The id-order mAP figures follow them: with many shared
+  codes they move with database order alone, so they are never the headline.
 * Hamming-ball retrieval: precision/recall for every radius ``r = 0..B``, and P@H<=2 with the
   fraction of queries whose radius-2 ball is empty (those score 0 and count).
 * Coverage of the database codes (thesis Table 3.5): entropy, unique %, average collision
-  count, per-depth prefix entropy and balance, per-bit balance, bit correlation.
+  count, per-depth prefix entropy and balance, per-bit balance, bit correlation; unique % and
+  collisions beside what random codes give at the same N and B
+  (:func:`cbir.metrics.random_expectation`; below the class prefix when there are class bits).
 * Robustness (thesis §3.3.2): for colour jitter and occlusion of increasing strength, the
   fraction of query images whose code prefix of depth ``d`` is unchanged, for every ``d``.
   Perturbations are applied to the raw ``uint8`` pixels, then the model's eval transform.
@@ -672,10 +676,13 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         steps.update()
         ret["recall_at_k"][order] = [_f(v) for v in M.recall_at_k(q_codes, ql, db_codes, dl, ks, order=order)]
         steps.update()
-    ret["tie_aware_map_at_k"] = M.tie_aware_average_precision(q_codes, ql, db_codes, dl, kk)
-    steps.update()
-    ret["tie_aware_map_all"] = M.tie_aware_average_precision(q_codes, ql, db_codes, dl, None)
-    steps.update()
+    # tie-aware (expected AP over every order of tied items): the figures that do not depend on
+    # database order. lex ties = identical codes; Hamming ties = equal distance.
+    ret["tie_aware_map_at_k"], ret["tie_aware_map_all"] = {}, {}
+    for order in orders:
+        ret["tie_aware_map_at_k"][order] = M.tie_aware_average_precision(q_codes, ql, db_codes, dl, kk, order)
+        ret["tie_aware_map_all"][order] = M.tie_aware_average_precision(q_codes, ql, db_codes, dl, None, order)
+        steps.update()
     pr = M.precision_recall_by_radius(q_codes, ql, db_codes, dl)
     ret["pr_by_radius"] = {"radius": [int(v) for v in pr.radius], "precision": [_f(v) for v in pr.precision],
                            "recall": [_f(v) for v in pr.recall],
@@ -693,6 +700,12 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
 
     # -- coverage ------------------------------------------------------------------------------
     coverage = {"database": M.coverage_report(db_codes), "queries": M.coverage_report(q_codes)}
+    # the yardstick: uniformly random codes at the same N and B, and random path bits below the
+    # observed class prefixes (what a tree that spreads each class perfectly at random gives)
+    cb = int(hasher.layout.class_bits or 0)
+    coverage["database"]["random"] = [M.random_expectation(db_codes, 0)]
+    if 0 < cb < B:
+        coverage["database"]["random"].append(M.random_expectation(db_codes, cb))
     coverage["database"]["bit_correlation"] = [[round(float(v), 6) for v in row] for row in M.bit_correlation(db_codes)]
     t = lap("coverage", t)
 
@@ -828,14 +841,26 @@ def headline(report: dict) -> dict:
         "map_at_k_hamming": r["map_at_k"]["hamming"],
         "map_all_lex": r["map_all"]["lex"],
         "map_all_hamming": r["map_all"]["hamming"],
-        "tie_aware_map_at_k": r["tie_aware_map_at_k"],
-        "tie_aware_map_all": r["tie_aware_map_all"],
+        "tie_aware_map_at_k_lex": r["tie_aware_map_at_k"]["lex"],
+        "tie_aware_map_at_k_hamming": r["tie_aware_map_at_k"]["hamming"],
+        "tie_aware_map_all_lex": r["tie_aware_map_all"]["lex"],
+        "tie_aware_map_all_hamming": r["tie_aware_map_all"]["hamming"],
         "p_at_h2": r["p_at_h2"]["precision"],
         "p_at_h2_empty": r["p_at_h2"]["empty_fraction"],
         "entropy": cov["entropy_bits"],
         "unique_percent": cov["unique_percent"],
         "collisions": cov["average_collision_count"],
+        "random_unique_percent": _yardstick(cov)["unique_percent"],
+        "random_collisions": _yardstick(cov)["average_collision_count"],
     }
+
+
+def _yardstick(cov: dict) -> dict:
+    """The random-code expectation codes are compared with: random bits below the class prefix
+    when the layout has class bits, else uniformly random codes."""
+    rnd = cov.get("random") or [{"fixed_bits": 0, "unique_percent": float("nan"),
+                                 "average_collision_count": float("nan")}]
+    return rnd[-1]
 
 
 def _md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
@@ -857,12 +882,13 @@ def _headline_rows(report: dict) -> list[list[str]]:
     h, r = report["headline"], report["retrieval"]
     k = h["k"]
     rows = [
-        [f"mAP@{k} (lexicographic)", f"{h['map_at_k_lex']:.4f}"],
-        [f"mAP@{k} (Hamming)", f"{h['map_at_k_hamming']:.4f}"],
-        [f"tie-aware mAP@{k} (Hamming)", f"{h['tie_aware_map_at_k']:.4f}"],
-        ["mAP@all (lexicographic)", f"{h['map_all_lex']:.4f}"],
-        ["mAP@all (Hamming)", f"{h['map_all_hamming']:.4f}"],
-        ["tie-aware mAP@all (Hamming)", f"{h['tie_aware_map_all']:.4f}"],
+        [f"tie-aware mAP@{k} (lexicographic)", f"{h['tie_aware_map_at_k_lex']:.4f}"],
+        [f"tie-aware mAP@{k} (Hamming)", f"{h['tie_aware_map_at_k_hamming']:.4f}"],
+        ["tie-aware mAP@all (lexicographic)", f"{h['tie_aware_map_all_lex']:.4f}"],
+        ["tie-aware mAP@all (Hamming)", f"{h['tie_aware_map_all_hamming']:.4f}"],
+        [f"mAP@{k} (lex, ties by id: order-dependent)", f"{h['map_at_k_lex']:.4f}"],
+        [f"mAP@{k} (Hamming, ties by code/id)", f"{h['map_at_k_hamming']:.4f}"],
+        ["mAP@all (lex / Hamming, ties by id)", f"{h['map_all_lex']:.4f} / {h['map_all_hamming']:.4f}"],
         ["P@H<=2 (empty balls score 0)", f"{h['p_at_h2']:.4f} ({100 * h['p_at_h2_empty']:.1f} % empty)"],
     ]
     for kk in (10, 100):
@@ -877,6 +903,10 @@ def _headline_rows(report: dict) -> list[list[str]]:
         ["code entropy (bits)", f"{h['entropy']:.3f} (max {cov['max_entropy_bits']:.3f})"],
         ["unique codes", f"{cov['unique_codes']} / {cov['n']} ({h['unique_percent']:.2f} %)"],
         ["average collision count", f"{h['collisions']:.3f}"],
+        [f"random codes at this N, B ({_yardstick_name(cov)})",
+         f"{h['random_unique_percent']:.2f} % unique, {h['random_collisions']:.3f} collisions"],
+        ["unique % / random unique %", f"{h['unique_percent'] / h['random_unique_percent']:.3f}"
+         if h["random_unique_percent"] > 0 else "n/a"],
         ["largest bucket", f"{cov['largest_bucket']}"],
     ]
     rob = report.get("robustness")
@@ -891,6 +921,11 @@ def _headline_rows(report: dict) -> list[list[str]]:
                      f"{srv['lex']['map_at_k']:.4f} / {srv['hamming']['map_at_k']:.4f} "
                      f"({'equal' if srv['equal_in_process'] else 'DIFFERENT'})"])
     return rows
+
+
+def _yardstick_name(cov: dict) -> str:
+    fb = _yardstick(cov)["fixed_bits"]
+    return f"random bits below the {fb} class bits" if fb else "uniformly random"
 
 
 def _title(report: dict) -> str:
@@ -1130,10 +1165,13 @@ def compare_rows(reports: Sequence[dict]) -> list[dict]:
 _COMPARE_COLS = [
     ("method", "method", None), ("bits", "bits", None), ("model", "model", None),
     ("mAP@{k} lex", "map_at_k_lex", 4), ("mAP@{k} Ham", "map_at_k_hamming", 4),
-    ("mAP@all lex", "map_all_lex", 4), ("mAP@all Ham", "map_all_hamming", 4), ("tie-aware mAP@{k}", "tie_aware_map_at_k", 4),
-    ("tie-aware mAP@all", "tie_aware_map_all", 4), ("P@H<=2", "p_at_h2", 4),
+    ("tie-aware mAP@{k} lex", "tie_aware_map_at_k_lex", 4), ("tie-aware mAP@{k} Ham", "tie_aware_map_at_k_hamming", 4),
+    ("tie-aware mAP@all lex", "tie_aware_map_all_lex", 4), ("tie-aware mAP@all Ham", "tie_aware_map_all_hamming", 4),
+    ("mAP@{k} lex (id ties)", "map_at_k_lex", 4), ("mAP@{k} Ham (id ties)", "map_at_k_hamming", 4),
+    ("P@H<=2", "p_at_h2", 4),
     ("empty H<=2 %", "p_at_h2_empty", "pct"), ("entropy", "entropy", 3), ("unique %", "unique_percent", 2),
-    ("collisions", "collisions", 3),
+    ("random unique %", "random_unique_percent", 2), ("collisions", "collisions", 3),
+    ("random collisions", "random_collisions", 3),
 ]
 
 
@@ -1196,7 +1234,9 @@ def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, 
     dd = sorted(data_desc)
     md = ["# cbir bench compare", "",
           "Data: " + "; ".join(f"{a} ({q} queries x {n} database)" for a, q, n in dd) + ".",
-          "mAP@k: DeepHash AP@k; tie-aware: expected AP over orders of tied items (Hamming); "
+          "tie-aware: expected AP over every order of tied items (lex: identical codes tie; Hamming: "
+          "equal distances tie), independent of database order; mAP@k (id ties): DeepHash AP@k with ties "
+          "broken by id, which depends on database order; random: the expectation for random codes; "
           "P@H<=2: empty balls score 0; entropy in bits; collisions: average collision count.", "",
           compare_table(rows, markdown=True), ""]
     md += ["Reports:", ""] + [f"- {r.get('report_dir') or r['model']['path']}" for r in reports] + [""]

@@ -92,8 +92,8 @@ def test_report_matches_direct_metric_calls(report_run, hasher):
         assert r["map_all"][order] == M.mean_average_precision(qc, ql, dc, dl, None, order=order)
         np.testing.assert_array_equal(r["precision_at_k"][order], M.precision_at_k(qc, ql, dc, dl, r["ks"], order=order))
         np.testing.assert_array_equal(r["recall_at_k"][order], M.recall_at_k(qc, ql, dc, dl, r["ks"], order=order))
-    assert r["tie_aware_map_at_k"] == M.tie_aware_average_precision(qc, ql, dc, dl, 100)
-    assert r["tie_aware_map_all"] == M.tie_aware_average_precision(qc, ql, dc, dl, None)
+        assert r["tie_aware_map_at_k"][order] == M.tie_aware_average_precision(qc, ql, dc, dl, 100, order)
+        assert r["tie_aware_map_all"][order] == M.tie_aware_average_precision(qc, ql, dc, dl, None, order)
     pr = M.precision_recall_by_radius(qc, ql, dc, dl)
     np.testing.assert_array_equal(r["pr_by_radius"]["precision"], pr.precision)
     np.testing.assert_array_equal(r["pr_by_radius"]["recall"], pr.recall)
@@ -107,6 +107,16 @@ def test_report_matches_direct_metric_calls(report_run, hasher):
         assert cov[key] == ref[key], key
     h = rep["headline"]
     assert h["map_at_k_lex"] == r["map_at_k"]["lex"] and h["entropy"] == cov["entropy_bits"]
+    assert h["tie_aware_map_at_k_lex"] == r["tie_aware_map_at_k"]["lex"]
+    assert h["tie_aware_map_all_hamming"] == r["tie_aware_map_all"]["hamming"]
+    cb = rep["model"]["layout"]["class_bits"]
+    assert h["random_unique_percent"] == M.random_expectation(dc, cb if 0 < cb < dc.nbits else 0)["unique_percent"]
+    # the printed table leads with the tie-aware figures, id-order mAP after them
+    from cbir.bench import headline_table
+
+    lines = headline_table(rep).splitlines()
+    assert lines[3].startswith("tie-aware mAP@100 (lexicographic)")
+    assert lines[4].startswith("tie-aware mAP@100 (Hamming)")
     assert h["collisions"] == cov["average_collision_count"] and h["p_at_h2"] == rp.precision
 
 
@@ -244,7 +254,8 @@ def test_multilabel_manifest_end_to_end(model_dir, tmp_path, capsys):
     qc, ql, dc, dl = _direct(cfg, h)
     assert ql.ndim == 2 and ql.shape[1] == 4
     assert rep["retrieval"]["map_at_k"]["hamming"] == M.mean_average_precision(qc, ql, dc, dl, 10, order="hamming")
-    assert rep["retrieval"]["tie_aware_map_all"] == M.tie_aware_average_precision(qc, ql, dc, dl)
+    assert rep["retrieval"]["tie_aware_map_all"]["hamming"] == M.tie_aware_average_precision(qc, ql, dc, dl)
+    assert rep["retrieval"]["tie_aware_map_all"]["lex"] == M.tie_aware_average_precision(qc, ql, dc, dl, None, "lex")
     for p in rep["files"]["plots"]:
         assert (out / p).read_bytes()[:8] == PNG_MAGIC
 

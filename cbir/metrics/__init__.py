@@ -14,6 +14,7 @@ from cbir.metrics.coverage import (
     coverage_report,
     prefix_balance,
     prefix_entropy,
+    random_expectation,
     unique_ratio,
 )
 from cbir.metrics.retrieval import (
@@ -26,6 +27,7 @@ from cbir.metrics.retrieval import (
     check_overlap,
     expected_average_precision,
     hamming_counts,
+    lex_counts,
     mean_average_precision,
     precision_at_k,
     precision_recall_by_radius,
@@ -52,6 +54,7 @@ __all__ = [
     "precision_at_k",
     "recall_at_k",
     "hamming_counts",
+    "lex_counts",
     "PRCurve",
     "precision_recall_by_radius",
     "RadiusPrecision",
@@ -71,6 +74,7 @@ __all__ = [
     "bit_correlation",
     "bucket_size_histogram",
     "coverage_report",
+    "random_expectation",
     # robustness
     "pairwise_common_prefix",
     "code_retention",

@@ -23,6 +23,7 @@ __all__ = [
     "bit_correlation",
     "bucket_size_histogram",
     "coverage_report",
+    "random_expectation",
 ]
 
 _LEADING_ZEROS = np.array([8 - int(v).bit_length() for v in range(256)], dtype=np.int64)
@@ -148,6 +149,32 @@ def bucket_size_histogram(codes: Codes) -> tuple[np.ndarray, np.ndarray]:
     distinct codes shared by exactly ``s`` items. ``sum(sizes * n_buckets) == N``."""
     sizes, counts = np.unique(bucket_counts(codes), return_counts=True)
     return sizes.astype(np.int64), counts.astype(np.int64)
+
+
+def random_expectation(codes: Codes, fixed_bits: int = 0) -> dict:
+    """What uniformly random codes would give at the same ``N`` and ``B``: a yardstick for
+    :func:`unique_ratio` and :func:`average_collision_count`.
+
+    ``fixed_bits = 0``: every code uniform over ``M = 2^B`` values. ``fixed_bits = c > 0``: the
+    first ``c`` bits (e.g. DDTL's class bits) are kept as observed and the remaining
+    ``B - c`` bits are uniform within each observed prefix group (``M = 2^(B - c)``). For a group
+    of ``n`` items: expected distinct codes ``M (1 - (1 - 1/M)^n)`` and expected
+    ``sum_c n_c^2 = n + n (n - 1) / M``; summed over groups, divided by ``N`` (unique %) and
+    ``N`` minus 1 (average collision count). Returns ``{"fixed_bits", "unique_percent",
+    "average_collision_count"}``.
+    """
+    codes = _check(codes)
+    c = int(fixed_bits)
+    if not 0 <= c <= codes.nbits:
+        raise ValueError(f"fixed_bits must be in 0..{codes.nbits}, got {fixed_bits}")
+    n = len(codes)
+    groups = (np.array([n]) if c == 0 else
+              _counts_from_cpl(_consecutive_cpl(codes), n, c)).astype(np.float64)
+    m = 2.0 ** (codes.nbits - c)
+    distinct = (m * -np.expm1(groups * np.log1p(-1.0 / m))) if m > 1 else np.ones_like(groups)
+    sq = groups + groups * (groups - 1) / m
+    return {"fixed_bits": c, "unique_percent": float(100.0 * distinct.sum() / n),
+            "average_collision_count": float(sq.sum() / n - 1.0)}
 
 
 def coverage_report(codes: Codes) -> dict:

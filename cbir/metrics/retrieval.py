@@ -26,7 +26,7 @@ from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from cbir.codes import ORDERS, Codes
+from cbir.codes import ORDERS, Codes, rank
 
 __all__ = [
     "Searcher",
@@ -40,6 +40,7 @@ __all__ = [
     "precision_at_k",
     "recall_at_k",
     "hamming_counts",
+    "lex_counts",
     "PRCurve",
     "precision_recall_by_radius",
     "RadiusPrecision",
@@ -737,30 +738,72 @@ def expected_average_precision(n_groups, r_groups, k: int | None = None) -> np.n
     return out
 
 
-def tie_aware_average_precisions(
-    query_codes, query_labels, db_codes, db_labels, k: int | None = None
-) -> np.ndarray:
-    """``(Q,)`` tie-aware AP@k for **Hamming ranking** (see :func:`expected_average_precision`).
+def lex_counts(query_codes, query_labels, db_codes, db_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Tie groups of the **lexicographic** ranking: ``(n, r)``, both ``(Q, U)`` int64.
 
-    Items at equal Hamming distance from the query form a tie group; the score is the expected
-    AP@k over all orderings of tied items, so it does not depend on database order or on the
+    Two database items tie in the lexicographic order exactly when their codes are equal (the
+    order of distinct codes is total), so the groups are the ``U`` distinct database codes, in
+    ascending ``q XOR c`` order for each query: ``n[q, j]`` = items sharing the ``j``-th code
+    of query ``q``'s ranking, ``r[q, j]`` = how many of them are relevant to ``q``.
+    """
+    query_codes, ql, db_codes, dl = _check_problem(query_codes, query_labels, db_codes, db_labels)
+    uniq, inverse, counts = np.unique(db_codes.packed, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    ucodes = Codes(uniq, db_codes.nbits)
+    u, nq = len(uniq), len(ql)
+    if ql.ndim == 1:  # per-group class histogram, then one column per query
+        classes, dcls = np.unique(dl, return_inverse=True)
+        hist = np.zeros((u, len(classes)), dtype=np.int64)
+        np.add.at(hist, (inverse, dcls.reshape(-1)), 1)
+        pos = np.searchsorted(classes, ql)
+        pos_c = np.minimum(pos, len(classes) - 1)
+        hit = (pos < len(classes)) & (classes[pos_c] == ql)
+    else:
+        from scipy.sparse import csr_matrix
+
+        onehot = csr_matrix((np.ones(len(dl)), (np.arange(len(dl)), inverse)), shape=(len(dl), u))
+    cnt = np.empty((nq, u), dtype=np.int64)
+    rcnt = np.empty((nq, u), dtype=np.int64)
+    step = _chunk_rows(u, max(1, db_codes.nbytes))
+    for s in range(0, nq, step):
+        e = min(s + step, nq)
+        order = rank(query_codes[s:e], ucodes, None, order="lex")  # (e - s, U), no ties left
+        cnt[s:e] = counts[order]
+        if ql.ndim == 1:
+            r = np.where(hit[s:e, None], hist[:, pos_c[s:e]].T, 0)
+        else:
+            r = np.asarray((onehot.T @ _relevance(ql[s:e], dl).T.astype(np.float64)).T).round().astype(np.int64)
+        rcnt[s:e] = np.take_along_axis(r, order, axis=1)
+    return cnt, rcnt
+
+
+def tie_aware_average_precisions(
+    query_codes, query_labels, db_codes, db_labels, k: int | None = None, order: str = "hamming"
+) -> np.ndarray:
+    """``(Q,)`` tie-aware AP@k (see :func:`expected_average_precision`).
+
+    ``order="hamming"``: items at equal Hamming distance from the query form a tie group
+    (:func:`hamming_counts`; He et al. 2018). ``order="lex"``: items with identical codes form
+    a tie group, groups in lexicographic order (:func:`lex_counts`). The score is the expected
+    AP@k over all orderings of tied items, so it depends neither on database order nor on the
     tie-break rule. ``k=None`` = whole database.
     """
-    cnt, rcnt = hamming_counts(query_codes, query_labels, db_codes, db_labels)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    counts = hamming_counts if order == "hamming" else lex_counts
+    cnt, rcnt = counts(query_codes, query_labels, db_codes, db_labels)
     return expected_average_precision(cnt, rcnt, k)
 
 
 def tie_aware_average_precision(
-    query_codes, query_labels, db_codes, db_labels, k: int | None = None
+    query_codes, query_labels, db_codes, db_labels, k: int | None = None, order: str = "hamming"
 ) -> float:
-    """Tie-aware mAP@k for Hamming ranking: mean over all queries of
+    """Tie-aware mAP@k in ``order`` (``"hamming"`` or ``"lex"``): mean over all queries of
     :func:`tie_aware_average_precisions` (queries with no relevant item score 0 and count)."""
-    return float(tie_aware_average_precisions(query_codes, query_labels, db_codes, db_labels, k).mean())
+    return float(tie_aware_average_precisions(query_codes, query_labels, db_codes, db_labels, k,
+                                              order).mean())
 
 
-# --------------------------------------------------------------------------------------------
-# run-level checks
-# --------------------------------------------------------------------------------------------
 def check_overlap(query_ids_or_hashes, db_ids_or_hashes, allow: bool = False) -> np.ndarray:
     """Check that no query is also a database item.
 
