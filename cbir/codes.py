@@ -40,6 +40,7 @@ __all__ = [
     "unpack_bits",
     "hamming_distance",
     "common_prefix_length",
+    "xor_prefix_length",
     "xor_keys",
     "rank",
     "lex_order",
@@ -223,16 +224,24 @@ def hamming_distance(a: Codes, b: Codes) -> np.ndarray:
     return np.bitwise_count(x).sum(axis=2, dtype=np.int32)
 
 
+def xor_prefix_length(x: np.ndarray, nbits: int) -> np.ndarray:
+    """Leading zero bits of packed XOR rows ``x`` (``(..., nbytes)`` uint8, e.g. ``a ^ b``),
+    i.e. the common-prefix length of the two XORed codes; ``nbits`` where they are equal.
+    int64, shape ``x.shape[:-1]``. The one place that reads bit positions off XOR bytes."""
+    x = np.asarray(x, dtype=np.uint8)
+    if x.shape[-1] == 0:
+        return np.full(x.shape[:-1], nbits, dtype=np.int64)
+    nz = x != 0
+    first = np.argmax(nz, axis=-1)
+    first_byte = np.take_along_axis(x, first[..., None], axis=-1)[..., 0]
+    out = first.astype(np.int64) * 8 + _LEADING_ZEROS[first_byte]
+    return np.where(nz.any(axis=-1), out, nbits)
+
+
 def common_prefix_length(a: Codes, b: Codes) -> np.ndarray:
     """``(len(a), len(b))`` int32 matrix: number of leading bits on which the codes agree."""
     _check_pair(a, b)
-    x = a.packed[:, None, :] ^ b.packed[None, :, :]
-    nz = x != 0
-    any_nz = nz.any(axis=2)
-    first = np.argmax(nz, axis=2)
-    first_byte = np.take_along_axis(x, first[..., None], axis=2)[..., 0]
-    out = first * 8 + _LEADING_ZEROS[first_byte]
-    return np.where(any_nz, out, a.nbits).astype(np.int32)
+    return xor_prefix_length(a.packed[:, None, :] ^ b.packed[None, :, :], a.nbits).astype(np.int32)
 
 
 def xor_keys(query: Codes, db: Codes) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir.codes import Codes, lex_order
+from cbir.codes import Codes, lex_order, xor_prefix_length
 
 __all__ = [
     "bucket_counts",
@@ -26,9 +26,6 @@ __all__ = [
     "random_expectation",
 ]
 
-_LEADING_ZEROS = np.array([8 - int(v).bit_length() for v in range(256)], dtype=np.int64)
-
-
 def _check(codes) -> Codes:
     if not isinstance(codes, Codes):
         raise ValueError(
@@ -43,14 +40,7 @@ def _check(codes) -> Codes:
 def _consecutive_cpl(codes: Codes) -> np.ndarray:
     """Common-prefix lengths of neighbours in lexicographic order: ``(N - 1,)`` int64."""
     sp = codes.packed[lex_order(codes)]
-    x = sp[1:] ^ sp[:-1]
-    if len(x) == 0:
-        return np.zeros(0, dtype=np.int64)
-    nz = x != 0
-    first = np.argmax(nz, axis=1)
-    fb = x[np.arange(len(x)), first]
-    cpl = first.astype(np.int64) * 8 + _LEADING_ZEROS[fb]
-    return np.where(nz.any(axis=1), cpl, codes.nbits)
+    return xor_prefix_length(sp[1:] ^ sp[:-1], codes.nbits)
 
 
 def _counts_from_cpl(cpl: np.ndarray, n: int, depth: int) -> np.ndarray:

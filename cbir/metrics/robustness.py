@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir.codes import Codes
+from cbir.codes import Codes, xor_prefix_length
 
 __all__ = ["pairwise_common_prefix", "code_retention", "bit_flip_rate"]
-
-_LEADING_ZEROS = np.array([8 - int(v).bit_length() for v in range(256)], dtype=np.int64)
-
 
 def _check_pair(codes_clean, codes_perturbed) -> tuple[Codes, Codes]:
     for name, c in (("codes_clean", codes_clean), ("codes_perturbed", codes_perturbed)):
@@ -42,12 +39,7 @@ def pairwise_common_prefix(codes_clean: Codes, codes_perturbed: Codes) -> np.nda
     """``(N,)`` int64: number of leading bits on which ``codes_clean[i]`` and
     ``codes_perturbed[i]`` agree (``B`` when the codes are identical)."""
     a, b = _check_pair(codes_clean, codes_perturbed)
-    x = a.packed ^ b.packed
-    nz = x != 0
-    first = np.argmax(nz, axis=1)
-    fb = x[np.arange(len(x)), first]
-    cpl = first.astype(np.int64) * 8 + _LEADING_ZEROS[fb]
-    return np.where(nz.any(axis=1), cpl, a.nbits)
+    return xor_prefix_length(a.packed ^ b.packed, a.nbits)
 
 
 def code_retention(codes_clean: Codes, codes_perturbed: Codes) -> np.ndarray:
