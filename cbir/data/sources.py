@@ -11,7 +11,11 @@ Named protocols (fixed, so every report uses the same split):
 * ``mnist``: ``mnist-test.npz``; database = train = the first 9,000, query = the last 1,000.
 
 A directory (class = sub-folder), a ``.csv``/``.jsonl`` manifest or an ``.npz`` file are split
-into query / database with a stratified ``query_fraction`` (random when multi-label), ``seed``.
+into query / database with a stratified ``query_fraction`` (random when multi-label), ``seed``
+- unless they carry their own split: a directory laid out as ``root/train/<class>/...`` and
+``root/query/<class>/...`` (``test``/``queries`` for the query side, ``database``/``val`` for
+the other), a manifest with a ``split`` column / key (``train``/``database`` or
+``query``/``test``), an ``.npz`` with a ``split`` array. Those splits are used as given.
 By default ``train`` carries :func:`train_transform` and ``database``/``query`` carry
 :func:`eval_transform`; use ``ImageSet.with_transform`` for anything else.
 """
@@ -349,6 +353,47 @@ def _load_folder(root: Path) -> ImageSet:
     return ImageSet(np.array(labels, dtype=np.int64), names, paths=paths, name=root.name)
 
 
+#: sub-folder names read as a split (``root/<split>/<class>/<image>``) rather than as classes
+_QUERY_SPLITS = ("query", "queries", "test")
+_TRAIN_SPLITS = ("train", "database", "db", "val", "validation")
+
+
+def _split_folders(root: Path) -> dict[str, list[Path]] | None:
+    """``{"train": [...], "query": [...]}`` when ``root``'s sub-folders are split names (at least
+    one query and one train/database folder, nothing else), else None (class folders)."""
+    subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    kinds = {d: ("query" if d.name.lower() in _QUERY_SPLITS else
+                 "train" if d.name.lower() in _TRAIN_SPLITS else None) for d in subs}
+    named = [d for d, k in kinds.items() if k]
+    if not named:
+        return None
+    if len(named) < len(subs) or {kinds[d] for d in named} != {"train", "query"}:
+        log.warning("image folder %s: sub-folder(s) %s look like split folders but the layout is "
+                    "not root/<train|query>/<class>/<image> throughout; reading every sub-folder "
+                    "as a class", root, ", ".join(sorted(d.name for d in named)))
+        return None
+    return {k: sorted((d for d in named if kinds[d] == k), key=lambda d: d.name)
+            for k in ("train", "query")}
+
+
+def _load_split_folder(root: Path, parts: dict[str, list[Path]]):
+    """The splits of ``root/<split>/<class>/<image>``: one class vocabulary (sorted union of
+    the class folder names), train/database and query positions from the split folders."""
+    sets = {k: [_load_folder(d) for d in ds] for k, ds in parts.items()}
+    names = sorted({c for ss in sets.values() for x in ss for c in x.class_names})
+    index = {c: i for i, c in enumerate(names)}
+    paths, labels, split = [], [], []
+    for k, ss in sets.items():
+        for x in ss:
+            remap = np.array([index[c] for c in x.class_names], dtype=np.int64)
+            paths += x.paths
+            labels.append(remap[x.labels])
+            split += [k] * len(x)
+    full = ImageSet(np.concatenate(labels), names, paths=paths, name=root.name)
+    split = np.array(split)
+    return full, np.flatnonzero(split == "train"), np.flatnonzero(split == "query")
+
+
 def _split_labels(value) -> list[str]:
     if value is None:
         return []
@@ -357,8 +402,21 @@ def _split_labels(value) -> list[str]:
     return [s.strip() for s in re.split(r"[|;]", str(value)) if s.strip() != ""]
 
 
-def _read_manifest(path: Path) -> list[tuple[str, list[str], int]]:
-    rows: list[tuple[str, list[str], int]] = []
+def _split_value(value, where: str) -> str | None:
+    """A manifest's split cell -> "train" / "query" / None (empty)."""
+    v = str(value or "").strip().lower()
+    if not v:
+        return None
+    if v in _QUERY_SPLITS:
+        return "query"
+    if v in _TRAIN_SPLITS:
+        return "train"
+    raise ValueError(f"{where}: unknown split {value!r}; use one of "
+                     f"{', '.join(_TRAIN_SPLITS + _QUERY_SPLITS)} (or leave it empty)")
+
+
+def _read_manifest(path: Path) -> list[tuple[str, list[str], int, str | None]]:
+    rows: list[tuple[str, list[str], int, str | None]] = []
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -375,7 +433,7 @@ def _read_manifest(path: Path) -> list[tuple[str, list[str], int]]:
                 if not p:
                     continue
                 labs = _split_labels(row.get("labels") if "labels" in row else row.get("label"))
-                rows.append((p, labs, lineno))
+                rows.append((p, labs, lineno, _split_value(row.get("split"), f"{path}:{lineno}")))
     else:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -392,11 +450,13 @@ def _read_manifest(path: Path) -> list[tuple[str, list[str], int]]:
                 labs = obj.get("labels", obj.get("label"))
                 if labs is not None and not isinstance(labs, (list, tuple)):
                     labs = [labs]
-                rows.append((str(obj["path"]), _split_labels(labs), lineno))
+                rows.append((str(obj["path"]), _split_labels(labs), lineno,
+                             _split_value(obj.get("split"), f"{path}:{lineno}")))
     return rows
 
 
-def _load_manifest(path: Path) -> ImageSet:
+def _load_manifest(path: Path) -> tuple[ImageSet, np.ndarray | None]:
+    """The manifest's items, and its split per item ("train"/"query") when it has one."""
     rows = _read_manifest(path)
     if not rows:
         raise ValueError(f"manifest {path} is empty: no rows with a path")
@@ -412,7 +472,7 @@ def _load_manifest(path: Path) -> ImageSet:
     index = {n: k for k, n in enumerate(names)}
     base = path.parent
     paths = []
-    for p, _, _ in labelled:
+    for p, *_ in labelled:
         q = Path(p).expanduser()
         paths.append(str(q if q.is_absolute() else base / q))
     if multilabel:
@@ -421,7 +481,18 @@ def _load_manifest(path: Path) -> ImageSet:
             labels[i, [index[lab] for lab in r[1]]] = 1
     else:
         labels = np.array([index[r[1][0]] for r in labelled], dtype=np.int64)
-    return ImageSet(labels, names, paths=paths, multilabel=multilabel, name=path.stem)
+    split = None
+    given = [r[3] for r in labelled]
+    if any(v is not None for v in given):
+        if any(v is None for v in given):
+            lines = [str(r[2]) for r in labelled if r[3] is None][:10]
+            raise ValueError(f"manifest {path}: the split column is empty on some rows (lines "
+                             f"{', '.join(lines)}); give every row a split or none")
+        split = np.array(given)
+        if not (split == "query").any() or not (split == "train").any():
+            raise ValueError(f"manifest {path}: the split column needs both train/database and "
+                             "query/test rows")
+    return ImageSet(labels, names, paths=paths, multilabel=multilabel, name=path.stem), split
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,15 +530,22 @@ def load_dataset(
         f = _find_named_file(key, root)
         splits = _load_cifar_subset(f, size) if key == "cifar10-subset" else _load_mnist(f, size)
     elif path.is_dir():
-        full = _load_folder(path)
-        rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
+        parts = _split_folders(path)
+        if parts is not None:  # root/<train|query>/<class>/<image>: the user's own split
+            full, rest, query = _load_split_folder(path, parts)
+        else:
+            full = _load_folder(path)
+            rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
         splits = _make_splits(path.name, full, rest, query, size,
                               flip_ok=True if flip_ok is None else flip_ok)
     elif path.is_file():
         suf = path.suffix.lower()
         if suf in (".csv", ".jsonl", ".ndjson"):
-            full = _load_manifest(path)
-            rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
+            full, msplit = _load_manifest(path)
+            if msplit is not None:  # the manifest's own split
+                rest, query = np.flatnonzero(msplit == "train"), np.flatnonzero(msplit == "query")
+            else:
+                rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
             splits = _make_splits(path.stem, full, rest, query, size,
                                   flip_ok=True if flip_ok is None else flip_ok)
         elif suf == ".npz" and path.name in _NAMED_FILES.values():
