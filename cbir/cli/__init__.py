@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prog(args) -> str:
+    """``cbir index build``: the command and its sub-command (``<family>_command``), if any."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return " ".join(["cbir", args.command] + ([sub] if sub else []))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:  # user errors: one clear line, no traceback
-        print(f"cbir {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -85,6 +85,8 @@ def test_out_with_user_files_is_refused(tmp_path, model_path, capsys):
     assert _build_cli(model_path, imgs, other) == 2
     err = capsys.readouterr().err
     assert "not a cbir index" in err and "notes.txt" in err
+    assert err.startswith("cbir index build: error:")  # names the sub-command, one line
+    assert len(err.strip().splitlines()) == 1
     assert _snapshot(other) == before
 
 
