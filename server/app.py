@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cbir.v1 import search_pb2 as pb
 from cbir.v1 import search_pb2_grpc as pb_grpc
 
+from cbir.data.images import SAFE_FORMATS
+
 from .backend import IndexBackend, open_backend
 from .encoder import MicroBatchEncoder
 from .security import BearerTokenClientInterceptor, TokenAuthInterceptor, check_bind_policy, split_address
@@ -43,7 +45,11 @@ class ServerOptions:
     max_message_bytes: int = 16 * MiB
     max_k: int = 10_000
     max_batch: int = 10_000
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
+    max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
+    image_formats: tuple[str, ...] = SAFE_FORMATS  # never EPS/PS/PDF (cbir.data.images.NEVER_FORMATS)
+    max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one Search/BatchSearch
+    max_filter_scan: int = 100_000  # items a label-filtered search may examine
     max_workers: int = 4  # offload threads: HAMMING/HYBRID scans, filtered search, writes, stats
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
@@ -51,6 +57,7 @@ class ServerOptions:
     encoder_max_wait_s: float = 0.002  # a batch keeps filling while requests arrive this close together
     encoder_max_delay_s: float | None = None  # ... for at most this long (default 8 x encoder_max_wait_s)
     encoder_max_queue: int = 1024
+    encoder_step_pixels: int = 8 << 20  # decoded pixels per encoder step (fairness between requests)
     token: str | None = None
     tls_cert: bytes | None = None  # PEM certificate chain
     tls_key: bytes | None = None  # PEM private key
@@ -100,9 +107,7 @@ class CbirServer:
             raise ValueError(f"max_workers (offload threads) must be >= 1, got {opts.max_workers}")
         check_bind_policy(address, opts.tls, opts.token, opts.insecure)
         host, _ = split_address(address)
-        self.servicer = SearchServicer(Limits(max_k=opts.max_k, max_batch=opts.max_batch,
-                                              max_image_pixels=opts.max_image_pixels), opts.max_workers,
-                                       opts.inline_modes)
+        self.servicer = SearchServicer(self._limits(opts), opts.max_workers, opts.inline_modes)
         self._loop = _LoopThread()
         try:
             self._server, port, why = self._loop.call(self._start(address), timeout=60)
@@ -120,6 +125,22 @@ class CbirServer:
         self._stopped = threading.Event()
         log.info("listening on %s (tls=%s, token=%s)", self.address, opts.tls, bool(opts.token))
 
+    @staticmethod
+    def _limits(opts: ServerOptions) -> Limits:
+        from cbir.data.images import resolve_formats
+
+        for name in ("max_k", "max_batch", "max_image_pixels", "max_request_pixels", "max_hits_per_call",
+                     "max_filter_scan", "encoder_step_pixels"):
+            if getattr(opts, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
+        formats = resolve_formats(opts.image_formats)  # ValueError for an unknown format
+        if not formats:
+            raise ValueError(f"no usable image format in {opts.image_formats!r} (EPS/PS/PDF are never read)")
+        return Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels,
+                      max_request_pixels=opts.max_request_pixels, image_formats=formats,
+                      max_hits_per_call=opts.max_hits_per_call, max_filter_scan=opts.max_filter_scan,
+                      max_response_bytes=int(opts.max_message_bytes))
+
     async def _start(self, address: str):
         """Build, bind and start the aio server on the loop thread; returns (server, port, why)."""
         opts = self.options
@@ -132,7 +153,7 @@ class CbirServer:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options,
                                  maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
-        pb_grpc.add_SearchServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((self.servicer.generic_handler(),))  # raw bytes in: see guard.py
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -174,7 +195,8 @@ class CbirServer:
                 log.warning(msg)
             o = self.options
             self.encoder = MicroBatchEncoder(hasher, o.encoder_max_batch, o.encoder_max_wait_s, o.encoder_max_queue,
-                                            o.encoder_max_delay_s)
+                                            o.encoder_max_delay_s, o.encoder_step_pixels)
+            self.encoder.warmup(formats=self.servicer.limits.image_formats)  # before SERVING, not on the first query
         backend.warmup()
         self.backend = backend
         self._owns_backend = owns_backend

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
-from google.protobuf.json_format import MessageToDict
 
 from cbir.codes import CodeLayout, Codes
 from cbir.v1 import search_pb2 as pb
@@ -85,8 +84,27 @@ def _intify(x: Any) -> Any:
     return x
 
 
+def _from_value(v: struct_pb2.Value, path: str) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "number_value":
+        x = v.number_value
+        if not math.isfinite(x):
+            raise ValueError(f"metadata {path} is {x}: numbers must be finite (NaN and Infinity cannot be stored)")
+        return x
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "null_value" or kind is None:
+        return None
+    if kind == "struct_value":
+        return {k: _from_value(x, f"{path}.{k}") for k, x in v.struct_value.fields.items()}
+    return [_from_value(x, f"{path}[{i}]") for i, x in enumerate(v.list_value.values)]
+
+
 def from_struct(s: struct_pb2.Struct) -> dict:
-    return _intify(MessageToDict(s))
+    """A request's metadata as plain JSON data; ``ValueError`` names a non-finite number."""
+    return _intify({k: _from_value(v, k) for k, v in s.fields.items()})
 
 
 def layout_to_pb(layout: CodeLayout | None, nbits: int) -> pb.CodeLayout:

@@ -1,16 +1,26 @@
-"""Micro-batching image encoder: concurrent image requests share one forward pass.
+"""Micro-batching image encoder: concurrent image requests share forward passes, fairly.
 
 Callers submit either encoded image payloads (:meth:`MicroBatchEncoder.submit_images`, what the
 server does) or already transformed float batches (:meth:`MicroBatchEncoder.submit`). One worker
-thread takes the first waiting job and gathers more while they keep arriving less than
-``max_wait_s`` apart (at most ``max_delay_s`` after the first, default ``8 * max_wait_s``, or
-until ``max_batch`` images), then, for the whole micro-batch at once: decodes the payloads (a payload
-that does not decode fails *its own* job with :class:`ImageDecodeError`, the others go on),
-transforms all decoded images in one ``hasher.preprocess`` call (same-size images are transformed
-as one tensor), and calls ``hasher.encode`` once; each caller's future gets its own rows. Jobs
-whose caller gave up (deadline, cancellation) are dropped before any work is done on them.
-Decoding on the worker keeps request threads / the server's event loop free, and the forward
-pass releases the GIL, so RPCs are served while a batch is encoded.
+thread runs *steps*. When it is idle it takes the first waiting job and gathers more while they
+keep arriving less than ``max_wait_s`` apart (at most ``max_delay_s`` after the first, default
+``8 * max_wait_s``); when it is busy, newly queued jobs join at the next step.
+
+Admission: the headers of a payload job are read (no pixel decoded) and the job is refused at
+once, with :class:`ImageDecodeError`, if a payload is not an image of an allowed format, an image
+declares more than ``max_pixels`` pixels, or all its images together exceed ``max_total_pixels``.
+
+Each step takes images from the active jobs *round-robin* (one per job per round) until it holds
+``max_batch`` images or ``max_step_pixels`` decoded pixels (a larger image makes a step of its
+own), decodes them with :func:`cbir.data.images.decode_image` (the one decoder), transforms them
+in one ``hasher.preprocess`` call and runs one ``hasher.encode``. A request of many big images is
+thus spread over many steps, with every other request's images in each of them: a small request
+waits for at most one step, not for the big one. A job is resolved when all its rows are encoded;
+a payload that does not decode fails *its own* job, the others go on. Jobs whose caller gave up
+(deadline, cancellation: their future is cancelled) are dropped before the next step.
+
+Failures are reported as fresh exceptions carrying only a message (never raised on the worker),
+so no traceback keeps decoded pixels or request bytes alive after the call.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from cbir.codes import Codes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MicroBatchEncoder", "EncoderBusy", "EncoderClosed", "decode_image", "ImageDecodeError"]
+__all__ = ["MicroBatchEncoder", "EncoderBusy", "EncoderClosed", "ImageDecodeError"]
 
 
 class EncoderBusy(RuntimeError):
@@ -40,49 +50,48 @@ class EncoderClosed(RuntimeError):
 
 
 class ImageDecodeError(ValueError):
-    """An image payload could not be decoded (the message says why)."""
+    """An image payload could not be decoded or was refused by a limit (the message says why)."""
 
 
-def decode_image(data: bytes, max_pixels: int | None = None):
-    """Decode image bytes to an RGB PIL image with ``cbir.data.decode_image`` (the one decoder of
-    the project), or raise :class:`ImageDecodeError` with a reason. Never touches the filesystem.
-    """
-    from cbir.data import decode_image as _decode
-
-    if not data:
-        raise ImageDecodeError("empty image payload")
-    try:
-        return _decode(bytes(data), max_pixels=max_pixels)
-    except Exception as exc:  # CorruptImageError, PIL errors, decompression bombs...
-        reason = str(exc) or type(exc).__name__
-        raise ImageDecodeError(f"cannot decode image: {reason}") from exc
+def _decode_reason(exc: Exception) -> str:
+    msg = str(exc) or type(exc).__name__
+    return msg if msg.startswith("cannot decode image") else f"cannot decode image: {msg}"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     batch: object  # float tensor (n, 3, H, W), or None for a payload job
     n: int
     future: Future = field(default_factory=Future)
     deadline: float | None = None  # time.monotonic() value
-    payloads: list | None = None  # encoded images (bytes) to decode on the worker
+    payloads: list | None = None  # encoded images (bytes), decoded on the worker step by step
     names: list | None = None  # how to name payload i in an error message
     max_pixels: int | None = None
+    max_total_pixels: int | None = None
+    formats: tuple | None = None
+    pixels: list | None = None  # declared pixels of each payload (read from the headers)
+    next: int = 0  # first row not yet scheduled
+    done: int = 0  # rows encoded
+    parts: list = field(default_factory=list)  # (start, packed rows, conf rows)
 
     def where(self, i: int) -> str:
         if self.names:
             return f"{self.names[i]}: "
         return f"image {i}: " if self.n > 1 else ""
 
+    def fail(self, exc: BaseException) -> None:
+        self.payloads = self.batch = None
+        self.parts = []
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(exc)
 
-def _decode_named(job: _Job, i: int, data: bytes):
-    try:
-        return decode_image(data, max_pixels=job.max_pixels)
-    except ImageDecodeError as e:
-        raise ImageDecodeError(f"{job.where(i)}{e}") from None
+    @property
+    def gone(self) -> bool:
+        return self.future.done()
 
 
 class MicroBatchEncoder:
-    """Runs ``hasher.encode`` on one worker thread over micro-batches of queued images."""
+    """Runs ``hasher.encode`` on one worker thread over fair micro-batches of queued images."""
 
     def __init__(
         self,
@@ -91,9 +100,10 @@ class MicroBatchEncoder:
         max_wait_s: float = 0.002,
         max_queue: int = 1024,
         max_delay_s: float | None = None,
+        max_step_pixels: int = 8 << 20,
     ) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+        if max_batch < 1 or max_queue < 1 or max_step_pixels < 1:
+            raise ValueError("max_batch, max_queue and max_step_pixels must be >= 1")
         if max_wait_s < 0 or (max_delay_s is not None and max_delay_s < 0):
             raise ValueError("max_wait_s and max_delay_s must be >= 0")
         self.hasher = hasher
@@ -102,15 +112,20 @@ class MicroBatchEncoder:
         # the batch keeps filling while requests arrive less than max_wait_s apart, for at most
         # max_delay_s after the first one (default 8 x max_wait_s)
         self.max_delay_s = float(8 * max_wait_s if max_delay_s is None else max_delay_s)
+        self.max_step_pixels = int(max_step_pixels)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=int(max_queue))
         self._closed = False
         self._lock = threading.Lock()
+        self._rr = 0  # round-robin start
+        self._reset_counters()
+        self._thread = threading.Thread(target=self._run, name="cbir-encoder", daemon=True)
+        self._thread.start()
+
+    def _reset_counters(self) -> None:
         # counters (read by tests / benchmarks)
         self.forward_passes = 0
         self.images_encoded = 0
         self.max_batch_seen = 0
-        self._thread = threading.Thread(target=self._run, name="cbir-encoder", daemon=True)
-        self._thread.start()
 
     # request side ---------------------------------------------------------------------------
     def transform(self, images) -> object:
@@ -131,16 +146,21 @@ class MicroBatchEncoder:
         return self._put(_Job(batch=batch, n=n, deadline=deadline))
 
     def submit_images(self, payloads: list, deadline: float | None = None, max_pixels: int | None = None,
-                      names: list | None = None) -> Future:
-        """Queue encoded images (bytes in any format Pillow reads), decoded and transformed on the
-        worker. The future resolves to ``(Codes, conf)``, or fails with :class:`ImageDecodeError`
-        naming the first payload that does not decode (``names[i]``, else ``image i``)."""
+                      names: list | None = None, *, max_total_pixels: int | None = None,
+                      formats=None) -> Future:
+        """Queue encoded images, decoded and transformed on the worker. ``max_pixels`` per image,
+        ``max_total_pixels`` for all of them, ``formats`` the accepted Pillow formats (default:
+        every format :func:`cbir.data.images.decode_image` accepts). The future resolves to
+        ``(Codes, conf)``, or fails with :class:`ImageDecodeError` naming the first payload that
+        is refused or does not decode (``names[i]``, else ``image i``). Cancel the future to
+        drop the job."""
         if not payloads:
             raise ValueError("no images")
         if names is not None and len(names) != len(payloads):
             raise ValueError("names must match the payloads one to one")
         return self._put(_Job(batch=None, n=len(payloads), deadline=deadline, payloads=list(payloads),
-                              names=names, max_pixels=max_pixels))
+                              names=names, max_pixels=max_pixels, max_total_pixels=max_total_pixels,
+                              formats=None if formats is None else tuple(formats)))
 
     def _put(self, job: _Job) -> Future:
         with self._lock:
@@ -152,6 +172,20 @@ class MicroBatchEncoder:
                 raise EncoderBusy("encoder queue is full") from None
         return job.future
 
+    def warmup(self, timeout: float = 120.0, formats=None) -> None:
+        """One image through the whole path (decode, transform, forward pass), so that the first
+        real request does not pay for lazy initialisation; the counters are reset afterwards."""
+        import io
+
+        from PIL import Image
+
+        Image.init()
+        buf = io.BytesIO()
+        grad = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
+        Image.fromarray(np.stack([grad, grad.T, 255 - grad], axis=-1)).save(buf, format="PNG")
+        self.submit_images([buf.getvalue()], formats=formats).result(timeout)
+        self._reset_counters()
+
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued jobs, then stop the worker."""
         with self._lock:
@@ -161,7 +195,7 @@ class MicroBatchEncoder:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    # worker ---------------------------------------------------------------------------------
+    # worker: admission ----------------------------------------------------------------------
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
         jobs = [first]
         count = first.n
@@ -183,79 +217,191 @@ class MicroBatchEncoder:
             end = time.monotonic() + self.max_wait_s  # requests still arriving: keep filling the batch
         return jobs, stop
 
-    def _prepare(self, live: list[_Job]) -> list[_Job]:
-        """Decode the payload jobs and transform all their images in one call; fail (only) the
-        jobs whose payloads do not decode. Returns the jobs that still go to the forward pass."""
-        pending = [j for j in live if j.batch is None]
-        if not pending:
-            return live
-        decoded: list = []
-        ok: list[tuple[_Job, int]] = []  # (job, first row in `decoded`)
-        for j in pending:
+    def _drain(self) -> tuple[list[_Job], bool]:
+        """Whatever is queued now (the worker is busy: new jobs join the next step)."""
+        jobs: list[_Job] = []
+        while True:
             try:
-                imgs = [_decode_named(j, i, data) for i, data in enumerate(j.payloads)]
-            except ImageDecodeError as e:
-                j.future.set_exception(e)
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs, False
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+
+    def _admit(self, job: _Job) -> bool:
+        """Read the headers of a payload job and check its limits; False if it was refused."""
+        if job.batch is not None or job.gone:
+            return not job.gone
+        from cbir.data.images import probe_image
+
+        pixels, reason = [], None
+        for i, data in enumerate(job.payloads):
+            try:
+                if not data:
+                    raise ValueError("empty image payload")
+                w, h, _ = probe_image(data, formats=job.formats)
+            except (ValueError, TypeError) as e:
+                reason = f"{job.where(i)}{_decode_reason(e)}"
+                break
+            if job.max_pixels is not None and w * h > job.max_pixels:
+                reason = (f"{job.where(i)}image too large: {w}x{h} = {w * h} pixels exceeds the limit of "
+                          f"{job.max_pixels} (possible decompression bomb); send a smaller image")
+                break
+            pixels.append(w * h)
+        total = sum(pixels)
+        if reason is None and job.max_total_pixels is not None and total > job.max_total_pixels:
+            reason = (f"the {job.n} images of this request declare {total} pixels in all, over the "
+                      f"per-request budget of {job.max_total_pixels}; send fewer or smaller images per call")
+        if reason is not None:
+            job.fail(ImageDecodeError(reason))
+            return False
+        job.pixels = pixels
+        return True
+
+    # worker: steps --------------------------------------------------------------------------
+    def _plan(self, active: list[_Job]) -> list[tuple[_Job, int, int]]:
+        """Rows of the next step: ``(job, start, count)``, round-robin over the active jobs."""
+        now = time.monotonic()
+        for j in active:
+            if j.deadline is not None and now > j.deadline:
+                j.future.cancel()  # the caller's deadline passed: drop the rest of its work
+        active[:] = [j for j in active if not j.gone]
+        if not active:
+            return []
+        start = self._rr % len(active)
+        self._rr += 1
+        order = active[start:] + active[:start]
+        take = {id(j): 0 for j in order}
+        count = pixels = 0
+        blocked: set[int] = set()
+        progressed = True
+        while progressed and count < self.max_batch:
+            progressed = False
+            for j in order:
+                i = j.next + take[id(j)]
+                if i >= j.n or id(j) in blocked or count >= self.max_batch:
+                    continue
+                cost = j.pixels[i] if j.pixels is not None else 0
+                if count and pixels + cost > self.max_step_pixels:
+                    blocked.add(id(j))  # does not fit: it leads a later step
+                    continue
+                take[id(j)] += 1
+                count += 1
+                pixels += cost
+                progressed = True
+        plan = []
+        for j in order:
+            m = take[id(j)]
+            if m:
+                plan.append((j, j.next, m))
+                j.next += m
+        return plan
+
+    def _inputs(self, plan):
+        """Decode + transform the payload rows of ``plan``; returns ``[(job, start, m, tensor)]``
+        for the rows that go to the forward pass (a job whose payload fails is failed)."""
+        from cbir.data.images import decode_image
+
+        decoded, spans, parts = [], [], []
+        for j, start, m in plan:
+            if j.batch is not None:
+                parts.append((j, start, m, j.batch[start : start + m]))
                 continue
-            ok.append((j, len(decoded)))
+            imgs, reason = [], None
+            for i in range(start, start + m):
+                try:
+                    imgs.append(decode_image(j.payloads[i], max_pixels=j.max_pixels, formats=j.formats))
+                except ValueError as e:
+                    reason = f"{j.where(i)}{_decode_reason(e)}"
+                    break
+                j.payloads[i] = None  # free the bytes early
+            if reason is not None:
+                imgs = []
+                j.fail(ImageDecodeError(reason))
+                continue
+            spans.append((j, start, m, len(decoded)))
             decoded.extend(imgs)
-        if ok:
+        if spans:
             try:
                 x = self.transform(decoded)
             except Exception:  # noqa: BLE001 - isolate the job(s) the transform cannot handle
                 x = None
-            for j, start in ok:
+            for j, start, m, at in spans:
                 try:
-                    j.batch = x[start : start + j.n] if x is not None else self.transform(decoded[start : start + j.n])
+                    rows = x[at : at + m] if x is not None else self.transform(decoded[at : at + m])
                 except Exception as e:  # noqa: BLE001
-                    j.future.set_exception(ImageDecodeError(f"cannot transform image: {e}"))
-                j.payloads = None  # free the bytes early
-        return [j for j in live if j.batch is not None]
+                    j.fail(ImageDecodeError(f"cannot transform image: {e}"))
+                    continue
+                parts.append((j, start, m, rows))
+        decoded.clear()
+        return [p for p in parts if not p[0].gone]
 
-    def _run(self) -> None:
+    def _step(self, plan) -> None:
         import torch
 
+        parts = []
+        try:
+            parts = self._inputs(plan)
+            if not parts:
+                return
+            x = parts[0][3] if len(parts) == 1 else torch.cat([p[3] for p in parts])
+            with torch.inference_mode():
+                codes, conf = self.hasher.encode(x)
+            conf = np.asarray(conf, dtype=np.float32) if conf is not None else None
+            self.forward_passes += 1
+            self.images_encoded += len(x)
+            self.max_batch_seen = max(self.max_batch_seen, len(x))
+            row = 0
+            for j, start, m, _ in parts:
+                sl = slice(row, row + m)
+                row += m
+                j.parts.append((start, codes.packed[sl], None if conf is None else conf[sl]))
+                j.done += m
+                if j.done == j.n:
+                    self._finish(j, codes.nbits)
+        except BaseException as exc:  # a real fault: report it to every caller, keep the worker
+            log.exception("encoder forward pass failed")
+            err = RuntimeError(f"encoder failed: {type(exc).__name__}: {exc}")
+            for j, _, _ in plan:
+                if not j.gone:
+                    j.fail(err)
+
+    @staticmethod
+    def _finish(j: _Job, nbits: int) -> None:
+        j.parts.sort(key=lambda p: p[0])
+        packed = np.concatenate([p[1] for p in j.parts]) if len(j.parts) > 1 else j.parts[0][1]
+        conf = None
+        if j.parts[0][2] is not None:
+            conf = np.concatenate([p[2] for p in j.parts]) if len(j.parts) > 1 else j.parts[0][2]
+        j.parts, j.payloads, j.batch = [], None, None
+        if j.future.set_running_or_notify_cancel():
+            j.future.set_result((Codes(packed, nbits), conf))
+
+    def _run(self) -> None:
+        active: list[_Job] = []
         stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, stop = self._gather(first)
-            now = time.monotonic()
-            live = []
-            for j in jobs:
-                if j.deadline is not None and now > j.deadline:
-                    j.future.cancel()
-                if j.future.set_running_or_notify_cancel():
-                    live.append(j)
-            try:
-                live = self._prepare(live)
-                if not live:
-                    continue
-                x = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
-                with torch.inference_mode():
-                    codes, conf = self.hasher.encode(x)
-                conf = np.asarray(conf, dtype=np.float32) if conf is not None else None
-                self.forward_passes += 1
-                self.images_encoded += len(x)
-                self.max_batch_seen = max(self.max_batch_seen, len(x))
-                start = 0
-                for j in live:
-                    sl = slice(start, start + j.n)
-                    start += j.n
-                    j.future.set_result(
-                        (Codes(codes.packed[sl], codes.nbits), None if conf is None else conf[sl])
-                    )
-            except BaseException as exc:  # never kill the worker: report to every caller
-                log.exception("encoder forward pass failed")
-                for j in live:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
+        while True:
+            if not active:
+                if stop:
+                    break
+                first = self._queue.get()
+                if first is None:
+                    break
+                new, stop = self._gather(first)
+            else:
+                new, got_stop = self._drain() if not stop else ([], True)
+                stop = stop or got_stop
+            active.extend(j for j in new if self._admit(j))
+            plan = self._plan(active)
+            if plan:
+                self._step(plan)
+            active = [j for j in active if not j.gone]
         # fail whatever is still queued after close
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(EncoderClosed("encoder is shut down"))
+            if job is not None:
+                job.fail(EncoderClosed("encoder is shut down"))

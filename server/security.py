@@ -71,10 +71,8 @@ def _abort_handler(handler, message: str):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover
 
-    kw = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # no request deserializer: the body of an unauthenticated call is never parsed
+    kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
     if handler.request_streaming:

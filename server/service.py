@@ -13,6 +13,13 @@ Where work runs. The RPCs are coroutines on the server's one event loop:
   GetStats) run on a small thread pool (``offload_workers``) so they never stall the loop;
 * image queries are awaited on the micro-batching encoder (:mod:`cbir.server.encoder`): no thread
   waits on them, so every in-flight image request can join the same forward pass.
+
+Hostile input (:mod:`cbir.server.guard`): handlers get the raw request bytes and parse them
+themselves (a body that does not parse is INVALID_ARGUMENT, after authentication); every
+client-side failure is one WARNING line without traceback; the work of a call is bounded up front
+(``max_hits_per_call`` ranked hits, the response's size bound against the message limit, the
+image pixel budgets) and long loops on the offload threads stop at the call's deadline or
+cancellation. INTERNAL is only ever a fault of the server.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from cbir.v1 import search_pb2_grpc as pb_grpc
 from .backend import AlreadyExists, IndexBackend, NotFound, Result
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
+from .guard import Budget, RpcError, log_level, parse_request, response_bytes_bound
+from .guard import invalid as _invalid
 
 log = logging.getLogger("cbir.server.rpc")
 
@@ -43,73 +52,65 @@ MODE_NAMES = {pb.LEXICOGRAPHIC: "lex", pb.HAMMING: "hamming", pb.HYBRID: "hybrid
 INLINE_MODES = frozenset({"lex", "prefix"})  # default: O(log N + k) cursor walks, served on the event loop
 
 
+MiB = 1 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
     max_k: int = 10_000
     max_batch: int = 10_000  # queries per BatchSearch, items per Add/Delete, images per GetCode
     max_offset: int = 1_000_000
-    default_k: int = 10
     max_image_pixels: int = 4096 * 4096  # larger images are refused (memory / decompression bombs)
+    max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+    max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one call
+    max_filter_scan: int = 100_000  # items a label-filtered search may examine
+    max_response_bytes: int = 16 * MiB  # the server's send limit
 
 
-class RpcError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def _rpc(request_cls):
+    """Parse the raw request (``request_cls``), run the RPC, map failures to a status, log one line."""
 
+    def deco(fn):
+        name = fn.__name__
 
-def _invalid(msg: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+        @functools.wraps(fn)
+        async def wrapper(self, request, context):
+            t0 = time.perf_counter()
+            status = grpc.StatusCode.OK
+            detail = ""
+            try:
+                if isinstance(request, (bytes, bytearray, memoryview)):
+                    request = parse_request(request_cls, request)
+                return await fn(self, request, context)
+            except RpcError as e:
+                status, detail = e.code, e.message
+            except asyncio.CancelledError:
+                status = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:  # a bug or an index failure: report, keep serving
+                log.exception("rpc %s failed", name)
+                status, detail = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            finally:
+                level = log_level(status)
+                if log.isEnabledFor(level):
+                    ms = (time.perf_counter() - t0) * 1e3
+                    log.log(
+                        level,
+                        "rpc method=%s status=%s latency_ms=%.3f%s",
+                        name,
+                        status.name,
+                        ms,
+                        f" detail={detail[:300]!r}" if detail else "",
+                        extra={"rpc_method": name, "rpc_status": status.name, "rpc_latency_ms": ms},
+                    )
+            request = None
+            await context.abort(status, detail)
 
+        wrapper.request_cls = request_cls
+        return wrapper
 
-def _deadline(context) -> float | None:
-    """The call's deadline as a ``time.monotonic()`` value (None without one)."""
-    t = context.time_remaining()
-    if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
-        return None
-    if t <= 0:
-        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-    return time.monotonic() + t
-
-
-def _check(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-
-
-def _rpc(fn):
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        status = grpc.StatusCode.OK
-        detail = ""
-        try:
-            return await fn(self, request, context)
-        except RpcError as e:
-            status, detail = e.code, e.message
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as e:  # a bug or an index failure: report, keep serving
-            log.exception("rpc %s failed", name)
-            status, detail = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-        finally:
-            if log.isEnabledFor(logging.INFO):
-                ms = (time.perf_counter() - t0) * 1e3
-                log.info(
-                    "rpc method=%s status=%s latency_ms=%.3f%s",
-                    name,
-                    status.name,
-                    ms,
-                    f" detail={detail!r}" if detail else "",
-                    extra={"rpc_method": name, "rpc_status": status.name, "rpc_latency_ms": ms},
-                )
-        await context.abort(status, detail)
-
-    return wrapper
+    return deco
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
@@ -137,6 +138,18 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers, taking the *raw* request bytes (no deserializer): the
+        RPCs parse them after authentication, and report what does not parse as INVALID_ARGUMENT."""
+        svc = pb.DESCRIPTOR.services_by_name["SearchService"]
+        handlers = {
+            m.name: grpc.unary_unary_rpc_method_handler(
+                getattr(self, m.name), request_deserializer=None,
+                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+            for m in svc.methods
+        }
+        return grpc.method_handlers_generic_handler(svc.full_name, handlers)
+
     # helpers --------------------------------------------------------------------------------
     def _ready(self) -> IndexBackend:
         b = self.backend
@@ -144,36 +157,57 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "index and model are still loading")
         return b
 
-    async def _offload(self, fn, *args):
-        """Run ``fn(*args)`` on the offload pool (inline when there is none)."""
+    async def _offload(self, fn, *args, budget: Budget | None = None):
+        """Run ``fn(*args)`` on the offload pool (inline when there is none); if the call is
+        cancelled meanwhile, ``budget`` tells the thread to stop at its next check."""
         if self._pool is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        except asyncio.CancelledError:
+            if budget is not None:
+                budget.cancelled = True
+            raise
 
-    async def _encode_images(self, images: list[bytes], deadline: float | None, names: list[str] | None = None):
-        """Decode + transform + encode on the micro-batching encoder. Returns (Codes, conf)."""
+    async def _encode_images(self, images: list[bytes], budget: Budget, names: list[str] | None = None):
+        """Decode + transform + encode on the micro-batching encoder. Returns (Codes, conf).
+
+        The outcome is read with ``Future.exception()``, never re-raised here: an exception
+        raised through the awaits would tie this frame (request bytes, futures) into reference
+        cycles that only the cyclic GC frees."""
         enc = self.encoder
         if enc is None:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no model: query by code or id")
+        lim = self.limits
         try:
-            fut = enc.submit_images(list(images), deadline, self.limits.max_image_pixels, names)
+            fut = enc.submit_images(images, budget.deadline, lim.max_image_pixels, names,
+                                    max_total_pixels=lim.max_request_pixels, formats=lim.image_formats)
         except EncoderBusy as e:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: retry later") from None
         except EncoderClosed as e:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        images = None
+        waiter = asyncio.wrap_future(fut)
         try:
-            codes, conf = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+            done, _ = await asyncio.wait({waiter}, timeout=budget.remaining())
         except asyncio.CancelledError:
-            if fut.cancelled() and deadline is not None and time.monotonic() >= deadline:  # dropped by the worker
-                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding") from None
+            waiter.cancel()  # cancels `fut`: the encoder drops the rest of the job
             raise
-        except ImageDecodeError as e:
-            raise _invalid(str(e)) from None
-        except EncoderClosed as e:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        if not done:
+            waiter.cancel()
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding")
+        if waiter.cancelled():  # dropped by the encoder at the deadline
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while encoding")
+        err = waiter.exception()
+        if err is not None:
+            kind, msg = type(err), str(err)
+            err = waiter = fut = None
+            if issubclass(kind, ImageDecodeError):
+                raise _invalid(msg)
+            if issubclass(kind, EncoderClosed):
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, msg)
+            raise RpcError(grpc.StatusCode.INTERNAL, f"internal error: {msg}")
+        codes, conf = waiter.result()
         if codes.nbits != self._ready().nbits:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "model and index bit counts differ")
         return codes, conf
@@ -182,7 +216,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if n > self.limits.max_batch:
             raise _invalid(f"too many {what}: {n} > limit {self.limits.max_batch}")
 
-    async def _query_codes(self, requests, deadline: float | None) -> list[Codes]:
+    async def _query_codes(self, requests, budget: Budget) -> list[Codes]:
         """Resolve the query of each request to a 1-row Codes (images encoded as one batch)."""
         backend = self._ready()
         out: list[Codes | None] = [None] * len(requests)
@@ -209,14 +243,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 raise _invalid(f"{where}a query (image, code or id) is required")
         if img_data:
             names = [f"request {i}" for i in img_idx] if len(requests) > 1 else None
-            codes, _ = await self._encode_images(img_data, deadline, names)
+            codes, _ = await self._encode_images(img_data, budget, names)
             for j, i in enumerate(img_idx):
                 out[i] = codes[j]
         return out  # type: ignore[return-value]
 
     def _validate_search(self, r: pb.SearchRequest, nbits: int, where: str = "") -> tuple[str, int]:
         lim = self.limits
-        k = r.k or lim.default_k
+        k = r.k
+        if k == 0:
+            raise _invalid(f"{where}k must be >= 1 (the number of hits to return; at most {lim.max_k})")
         if k > lim.max_k:
             raise _invalid(f"{where}k={k} exceeds the limit {lim.max_k}")
         if r.offset > lim.max_offset:
@@ -235,7 +271,31 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise _invalid(f"{where}cursor is only valid in PREFIX mode")
         return mode, k
 
-    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, deadline: float | None) -> pb.SearchResponse:
+    def _check_work(self, reqs, params, nbits: int) -> None:
+        """Refuse, before any search runs, a call whose ranked hits or response size exceed the
+        per-call limits (RESOURCE_EXHAUSTED: the same queries fit in smaller calls)."""
+        lim = self.limits
+        hits = sum(int(r.offset) + k for r, (_, k) in zip(reqs, params))
+        if hits > lim.max_hits_per_call:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this call asks for {hits} ranked hits (k + offset over its {len(reqs)} queries), over "
+                           f"the per-call work limit of {lim.max_hits_per_call}; split it into smaller calls")
+        size = sum(response_bytes_bound(r, k, nbits) for r, (_, k) in zip(reqs, params))
+        if size > lim.max_response_bytes:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the response could reach {size} bytes ({len(reqs)} queries, {hits} hits), over the "
+                           f"message limit of {lim.max_response_bytes} bytes; lower k, drop return_codes/"
+                           "return_metadata or split the call")
+
+    def _check_size(self, resp) -> None:
+        """The built response against the send limit (metadata is only known once read)."""
+        n = resp.ByteSize()
+        if n > self.limits.max_response_bytes:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the response is {n} bytes, over the message limit of {self.limits.max_response_bytes} "
+                           "bytes; lower k, drop return_metadata or split the call")
+
+    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, budget: Budget) -> pb.SearchResponse:
         backend = self._ready()
         radius = min(r.radius, backend.nbits) if r.HasField("radius") else None
         labels = set(r.label_filter)
@@ -244,14 +304,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 res = backend.search(query, mode, k, r.offset, radius, r.prefix_bits, r.cursor)
                 metas = backend.get_metadata(res.ids) if r.return_metadata else None
             else:
-                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, deadline)
+                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, budget)
         except RpcError:
             raise
         except (ValueError, KeyError) as e:  # e.g. a malformed cursor
             raise _invalid(f"bad search request: {e}") from None
         return self._response(r, query, res, metas, r.offset)
 
-    def _filtered(self, backend, query, mode, k, r, radius, labels, deadline):
+    def _filtered(self, backend, query, mode, k, r, radius, labels, budget):
         """Search with a label filter: page through the ranking until k matches (bounded)."""
         class_names = backend.layout.class_names if backend.layout is not None else ()
         want = k + r.offset
@@ -259,18 +319,28 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         rows: list[bytes] = []
         metas: list[dict | None] = []
 
+        scanned = [0]
+
         def take(res: Result) -> None:
-            for j, meta in enumerate(backend.get_metadata(res.ids)):
-                if _labels_match(meta, labels, class_names) and len(ids) < want:
-                    ids.append(int(res.ids[j]))
-                    rows.append(res.codes.packed[j].tobytes())
-                    metas.append(meta)
+            for at in range(0, len(res.ids), 1024):  # bounded: deadline, cancellation, scan limit
+                budget.check()
+                scanned[0] += min(1024, len(res.ids) - at)
+                if scanned[0] > self.limits.max_filter_scan:
+                    raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the label filter examined {self.limits.max_filter_scan} items and found "
+                                   f"{len(ids)} of the {want} matches asked for (per-call scan limit); use a "
+                                   "smaller k/offset or a less selective filter")
+                for j, meta in enumerate(backend.get_metadata(res.ids[at : at + 1024]), at):
+                    if _labels_match(meta, labels, class_names) and len(ids) < want:
+                        ids.append(int(res.ids[j]))
+                        rows.append(res.codes.packed[j].tobytes())
+                        metas.append(meta)
 
         cursor = b""
         if mode == "prefix":
             cursor = r.cursor
             while len(ids) < k:
-                _check(deadline)
+                budget.check()
                 res = backend.search(query, mode, k - len(ids), 0, None, r.prefix_bits, cursor)
                 take(res)
                 cursor = res.next_cursor
@@ -280,7 +350,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         elif mode == "lex":
             page, pos = max(64, 2 * want), 0
             while len(ids) < want:
-                _check(deadline)
+                budget.check()
                 res = backend.search(query, mode, page, pos)
                 take(res)
                 pos += len(res.ids)
@@ -291,8 +361,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             total = backend.count()
             kk = max(64, 2 * want)
             while True:
-                _check(deadline)
+                budget.check()
                 ids.clear(), rows.clear(), metas.clear()
+                scanned[0] = 0
                 res = backend.search(query, mode, kk, 0, radius)
                 take(res)
                 if len(ids) >= want or len(res.ids) < kk or kk > total:
@@ -327,39 +398,48 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         return resp
 
     # RPCs -----------------------------------------------------------------------------------
-    @_rpc
+    @_rpc(pb.SearchRequest)
     async def Search(self, request, context):
         backend = self._ready()
-        deadline = _deadline(context)
-        mode, k = self._validate_search(request, backend.nbits)
-        (query,) = await self._query_codes([request], deadline)
-        _check(deadline)
+        budget = Budget.of(context)
+        params = self._validate_search(request, backend.nbits)
+        self._check_work([request], [params], backend.nbits)
+        mode, k = params
+        (query,) = await self._query_codes([request], budget)
+        budget.check()
         if mode in self.inline_modes and not request.label_filter:
-            return self._search_one(request, query, mode, k, deadline)
-        return await self._offload(self._search_one, request, query, mode, k, deadline)
+            resp = self._search_one(request, query, mode, k, budget)
+        else:
+            resp = await self._offload(self._search_one, request, query, mode, k, budget, budget=budget)
+        if request.return_metadata:
+            self._check_size(resp)
+        return resp
 
-    @_rpc
+    @_rpc(pb.BatchSearchRequest)
     async def BatchSearch(self, request, context):
         backend = self._ready()
-        deadline = _deadline(context)
+        budget = Budget.of(context)
         reqs = request.requests
         self._check_count(len(reqs), "queries")
         params = [self._validate_search(r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
-        queries = await self._query_codes(reqs, deadline)
+        self._check_work(reqs, params, backend.nbits)
+        queries = await self._query_codes(reqs, budget)
 
         def run() -> pb.BatchSearchResponse:
             resp = pb.BatchSearchResponse()
             for r, q, (mode, k) in zip(reqs, queries, params):
-                _check(deadline)
-                resp.responses.append(self._search_one(r, q, mode, k, deadline))
+                budget.check()
+                resp.responses.append(self._search_one(r, q, mode, k, budget))
+            if any(r.return_metadata for r in reqs):
+                self._check_size(resp)
             return resp
 
-        return await self._offload(run)
+        return await self._offload(run, budget=budget)
 
-    @_rpc
+    @_rpc(pb.AddRequest)
     async def Add(self, request, context):
         backend = self._ready()
-        deadline = _deadline(context)
+        budget = Budget.of(context)
         items = request.items
         self._check_count(len(items), "items")
         if not items:
@@ -383,17 +463,22 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 img_data.append(it.image)
             else:
                 raise _invalid(f"item {i} (id {it.id}): an image or a code is required")
+        metas = []
+        for i, it in enumerate(items):
+            try:
+                metas.append(from_struct(it.metadata) if it.HasField("metadata") else {})
+            except ValueError as e:
+                raise _invalid(f"item {i} (id {it.id}): {e}") from None
         conf = None
         if img_data:
             names = [f"item {i} (id {items[i].id})" for i in img_idx]
-            codes, img_conf = await self._encode_images(img_data, deadline, names)
+            codes, img_conf = await self._encode_images(img_data, budget, names)
             for j, i in enumerate(img_idx):
                 rows[i] = codes.packed[j].tobytes()
             if len(img_idx) == len(items) and img_conf is not None:
                 conf = img_conf  # every item is an image: store the per-bit confidence too
         codes = Codes.from_bytes(rows, backend.nbits)  # type: ignore[arg-type]
-        metas = [from_struct(it.metadata) if it.HasField("metadata") else {} for it in items]
-        _check(deadline)
+        budget.check()
         try:
             n = await self._offload(functools.partial(backend.add, ids, codes, metas, upsert=request.upsert, conf=conf))
         except AlreadyExists as e:
@@ -405,7 +490,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             resp.codes.extend(codes_to_pb(codes))
         return resp
 
-    @_rpc
+    @_rpc(pb.DeleteRequest)
     async def Delete(self, request, context):
         backend = self._ready()
         self._check_count(len(request.ids), "ids")
@@ -419,7 +504,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         return pb.DeleteResponse(deleted=n)
 
-    @_rpc
+    @_rpc(pb.GetStatsRequest)
     async def GetStats(self, request, context):
         backend = self._ready()
         st = json_safe(await self._offload(backend.stats))
@@ -446,22 +531,22 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             details=to_struct(st),
         )
 
-    @_rpc
+    @_rpc(pb.GetCodeRequest)
     async def GetCode(self, request, context):
         self._ready()
-        deadline = _deadline(context)
+        budget = Budget.of(context)
         self._check_count(len(request.images), "images")
         resp = pb.GetCodeResponse()
         if not request.images:
             return resp
-        codes, conf = await self._encode_images(list(request.images), deadline)
+        codes, conf = await self._encode_images(list(request.images), budget)
         for j in range(len(codes)):
             e = resp.codes.add(code=code_to_pb(codes, j))
             if request.return_confidence and conf is not None:
                 e.confidence.extend(np.asarray(conf[j], dtype=np.float32).tolist())
         return resp
 
-    @_rpc
+    @_rpc(pb.PingRequest)
     async def Ping(self, request, context):
         return pb.PingResponse()
 

@@ -36,7 +36,7 @@ def test_health_transitions(index, hasher, client_factory, dataset):
         assert health_status(server.address) == NOT_SERVING
         assert health_status(server.address, "cbir.v1.SearchService") == NOT_SERVING
         with pytest.raises(grpc.RpcError) as e:
-            stub.Search(pb.SearchRequest(id=int(dataset[0][0])))
+            stub.Search(pb.SearchRequest(k=10, id=int(dataset[0][0])))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         stub.Ping(pb.PingRequest())  # the process answers while loading
         server.attach(IndexBackend(index, index), hasher)
@@ -222,7 +222,7 @@ def test_image_pixel_limit(index, hasher, server_factory, client_factory, make_p
     server = server_factory(index, hasher, max_image_pixels=32 * 32 - 1)
     stub = client_factory(server.address)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Search(pb.SearchRequest(image=make_png(0)))
+        stub.Search(pb.SearchRequest(k=10, image=make_png(0)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too large" in e.value.details()
 
 

@@ -214,7 +214,7 @@ def test_add_and_delete(served, images):
         stub.Add(pb.AddRequest(items=[pb.Item(id=77, code=code_pb(new)), pb.Item(id=1, code=code_pb(new))]))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.RpcError):
-        stub.Search(pb.SearchRequest(id=77))
+        stub.Search(pb.SearchRequest(k=10, id=77))
     # upsert replaces
     zero = Codes.from_bits(np.zeros((1, NBITS), np.uint8))
     assert stub.Add(pb.AddRequest(items=[pb.Item(id=1, code=code_pb(zero))], upsert=True)).added == 1
@@ -222,7 +222,7 @@ def test_add_and_delete(served, images):
     # delete
     assert stub.Delete(pb.DeleteRequest(ids=[1, 2, 123456])).deleted == 2
     with pytest.raises(grpc.RpcError) as e:
-        stub.Search(pb.SearchRequest(id=2))
+        stub.Search(pb.SearchRequest(k=10, id=2))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     first = int(served.stub.Search(pb.SearchRequest(code=code_pb(zero), k=1)).hits[0].id)
     with pytest.raises(grpc.RpcError) as e:
@@ -244,31 +244,31 @@ def test_bad_inputs_get_status_and_server_keeps_serving(served, dataset, images,
     n0 = stub.GetStats(pb.GetStatsRequest()).count
     INV = grpc.StatusCode.INVALID_ARGUMENT
 
-    code, msg = _status(stub.Search, pb.SearchRequest(image=b"definitely not an image"))
+    code, msg = _status(stub.Search, pb.SearchRequest(k=10, image=b"definitely not an image"))
     assert code == INV and "cannot decode image" in msg and "not a recognised image format" in msg
-    code, msg = _status(stub.Search, pb.SearchRequest(image=make_png(0)[:60]))  # truncated PNG
+    code, msg = _status(stub.Search, pb.SearchRequest(k=10, image=make_png(0)[:60]))  # truncated PNG
     assert code == INV and "cannot decode image" in msg
-    code, msg = _status(stub.Search, pb.SearchRequest(code=pb.Code(data=b"\x00" * 4, nbits=32)))
+    code, msg = _status(stub.Search, pb.SearchRequest(k=10, code=pb.Code(data=b"\x00" * 4, nbits=32)))
     assert code == INV and "expects 16 bits" in msg
-    code, msg = _status(stub.Search, pb.SearchRequest(code=pb.Code(data=b"\x00", nbits=16)))
+    code, msg = _status(stub.Search, pb.SearchRequest(k=10, code=pb.Code(data=b"\x00", nbits=16)))
     assert code == INV and "need exactly 2" in msg
-    assert _status(stub.Search, pb.SearchRequest(id=424242))[0] == grpc.StatusCode.NOT_FOUND
+    assert _status(stub.Search, pb.SearchRequest(k=10, id=424242))[0] == grpc.StatusCode.NOT_FOUND
     assert _status(stub.Search, pb.SearchRequest(k=1))[0] == INV  # no query
     code, msg = _status(stub.Search, pb.SearchRequest(code=ok, k=10_001))
     assert code == INV and "10000" in msg
-    assert _status(stub.Search, pb.SearchRequest(code=ok, mode=pb.PREFIX, prefix_bits=0))[0] == INV
-    assert _status(stub.Search, pb.SearchRequest(code=ok, mode=pb.PREFIX, prefix_bits=17))[0] == INV
-    assert _status(stub.Search, pb.SearchRequest(code=ok, radius=2))[0] == INV  # radius in LEX
-    assert _status(stub.Search, pb.SearchRequest(code=ok, mode=7))[0] == INV
-    assert _status(stub.Search, pb.SearchRequest(code=ok, cursor=b"\x01"))[0] == INV
+    assert _status(stub.Search, pb.SearchRequest(k=10, code=ok, mode=pb.PREFIX, prefix_bits=0))[0] == INV
+    assert _status(stub.Search, pb.SearchRequest(k=10, code=ok, mode=pb.PREFIX, prefix_bits=17))[0] == INV
+    assert _status(stub.Search, pb.SearchRequest(k=10, code=ok, radius=2))[0] == INV  # radius in LEX
+    assert _status(stub.Search, pb.SearchRequest(k=10, code=ok, mode=7))[0] == INV
+    assert _status(stub.Search, pb.SearchRequest(k=10, code=ok, cursor=b"\x01"))[0] == INV
     for cursor in (b"\xff\xfe", b"zz", b"abc", b"00" * 3):  # garbage PREFIX cursors
-        req = pb.SearchRequest(code=ok, mode=pb.PREFIX, prefix_bits=4, cursor=cursor)
+        req = pb.SearchRequest(k=10, code=ok, mode=pb.PREFIX, prefix_bits=4, cursor=cursor)
         assert _status(stub.Search, req)[0] == INV, cursor
-    code, msg = _status(stub.BatchSearch, pb.BatchSearchRequest(requests=[pb.SearchRequest(code=ok)] * 10_001))
+    code, msg = _status(stub.BatchSearch, pb.BatchSearchRequest(requests=[pb.SearchRequest(k=10, code=ok)] * 10_001))
     assert code == INV and "10000" in msg
     code, msg = _status(
         stub.BatchSearch,
-        pb.BatchSearchRequest(requests=[pb.SearchRequest(image=images[0]), pb.SearchRequest(image=b"xx")]),
+        pb.BatchSearchRequest(requests=[pb.SearchRequest(k=10, image=images[0]), pb.SearchRequest(k=10, image=b"xx")]),
     )
     assert code == INV and "request 1" in msg
     # a failed Add adds nothing: one bad image among good items
@@ -294,7 +294,7 @@ def test_oversized_message(index, hasher, server_factory, client_factory):
     stub = client_factory(server.address, max_message_bytes=8 << 20)
     big = b"\x89PNG" + b"\x00" * (200 * 1024)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Search(pb.SearchRequest(image=big))
+        stub.Search(pb.SearchRequest(k=10, image=big))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     stub.Ping(pb.PingRequest())  # still serving
 
@@ -314,7 +314,7 @@ def test_deadline_honoured(index, slow_hasher_factory, server_factory, client_fa
     server = server_factory(index, slow_hasher_factory(0.5))
     stub = client_factory(server.address)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Search(pb.SearchRequest(image=images[0]), timeout=0.1)
+        stub.Search(pb.SearchRequest(k=10, image=images[0]), timeout=0.1)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     stub.Ping(pb.PingRequest(), timeout=5)
     assert len(stub.Search(pb.SearchRequest(image=images[0], k=2), timeout=10).hits) == 2
@@ -324,7 +324,7 @@ def test_per_call_logs(served, caplog, images):
     with caplog.at_level(logging.INFO, logger="cbir.server.rpc"):
         served.stub.Search(pb.SearchRequest(image=images[0], k=2))
         with pytest.raises(grpc.RpcError):
-            served.stub.Search(pb.SearchRequest(id=99999999))
+            served.stub.Search(pb.SearchRequest(k=10, id=99999999))
     recs = [r for r in caplog.records if r.name == "cbir.server.rpc"]
     assert any(r.rpc_method == "Search" and r.rpc_status == "OK" and r.rpc_latency_ms > 0 for r in recs)
     assert any(r.rpc_status == "NOT_FOUND" for r in recs)
@@ -337,5 +337,5 @@ def test_no_model_server_answers_codes_not_images(index, server_factory, client_
     stub = client_factory(server.address)
     assert len(stub.Search(pb.SearchRequest(code=code_pb(dataset[1]), k=3)).hits) == 3
     with pytest.raises(grpc.RpcError) as e:
-        stub.Search(pb.SearchRequest(image=images[0]))
+        stub.Search(pb.SearchRequest(k=10, image=images[0]))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,105 @@
+"""What stands between a hostile request and the servicer's work.
+
+* :func:`parse_request`: the servicer's method handlers receive the *raw* request bytes (no
+  gRPC deserializer), so that authentication (an interceptor, from metadata) is decided before
+  any byte of the body is parsed, and a body that does not parse is an ``INVALID_ARGUMENT``
+  with one WARNING line, never an ``UNKNOWN`` with a traceback;
+* :class:`Budget`: the call's deadline and cancellation, checked by long loops on the offload
+  threads (a thread cannot be cancelled: it notices at its next check);
+* :func:`response_bytes_bound`: an upper bound of a ``SearchResponse``'s size, known before any
+  search runs, so an oversized answer is refused up front instead of after the work;
+* :func:`log_level`: which statuses are the client's fault (WARNING) and which are ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+__all__ = ["RpcError", "invalid", "Budget", "parse_request", "response_bytes_bound", "log_level"]
+
+CLIENT_FAULTS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+})
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(msg: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def log_level(status: grpc.StatusCode) -> int:
+    if status == grpc.StatusCode.OK:
+        return logging.INFO
+    if status in CLIENT_FAULTS:
+        return logging.WARNING
+    if status == grpc.StatusCode.INTERNAL:
+        return logging.ERROR
+    return logging.INFO  # DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: the call's fate, not a fault
+
+
+def parse_request(cls, raw) -> object:
+    """``cls.FromString(raw)``; anything that does not parse is :func:`invalid` with the reason."""
+    reason = None
+    try:
+        return cls.FromString(bytes(raw))
+    except Exception as e:  # noqa: BLE001 - DecodeError (corrupt wire, bad UTF-8, nesting), ...
+        reason = str(e) or type(e).__name__
+    # raised outside the except block: no context, no traceback into the parser
+    raise invalid(f"request is not a valid {cls.DESCRIPTOR.full_name} message ({len(raw)} bytes): {reason}")
+
+
+class Budget:
+    """A call's deadline (``time.monotonic()`` value or None) and its cancellation flag."""
+
+    __slots__ = ("deadline", "cancelled")
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
+        self.cancelled = False
+
+    @classmethod
+    def of(cls, context) -> "Budget":
+        t = context.time_remaining()
+        if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
+            return cls(None)
+        if t <= 0:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return cls(time.monotonic() + t)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise RpcError(grpc.StatusCode.CANCELLED, "call cancelled")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+
+def _varint_len(v: int) -> int:
+    return max(1, (int(v).bit_length() + 6) // 7)
+
+
+def response_bytes_bound(r, k: int, nbits: int) -> int:
+    """Upper bound of the serialized ``SearchResponse`` for request ``r`` asking ``k`` hits
+    (metadata not counted: its size is only known once read; the built response is checked)."""
+    nbytes = (nbits + 7) // 8
+    code = 1 + _varint_len(nbytes + 8) + 1 + _varint_len(nbytes) + nbytes + 1 + _varint_len(nbits)
+    hit = 10 + 2 * (1 + _varint_len(nbits)) + 1 + _varint_len(int(r.offset) + k)  # id, distances, rank
+    if r.return_codes:
+        hit += code
+    if r.return_metadata:
+        hit += 2
+    hit += 1 + _varint_len(hit)  # the Hit's own tag and length
+    return 8 + code + 2 + len(r.cursor) + 64 + k * hit
