@@ -17,6 +17,16 @@ Output directory (``cfg.out``):
 
 Model selection never looks at the query set: the model written is the one after the last
 epoch. ``val_fraction`` holds out part of the *training* set for monitoring only.
+
+Stages. (1) **Image stage**: ``epochs`` passes over the images (skipped with
+``freeze_backbone``). Batches are uniformly shuffled (``batch_size``) or class-balanced
+``P x K`` (:mod:`cbir.data.sampler`; ``sampler="auto"`` picks balanced batches for methods whose
+loss is contrastive within classes, i.e. DDTL). (2) **Head stage**, with ``freeze_backbone`` or
+DDTL's ``two_stage``: the backbone is frozen, its features of the training set are cached once
+(eval view + ``feature_views`` augmented views, :mod:`cbir.data.features`) and the head is fitted
+on them for ``head_steps`` steps of ``head_classes_per_batch x head_images_per_class`` batches.
+``init_from`` copies warm-start weights (a cbir checkpoint, a state_dict file, a torchvision
+weights name in the local hub cache; :mod:`cbir.models.warmstart`) before stage 1.
 """
 
 from __future__ import annotations
@@ -64,6 +74,18 @@ class TrainConfig:
     time_budget_s: float | None = None
     max_steps_per_epoch: int | None = None
     aug_strength: float = 1.0
+    sampler: str = "auto"  # auto | balanced | random (see the module docstring)
+    classes_per_batch: int | None = None  # P of balanced batches (default batch_size // K)
+    images_per_class: int | None = None  # K of balanced batches (default 32)
+    init_from: str | None = None
+    input_norm: str | None = None  # None/cbir, imagenet or "m1,m2,m3/s1,s2,s3" (cbir.models.warmstart)
+    freeze_backbone: bool = False
+    head_steps: int = 1000
+    head_lr: float = 1e-2
+    head_classes_per_batch: int | None = None  # default: every class (at most 16)
+    head_images_per_class: int = 51  # the thesis' batch 512 over 10 classes
+    feature_views: int = 4
+    feature_aug_strength: float | None = None  # default aug_strength
     image_size: int | None = None
     val_fraction: float = 0.0
     seed: int = 0
@@ -93,6 +115,16 @@ class TrainConfig:
             raise ValueError("bits must be > 0")
         if self.depth is not None and self.depth <= 0:
             raise ValueError("depth must be > 0")
+        if self.sampler not in ("auto", "balanced", "random"):
+            raise ValueError("sampler must be auto, balanced or random")
+        if self.head_steps < 0 or self.head_lr <= 0:
+            raise ValueError("head_steps must be >= 0 and head_lr > 0")
+        if self.feature_views < 1:
+            raise ValueError("feature_views must be >= 1 (augmented views cached per image)")
+        if self.head_images_per_class < 2:
+            raise ValueError("head_images_per_class must be >= 2 (a positive and negatives per class)")
+        if self.aug_strength < 0 or (self.feature_aug_strength is not None and self.feature_aug_strength < 0):
+            raise ValueError("augmentation strengths must be >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,11 +184,87 @@ def _val_accuracy(method, loader, device) -> float | None:
     return correct / max(total, 1)
 
 
+def _image_loader(cfg, method, train_set, aug, skip_log):
+    """Training loader of the image stage: shuffled, or class-balanced P x K batches."""
+    from cbir.data import TwoViews, make_loader
+    from cbir.data.imageset import Loader, collate
+    from cbir.data.sampler import ClassBalancedBatchSampler, resolve_pk
+
+    ds = train_set.with_transform(TwoViews(aug) if method.two_views else aug)
+    balanced = cfg.sampler == "balanced" or (
+        cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views)
+    if not balanced:
+        return make_loader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+                           drop_last=True, skip_log=skip_log), None
+    p, k = resolve_pk(train_set.num_classes, cfg.batch_size, cfg.classes_per_batch, cfg.images_per_class)
+    sampler = ClassBalancedBatchSampler(train_set.labels, p, k, seed=cfg.seed)
+    dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
+    return Loader(ds, dl, skip_log), sampler
+
+
+def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> int:
+    """Head stage: fit ``method``'s head on cached features for each phase; returns the steps run."""
+    from cbir.data.sampler import ClassBalancedBatchSampler
+
+    steps_run = 0
+    p = cfg.head_classes_per_batch or min(16, int(cache.labels.max()) + 1 if cache.labels.ndim == 1 else cache.labels.shape[1])
+    for phase in phases:
+        if phase is not None:
+            method.set_stage(phase)
+        params = method.head_parameters()
+        if not params or cfg.head_steps == 0:
+            continue
+        opt = _optimizer(dataclasses.replace(cfg, lr=cfg.head_lr, optimizer="adam"), params)
+        sampler = ClassBalancedBatchSampler(cache.labels, p, cfg.head_images_per_class,
+                                            num_batches=cfg.head_steps, seed=cfg.seed + 17)
+        rng = np.random.Generator(np.random.PCG64([cfg.seed, 23]))
+        method.train()
+        method.backbone.eval()
+        sums: dict[str, float] = {}
+        nb = 0
+        for i, rows in enumerate(sampler):
+            for g in opt.param_groups:
+                g["lr"] = cfg.head_lr * _lr_factor(cfg, i / cfg.head_steps, i)
+            feats = cache.batch(rows, method.head_two_views, rng)
+            feats = tuple(f.to(device) for f in feats) if isinstance(feats, tuple) else feats.to(device)
+            loss, logs = method.head_loss(feats, cache.targets(rows).to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite head loss {float(loss)} at step {i}; lower --head-lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            nb += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if nb == max(1, cfg.head_steps // 10) or i == cfg.head_steps - 1:
+                rec = {k: v / nb for k, v in sums.items()}
+                rec.update(stage=f"head:{phase or method.method_name}", head_step=i + 1, lr=opt.param_groups[0]["lr"],
+                           wall_s=round(time.perf_counter() - t0, 2))
+                history.append(rec)
+                sums, nb = {}, 0
+        steps_run += cfg.head_steps
+        method.eval()
+        monitor = getattr(method, "monitor_features", None)
+        rec = {"stage": f"head:{phase or method.method_name}", "end_of_stage": True}
+        if monitor is not None:
+            with torch.no_grad():
+                rec.update({f"train_{k}": v for k, v in monitor(cache.features[0].to(device),
+                                                                cache.targets(np.arange(len(cache))).to(device)).items()})
+        acc = _val_accuracy(method, val_loader, device)
+        if acc is not None:
+            rec["val_accuracy"] = acc
+        history.append(rec)
+        log.info("head stage %s: %s", phase or method.method_name, rec)
+    return steps_run
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.dataset``; see the module docstring for the outputs."""
     from tqdm.auto import tqdm
 
-    from cbir.data import SkipLog, TwoViews, load_dataset, make_loader, split_validation, train_transform
+    from cbir.data import SkipLog, eval_transform, load_dataset, make_loader, split_validation, train_transform
+    from cbir.models.warmstart import apply_init, parse_input_norm, resolve_init
 
     cfg.validate()
     if cfg.threads:
@@ -172,6 +280,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.val_fraction > 0:
         train_set, val_set = split_validation(train_set, cfg.val_fraction, cfg.seed)
 
+    norm = parse_input_norm(cfg.input_norm)
+    init = resolve_init(cfg.init_from, norm) if cfg.init_from else None
+    if init is not None:
+        norm = init.input_norm
+    bk = dict(cfg.backbone_kwargs)
+    if norm is not None:
+        bk.update(input_mean=tuple(norm[0]), input_std=tuple(norm[1]))
     params = resolve_params(cfg.method, cfg.params)
     spec = MethodSpec(
         backbone=cfg.backbone,
@@ -180,25 +295,30 @@ def train(cfg: TrainConfig) -> TrainResult:
         multilabel=splits.multilabel,
         class_names=tuple(splits.class_names),
         depth=cfg.depth,
-        backbone_kwargs=tuple(sorted(cfg.backbone_kwargs.items())),
+        backbone_kwargs=tuple(sorted(bk.items())),
     )
-    method = create_method(cfg.method, spec, params).to(device)
+    set_seed(cfg.seed)
+    method = create_method(cfg.method, spec, params)
+    init_report = None
+    if init is not None:
+        init_report = apply_init(method, init)
+        method.after_init()
+    method.to(device)
+    two_stage = getattr(method, "stage", "joint") != "joint"
+    if cfg.freeze_backbone:
+        method.backbone.requires_grad_(False)
 
     aug = train_transform(image_size, flip=splits.flip_ok, strength=cfg.aug_strength)
     skip_log = SkipLog()
-    train_loader = make_loader(
-        train_set.with_transform(TwoViews(aug) if method.two_views else aug),
-        cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed, drop_last=True,
-        skip_log=skip_log,
-    )
-    from cbir.data import eval_transform
+    train_loader, sampler = _image_loader(cfg, method, train_set, aug, skip_log)
 
     val_loader = None
     if val_set is not None:
         val_loader = make_loader(val_set.with_transform(eval_transform(image_size)), 256, num_workers=cfg.num_workers)
 
+    image_stage = method.trainable and not cfg.freeze_backbone and cfg.epochs > 0
     trainable = [p for p in method.parameters() if p.requires_grad]
-    opt = _optimizer(cfg, trainable) if (method.trainable and trainable) else None
+    opt = _optimizer(cfg, trainable) if (image_stage and trainable) else None
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -214,13 +334,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         if opt is not None and st.get("optimizer"):
             opt.load_state_dict(st["optimizer"])
         start_epoch, step, elapsed_before = st["epoch"], st["step"], st["elapsed"]
-        history = st["history"]
+        history = [r for r in st["history"] if "stage" not in r]
         torch.set_rng_state(st["rng"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
     t0 = time.perf_counter() - elapsed_before
     budget_hit = False
-    if opt is not None and cfg.epochs > 0:
+    if opt is not None:
         method.train()
         for epoch in range(start_epoch, cfg.epochs):
             sums: dict[str, float] = {}
@@ -228,6 +348,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                        unit="step", disable=not cfg.progress, leave=False)
             torch.manual_seed(cfg.seed * 100003 + epoch)  # per-epoch shuffling/augmentation stream
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             for i, batch in enumerate(train_loader):
                 if i >= steps_per_epoch:
                     break
@@ -271,12 +393,38 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, step)
                 break
 
+    # Head stage on cached features (frozen backbone; DDTL's two-stage tree fit).
+    phases: list = []
+    if two_stage:
+        head_ready = opt is not None or bool(init_report and init_report["class_head_loaded"])
+        phases = ([] if head_ready else ["representation"]) + ["tree"]
+    elif cfg.freeze_backbone and method.trainable:
+        phases = [None]
+    cache, head_steps = None, 0
+    fit_tf = eval_transform(image_size)
+    if phases or (cfg.freeze_backbone and hasattr(method, "finalize_features")):
+        from cbir.data.features import build_feature_cache
+
+        method.backbone.requires_grad_(False)
+        strength = cfg.aug_strength if cfg.feature_aug_strength is None else cfg.feature_aug_strength
+        tc = time.perf_counter()
+        cache = build_feature_cache(method.backbone, train_set, fit_tf,
+                                    train_transform(image_size, flip=splits.flip_ok, strength=strength),
+                                    cfg.feature_views, device, seed=cfg.seed, num_workers=cfg.num_workers,
+                                    skip_log=skip_log)
+        log.info("cached %d x %d features of %d images in %.1f s", cache.features.shape[0], cache.features.shape[2],
+                 len(cache), time.perf_counter() - tc)
+        head_steps = _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0)
+
     # Post-training fit on the training set in the evaluation transform (CrPCA, ITQ, bit order...).
     method.eval()
-    fit_loader = make_loader(train_set.with_transform(eval_transform(image_size)), 256,
-                             num_workers=cfg.num_workers, skip_log=skip_log)
     with torch.no_grad():
-        method.finalize(_DeviceLoader(fit_loader, device))
+        if cache is not None and hasattr(method, "finalize_features"):
+            method.finalize_features(cache.features[0].to(device))
+        else:
+            fit_loader = make_loader(train_set.with_transform(fit_tf), 256, num_workers=cfg.num_workers,
+                                     skip_log=skip_log)
+            method.finalize(_DeviceLoader(fit_loader, device))
     train_wall = time.perf_counter() - t0
 
     hasher = Hasher(method, cfg.method, spec, params, image_size, config=cfg.to_dict(), device=device)
@@ -290,12 +438,20 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "database": len(splits.database), "query": len(splits.query), "image_size": image_size},
         "device": str(device),
         "steps": step,
+        "head_steps": head_steps,
+        "batches": ({"sampler": "balanced", "classes_per_batch": sampler.p, "images_per_class": sampler.k}
+                    if sampler is not None else {"sampler": "random", "batch_size": cfg.batch_size}),
+        "init": init_report,
+        "backbone_frozen": cfg.freeze_backbone,
+        "head_stage": [p or cfg.method for p in phases],
+        "feature_cache": None if cache is None else {"views": cache.views, "images": len(cache),
+                                                     "dim": int(cache.features.shape[2])},
         "train_wall_s": round(train_wall, 2),
         "time_budget_hit": budget_hit,
         "skipped_images": skip_log.count,
         "torch": torch.__version__,
     }
-    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     with open(out / "history.jsonl", "w") as f:
         for rec in history:
             f.write(json.dumps(rec) + "\n")

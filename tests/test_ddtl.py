@@ -98,7 +98,7 @@ def test_gradients_reach_every_parameter():
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert set(logs) == {"ce", "ntxent"}
+    assert set(logs) == {"ce", "ntxent", "saturation", "paths_per_class", "path_spread"}
     # the tree parameters get gradient from the contrastive term alone
     m.zero_grad()
     m.params.alpha = 0.0
@@ -229,7 +229,7 @@ def test_long_ddtl_code_uses_a_forest_and_encodes_in_order():
     assert torch.equal(bits[:, 4:], forest_greedy_path(node_logits, [10, 9, 9])[0])
     assert bool(((conf >= 0) & (conf <= 1)).all())
     loss, logs = m.training_loss((x, x.flip(-1)), torch.tensor([0, 1, 1, 2, 2]))
-    assert torch.isfinite(loss) and set(logs) == {"ce", "ntxent"}
+    assert torch.isfinite(loss) and {"ce", "ntxent", "saturation"} <= set(logs)
 
 
 def test_batched_preprocess_equals_per_image_transform():

@@ -32,6 +32,34 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
     d.add_argument("--data-root", default=defaults.data_root, help="folder holding the named .npz datasets (default: ../shared/datasets or $CBIR_DATASETS)")
     d.add_argument("--image-size", type=int, default=defaults.image_size, help="input size (default: per dataset)")
     d.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes (default: %(default)s)")
+    d.add_argument("--aug-strength", type=float, default=defaults.aug_strength,
+                   help="colour-jitter / greyscale strength of the training augmentation, 0 = crops and flips only (default: %(default)s)")
+    b = p.add_argument_group("batches")
+    b.add_argument("--sampler", default=defaults.sampler, choices=["auto", "balanced", "random"],
+                   help="auto: class-balanced P x K batches for DDTL (per-class contrastive loss), shuffled otherwise (default: %(default)s)")
+    b.add_argument("--classes-per-batch", type=int, default=defaults.classes_per_batch, metavar="P",
+                   help="classes per balanced batch (default: batch size // K, at most the number of classes)")
+    b.add_argument("--images-per-class", type=int, default=defaults.images_per_class, metavar="K",
+                   help="images per class in a balanced batch (default: 32)")
+    w = p.add_argument_group("warm start and frozen features")
+    w.add_argument("--init-from", default=defaults.init_from, metavar="SOURCE",
+                   help="backbone weights: a cbir model.pt (or run dir; also its class head and normalisation), a state_dict "
+                        "file, or a torchvision weights name already in the local torch hub cache (never downloaded)")
+    w.add_argument("--input-norm", default=defaults.input_norm, metavar="NORM",
+                   help="normalisation the --init-from weights expect: cbir (default), imagenet or 'm1,m2,m3/s1,s2,s3'")
+    w.add_argument("--freeze-backbone", action="store_true",
+                   help="no backbone training: cache its features once and fit the head on them (seconds)")
+    w.add_argument("--head-steps", type=int, default=defaults.head_steps,
+                   help="optimiser steps of the head stage on cached features (default: %(default)s)")
+    w.add_argument("--head-lr", type=float, default=defaults.head_lr, help="head-stage learning rate (default: %(default)s)")
+    w.add_argument("--head-classes-per-batch", type=int, default=defaults.head_classes_per_batch, metavar="P",
+                   help="classes per head-stage batch (default: all, at most 16)")
+    w.add_argument("--head-images-per-class", type=int, default=defaults.head_images_per_class, metavar="K",
+                   help="images per class per head-stage batch (default: %(default)s)")
+    w.add_argument("--feature-views", type=int, default=defaults.feature_views,
+                   help="augmented views cached per image for the head stage (default: %(default)s)")
+    w.add_argument("--feature-aug-strength", type=float, default=defaults.feature_aug_strength,
+                   help="augmentation strength of the cached views (default: --aug-strength)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
     o.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
@@ -45,7 +73,7 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
                    help="hold out this fraction of the training set for monitoring (never the query set)")
     o.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
     o.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    o.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default: torch's choice)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -59,7 +87,12 @@ def config_from_args(args, **overrides):
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         scheduler=args.scheduler, time_budget_s=args.time_budget, image_size=args.image_size,
         val_fraction=args.val_fraction, seed=args.seed, device=args.device, num_workers=args.workers,
-        threads=args.threads, progress=not args.no_progress,
+        threads=args.threads, progress=not args.no_progress, aug_strength=args.aug_strength, sampler=args.sampler,
+        classes_per_batch=args.classes_per_batch, images_per_class=args.images_per_class, init_from=args.init_from,
+        input_norm=args.input_norm, freeze_backbone=args.freeze_backbone, head_steps=args.head_steps,
+        head_lr=args.head_lr, head_classes_per_batch=args.head_classes_per_batch,
+        head_images_per_class=args.head_images_per_class, feature_views=args.feature_views,
+        feature_aug_strength=args.feature_aug_strength,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -3,7 +3,7 @@
 No pretrained weights are ever downloaded. Every backbone exposes the same structure so that
 heads and attention modules (HEGH's CBAM) can be attached without copying architectures:
 
-* ``stem`` -> ``stages[0]`` -> ``post_stage[0]`` -> ``stages[1]`` -> ``post_stage[1]`` ... ->
+* ``input_norm`` (identity unless the weights expect another normalisation) -> ``stem`` -> ``stages[0]`` -> ``post_stage[0]`` -> ``stages[1]`` -> ``post_stage[1]`` ... ->
   global average pool -> flatten, giving a ``feature_dim`` vector;
 * ``stage_channels[i]`` is the channel count after stage ``i``; ``post_stage[i]`` is an
   ``nn.Identity`` unless a method replaces it (e.g. ``backbone.post_stage[1] = CBAM(...)``).
@@ -41,9 +41,19 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, **kwargs) -> "Backbone":
+    """``input_mean`` / ``input_std`` (3 floats each) add a :class:`cbir.models.warmstart.InputNorm`
+    in front of the stem (weights trained with another normalisation, e.g. ImageNet's)."""
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {list_backbones()}")
-    return _BACKBONES[name](**kwargs)
+    mean, std = kwargs.pop("input_mean", None), kwargs.pop("input_std", None)
+    bb = _BACKBONES[name](**kwargs)
+    if (mean is None) != (std is None):
+        raise ValueError("give both input_mean and input_std (or neither)")
+    if mean is not None:
+        from cbir.models.warmstart import InputNorm
+
+        bb.input_norm = InputNorm(mean, std)
+    return bb
 
 
 class Backbone(nn.Module):
@@ -54,12 +64,13 @@ class Backbone(nn.Module):
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         self.post_stage = nn.ModuleList([nn.Identity() for _ in stages])
+        self.input_norm: nn.Module = nn.Identity()  # see cbir.models.warmstart.InputNorm
         self.stage_channels = list(stage_channels)
         self.feature_dim = stage_channels[-1]
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(self.input_norm(x))
         for stage, post in zip(self.stages, self.post_stage):
             x = post(stage(x))
         return x

@@ -55,8 +55,12 @@ class CEClassifier(HashingMethod):
         self.multilabel = spec.multilabel
         self.asl = AsymmetricLoss() if params.multilabel_loss == "asl" else None
 
-    def training_loss(self, images, targets):
-        logits = self.head(self.backbone(images))
+    @property
+    def class_head(self):
+        return self.head
+
+    def head_loss(self, feats, targets):
+        logits = self.head(feats)
         loss = classification_loss(logits, targets, self.multilabel, self.asl)
         return loss, {"ce": float(loss.detach())}
 

@@ -86,7 +86,18 @@ class CEFeatureMethod(HashingMethod):
         self.multilabel = spec.multilabel
         self.trainable = bool(train_backbone)
 
-    def training_loss(self, images, targets):
-        logits = self.head(self.backbone(images))
+    @property
+    def class_head(self):
+        return self.head
+
+    def head_loss(self, feats, targets):
+        logits = self.head(feats)
         loss = classification_loss(logits, targets, self.multilabel, None)
         return loss, {"ce": float(loss.detach())}
+
+    def finalize(self, loader) -> None:
+        self.finalize_features(collect_features(self.backbone, loader))
+
+    def finalize_features(self, feats: torch.Tensor) -> None:
+        """Fit the post-hoc code on ``(N, F)`` training-set features (eval transform)."""
+        raise NotImplementedError

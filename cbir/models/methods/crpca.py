@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cbir.models.base import HashingMethod
-from cbir.models.methods.common import CEFeatureMethod, collect_features, free_bit_layout, gaussian_confidence
+from cbir.models.methods.common import CEFeatureMethod, free_bit_layout, gaussian_confidence
 from cbir.models.registry import MethodSpec, register_method
 
 MAX_TREE_DEPTH = 16
@@ -119,8 +119,8 @@ class CrPCA(CEFeatureMethod):
         self.tree = RecursivePCA(self.backbone.feature_dim, min(self.nbits, params.max_depth))
 
     @torch.no_grad()
-    def finalize(self, loader) -> None:
-        self.tree.fit(collect_features(self.backbone, loader))
+    def finalize_features(self, feats) -> None:
+        self.tree.fit(feats)
 
     def encode(self, images):
         bits, conf = self.tree(self.backbone(images))

@@ -12,6 +12,19 @@ the code is read off the tree's decisions. Defaults alpha=1, beta=0.1, tau=1, d=
 More than ``max_tree_depth`` (default 12) path bits are held by a forest of balanced trees whose
 paths are concatenated (our extension for long codes, see :mod:`cbir.models.heads`).
 
+Two-stage mode (``two_stage=True``; thesis §3.3.3, "fitting the tree after representation
+learning"): stage 1 trains backbone + class head with ``alpha * CE`` (plus ``rep_beta`` times the
+per-class NT-Xent on the normalised backbone features of two views when ``rep_beta > 0``); stage 2
+freezes both (stop-gradient: the class bits stay the stage-1 classifier's) and fits only the tree
+``g1`` with ``beta * NT-Xent`` on cached features of augmented views (``cbir.data.features``),
+in class-balanced P x K batches. The engine runs the two stages (``cbir.engine``); a warm start
+(``--init-from`` a CE checkpoint) with ``--epochs 0`` skips stage 1.
+
+Monitoring (logged per step, averaged per epoch in ``history.jsonl``): ``saturation`` = mean
+``|2 sigma(u) - 1|`` over the nodes of the greedy paths, ``paths_per_class`` = mean over the
+batch's classes of the number of distinct greedy paths, ``path_spread`` = the same divided by the
+class's item count (1 = every item of a class on its own leaf).
+
 Per-bit confidence at encode time: class bits get the class-probability margin (top-1 minus
 top-2; ``|2p - 1|`` per label for multi-label), path bits ``|2 sigma(u) - 1|`` of the node
 visited.
@@ -42,10 +55,12 @@ class DDTLParams:
     tau: float = 1.0
     multilabel_loss: str = "bce"  # "bce" or "asl"
     max_tree_depth: int = 12  # more path bits -> a forest of trees (cbir.models.heads.split_depth)
+    two_stage: bool = False  # thesis §3.3.3: representation first, then the tree on frozen features
+    rep_beta: float = 0.0  # stage-1 per-class NT-Xent weight on backbone features (two_stage only)
 
     def __post_init__(self):
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError("alpha and beta must be >= 0")
+        if self.alpha < 0 or self.beta < 0 or self.rep_beta < 0:
+            raise ValueError("alpha, beta and rep_beta must be >= 0")
         if self.tau <= 0:
             raise ValueError("tau must be > 0")
         if self.multilabel_loss not in ("bce", "asl"):
@@ -70,8 +85,27 @@ def ddtl_depth(spec: MethodSpec, class_bits: int) -> int:
     return DEFAULT_DEPTH
 
 
+@torch.no_grad()
+def tree_stats(node_logits: torch.Tensor, depths: list[int], targets: torch.Tensor) -> dict[str, float]:
+    """Saturation of the visited nodes and distinct greedy paths per class (module docstring)."""
+    from cbir.losses import group_ids
+
+    bits, nodes = forest_greedy_path(node_logits, depths)
+    sat = float((2 * torch.sigmoid(node_logits.gather(1, nodes)) - 1).abs().mean())
+    cls = group_ids(targets).cpu()
+    w = 1 << torch.arange(min(bits.shape[1], 62) - 1, -1, -1)
+    key = (bits[:, : len(w)].long().cpu() * w).sum(1)
+    counts, spread = [], []
+    for c in torch.unique(cls):
+        k = key[cls == c]
+        counts.append(len(torch.unique(k)))
+        spread.append(counts[-1] / len(k))
+    return {"saturation": sat, "paths_per_class": sum(counts) / len(counts), "path_spread": sum(spread) / len(spread)}
+
+
 class DDTL(HashingMethod):
-    two_views = True
+    #: the per-class NT-Xent needs several images of a class per batch (cbir.data.sampler)
+    balanced_batches = True
 
     def __init__(self, spec: MethodSpec, params: DDTLParams):
         cbits = spec.num_classes if spec.multilabel else class_bits_for(spec.num_classes)
@@ -84,16 +118,56 @@ class DDTL(HashingMethod):
         self.multilabel = spec.multilabel
         self.contrastive = PerClassNTXent(params.tau)
         self.asl = AsymmetricLoss() if params.multilabel_loss == "asl" else None
+        #: "joint" (end to end, eq. 3.17), or the two-stage mode's "representation" / "tree"
+        self.stage = "representation" if params.two_stage else "joint"
 
-    def training_loss(self, images, targets):
-        x1, x2 = images
-        n = x1.shape[0]
-        class_logits, node_logits = self.head(self.backbone(torch.cat([x1, x2], 0)))
-        ce = classification_loss(class_logits, torch.cat([targets, targets], 0), self.multilabel, self.asl)
+    @property
+    def class_head(self):
+        return self.head.g2
+
+    @property
+    def two_views(self) -> bool:
+        return self.stage != "representation" or self.params.rep_beta > 0
+
+    def set_stage(self, stage: str) -> None:
+        if stage not in ("joint", "representation", "tree"):
+            raise ValueError(f"DDTL stage must be joint, representation or tree, got {stage!r}")
+        self.stage = stage
+
+    def head_parameters(self) -> list:
+        if self.stage == "tree":  # stop-gradient: the class head stays the stage-1 classifier
+            return list(self.head.g1.parameters())
+        return super().head_parameters()
+
+    def head_loss(self, feats, targets):
+        if self.stage == "representation":
+            f = torch.cat(list(feats), 0) if isinstance(feats, (tuple, list)) else feats
+            tt = torch.cat([targets] * (f.shape[0] // targets.shape[0]), 0)
+            ce = classification_loss(self.head.g2(f), tt, self.multilabel, self.asl)
+            logs = {"ce": float(ce.detach())}
+            loss = self.params.alpha * ce
+            if isinstance(feats, (tuple, list)) and self.params.rep_beta > 0:
+                rep = self.contrastive(feats[0], feats[1], targets)
+                loss = loss + self.params.rep_beta * rep
+                logs["rep_ntxent"] = float(rep.detach())
+            return loss, logs
+        f1, f2 = feats
+        n = f1.shape[0]
+        class_logits, node_logits = self.head(torch.cat([f1, f2], 0))
         z = forest_leaf_probs(node_logits, self.head.tree_depths)
         con = self.contrastive(z[:n], z[n:], targets)
-        loss = self.params.alpha * ce + self.params.beta * con
-        return loss, {"ce": float(ce.detach()), "ntxent": float(con.detach())}
+        logs = {"ntxent": float(con.detach())}
+        logs.update(tree_stats(node_logits[:n], self.head.tree_depths, targets))
+        if self.stage == "tree":
+            return self.params.beta * con, logs
+        ce = classification_loss(class_logits, torch.cat([targets, targets], 0), self.multilabel, self.asl)
+        logs["ce"] = float(ce.detach())
+        return self.params.alpha * ce + self.params.beta * con, logs
+
+    @torch.no_grad()
+    def monitor_features(self, feats: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Tree statistics over a whole feature set (e.g. the cached training set)."""
+        return tree_stats(self.head.g1(feats), self.head.tree_depths, targets)
 
     def encode(self, images):
         class_logits, node_logits = self.head(self.backbone(images))

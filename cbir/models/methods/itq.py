@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from cbir.models.base import HashingMethod
-from cbir.models.methods.common import DEFAULT_BITS, CEFeatureMethod, collect_features, free_bit_layout, gaussian_confidence
+from cbir.models.methods.common import DEFAULT_BITS, CEFeatureMethod, free_bit_layout, gaussian_confidence
 from cbir.models.registry import MethodSpec, register_method
 
 
@@ -64,8 +64,8 @@ class ITQ(CEFeatureMethod):
         self.register_buffer("scale", torch.ones(b))
 
     @torch.no_grad()
-    def finalize(self, loader) -> None:
-        x = collect_features(self.backbone, loader).to("cpu", torch.float64)
+    def finalize_features(self, feats) -> None:
+        x = feats.to("cpu", torch.float64)
         mu = x.mean(0)
         xc = x - mu
         evals, evecs = torch.linalg.eigh(xc.t() @ xc / max(1, x.shape[0] - 1))

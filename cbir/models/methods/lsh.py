@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cbir.models.base import HashingMethod
-from cbir.models.methods.common import CEFeatureMethod, collect_features, free_bit_layout, gaussian_confidence
+from cbir.models.methods.common import CEFeatureMethod, free_bit_layout, gaussian_confidence
 from cbir.models.registry import MethodSpec, register_method
 
 
@@ -39,8 +39,8 @@ class LSH(CEFeatureMethod):
         self.register_buffer("scale", torch.ones(b))
 
     @torch.no_grad()
-    def finalize(self, loader) -> None:
-        x = collect_features(self.backbone, loader)
+    def finalize_features(self, feats) -> None:
+        x = feats
         mu = x.mean(0)
         z = (x - mu) @ self.planes
         sd = z.std(0) if z.shape[0] > 1 else torch.ones_like(self.scale)
