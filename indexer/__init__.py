@@ -47,15 +47,11 @@ Orders are exactly those of :func:`cbir.codes.rank` (lex: ascending ``q XOR c`` 
 ties by id; hamming: distance, then lex), which the tests use as the reference.
 """
 
+from cbir.indexer.build import build_index, compact_index
+from cbir.indexer.env import FORMAT_VERSION, read_manifest
+from cbir.indexer.reader import IndexReader, open_index
 from cbir.indexer.results import Item, PrefixPage, SearchResult
-from cbir.indexer.store import (
-    FORMAT_VERSION,
-    IndexReader,
-    IndexWriter,
-    build_index,
-    open_index,
-    read_manifest,
-)
+from cbir.indexer.writer import IndexWriter
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,6 +61,7 @@ __all__ = [
     "PrefixPage",
     "SearchResult",
     "build_index",
+    "compact_index",
     "open_index",
     "read_manifest",
 ]

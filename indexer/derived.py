@@ -1,14 +1,19 @@
-"""Derived, in-memory structures of an index: sorted codes + ids, MIH, FAISS.
+"""Derived structures of an index: sorted codes + ids, MIH tables, FAISS flat index.
 
 A :class:`Derived` is a pure function of the LMDB snapshot it was built from (its
-``generation``), persisted under ``derived/g<generation>/`` (numpy files, memory-mapped on load;
-MIH tables added when first built; the FAISS flat index is rebuilt from the codes, a copy). A
-directory is complete when its ``state.json`` exists (written last, atomically).
+``generation``), persisted under ``derived/g<generation>/``: ``codes.npy``, ``ids.npy``,
+``head64.npy`` (first 8 bytes of each code, big-endian), the MIH tables (``mih.json`` +
+``mih*.npy``) and ``faiss.bin`` (FAISS ``IndexBinaryFlat``). Everything is written at build
+time (``build_index``) or by the reader that rebuilt it, into a temporary directory renamed
+into place with ``state.json`` written last; a reader memory-maps it all, so opening an index
+costs no scan and the first query touches only the pages it needs.
 
 A :class:`View` is what searches use: a base :class:`Derived` plus the writes of later
-generations, replayed from the LMDB change log (``log`` sub-database). Small writes thus cost
-no rebuild; once the delta exceeds a few percent of N (or the log no longer reaches back to the
-base) the reader rebuilds the base from LMDB and persists it.
+generations, replayed from the LMDB change log (``log`` sub-database) in a few vectorised
+numpy operations. Deleted base rows are dropped *inside* the candidate loops (``View.keep``,
+``View.selector``), added rows are scanned directly. Once the delta exceeds a few percent of N
+(or the log no longer reaches back to the base) the reader builds a new base from LMDB and
+persists it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from cbir.indexer.mih import MIH
+from cbir.indexer.rows import head64 as _head64
+from cbir.indexer.rows import make_keys, split_keys
 
 log = logging.getLogger(__name__)
 
 #: indexes smaller than this are not persisted (rebuilding them takes milliseconds)
 PERSIST_MIN = 50_000
 SCAN_CHUNK = 1 << 20
+FAISS_FILE = "faiss.bin"
 
 
 class Derived:
@@ -41,30 +49,25 @@ class Derived:
     """
 
     def __init__(self, generation: int, nbits: int, codes: np.ndarray, ids: np.ndarray,
-                 mih_arrays: dict | None = None, mih_m: int | None = None) -> None:
+                 head64: np.ndarray | None = None, mih: MIH | None = None) -> None:
         self.generation = generation
         self.nbits = nbits
         self.codes = codes
         self.ids = ids
         self.n = len(ids)
-        nb = codes.shape[1]
-        buf = np.zeros((self.n, 8), dtype=np.uint8)
-        buf[:, : min(nb, 8)] = codes[:, :8]
-        self.head64 = buf.view(">u8").reshape(-1).astype(np.uint64)
-        self._mih = MIH.from_arrays(codes, nbits, mih_m, mih_arrays) if mih_arrays else None
+        self.head64 = _head64(codes) if head64 is None else head64
+        self._mih = mih
         self._faiss = None
         self._lock = threading.Lock()
         self.saved_dir: Path | None = None
 
-    # lazily built accelerators ----------------------------------------------------------
+    # accelerators (loaded with the base, or built on first use) -------------------------
     @property
     def mih(self) -> MIH:
         with self._lock:
             if self._mih is None:
-                self._mih = MIH(self.codes, self.nbits)
-                if self.saved_dir is not None:
-                    self._save_mih(self.saved_dir)
-            self._mih._combined()  # build the combined tables once, not in concurrent queries
+                c64 = self.head64 if self.codes.shape[1] <= 8 else None
+                self._mih = MIH(self.codes, self.nbits, codes64=c64)
             return self._mih
 
     @property
@@ -73,7 +76,13 @@ class Derived:
             if self._faiss is None:
                 from cbir.indexer.faissidx import FaissBinary
 
-                self._faiss = FaissBinary(self.codes)
+                f = self.saved_dir / FAISS_FILE if self.saved_dir is not None else None
+                try:
+                    self._faiss = FaissBinary(path=f) if f is not None and f.exists() else None
+                except RuntimeError as exc:  # unreadable file: build from the codes instead
+                    log.debug("could not read %s: %s", f, exc)
+                if self._faiss is None:
+                    self._faiss = FaissBinary(np.asarray(self.codes))
             return self._faiss
 
     # small JSON side files (e.g. the coverage statistics of this generation) ----------------
@@ -97,7 +106,7 @@ class Derived:
 
     # construction -----------------------------------------------------------------------
     @classmethod
-    def from_txn(cls, txn, tree, nbits: int, generation: int, count_hint: int = 0) -> "Derived":
+    def from_txn(cls, txn, tree, nbits: int, generation: int) -> "Derived":
         nb = (nbits + 7) // 8
         ks = nb + 8
         cur = txn.cursor(tree)
@@ -110,13 +119,14 @@ class Derived:
                     break
                 chunks.append(np.frombuffer(buf, dtype=np.uint8).reshape(-1, ks))
         keys = np.concatenate(chunks) if chunks else np.zeros((0, ks), dtype=np.uint8)
-        codes = np.ascontiguousarray(keys[:, :nb])
-        ids = np.ascontiguousarray(keys[:, nb:]).view(">i8").reshape(-1).astype(np.int64)
-        return cls(generation, nbits, codes, ids)
+        codes, ids = split_keys(keys, nb)
+        return cls(generation, nbits, np.ascontiguousarray(codes), ids)
 
     # persistence --------------------------------------------------------------------------
     def save(self, root: Path) -> None:
-        """Persist under ``root/g<generation>`` (atomic: temp dir + rename); best effort."""
+        """Persist everything (MIH and FAISS built now if they were not) under
+        ``root/g<generation>`` atomically (temp dir + rename); best effort, and older
+        generations are removed (memory maps held by open readers stay valid)."""
         root = Path(root)
         final = root / f"g{self.generation}"
         if (final / "state.json").exists():
@@ -125,10 +135,16 @@ class Derived:
         tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir(parents=True)
-            np.save(tmp / "codes.npy", self.codes)
-            np.save(tmp / "ids.npy", self.ids)
+            np.save(tmp / "codes.npy", np.asarray(self.codes))
+            np.save(tmp / "ids.npy", np.asarray(self.ids))
+            np.save(tmp / "head64.npy", np.asarray(self.head64))
+            mih = self.mih
+            for name, arr in mih.arrays().items():
+                np.save(tmp / f"{name}.npy", arr)
+            (tmp / "mih.json").write_text(json.dumps({"m": mih.m}))
+            self.faiss.save(tmp / FAISS_FILE)
             state = {"generation": self.generation, "nbits": self.nbits, "n": self.n}
-            (tmp / "state.json").write_text(json.dumps(state))
+            (tmp / "state.json").write_text(json.dumps(state))  # last: marks a complete dir
             os.rename(tmp, final)
         except OSError as exc:
             log.debug("could not persist derived structures: %s", exc)
@@ -136,28 +152,13 @@ class Derived:
             if not (final / "state.json").exists():
                 return
         self.saved_dir = final
-        if self._mih is not None:
-            self._save_mih(final)
         for old in root.glob("g*"):  # older generations (mmaps held elsewhere stay valid)
             if old.name != final.name and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _save_mih(self, d: Path) -> None:
-        if (d / "mih.json").exists():
-            return
-        try:
-            for name, arr in self._mih.arrays().items():
-                tmpf = d / f".{name}.{uuid.uuid4().hex[:8]}.npy"
-                np.save(tmpf, arr)
-                os.replace(tmpf, d / f"{name}.npy")
-            tmpj = d / f".mih.{uuid.uuid4().hex[:8]}.json"
-            tmpj.write_text(json.dumps({"m": self._mih.m}))
-            os.replace(tmpj, d / "mih.json")
-        except OSError as exc:
-            log.debug("could not persist MIH tables: %s", exc)
-
     @classmethod
     def load(cls, root: Path, generation: int, nbits: int) -> "Derived | None":
+        """Memory-map the persisted generation (no scan, no copy), or None."""
         d = Path(root) / f"g{generation}"
         try:
             state = json.loads((d / "state.json").read_text())
@@ -165,16 +166,17 @@ class Derived:
                 return None
             codes = np.load(d / "codes.npy", mmap_mode="r")
             ids = np.load(d / "ids.npy", mmap_mode="r")
-            mih_arrays, m = None, None
+            head = np.load(d / "head64.npy", mmap_mode="r") if (d / "head64.npy").exists() else None
+            mih = None
             if (d / "mih.json").exists():
                 m = json.loads((d / "mih.json").read_text())["m"]
-                mih_arrays = {}
-                for f in d.glob("mih*_*.npy"):
-                    mih_arrays[f.stem] = np.load(f, mmap_mode="r")
+                arrays = {f.stem: np.load(f, mmap_mode="r") for f in d.glob("mih*.npy")}
+                c64 = head if codes.shape[1] <= 8 else None
+                mih = MIH.from_arrays(codes, nbits, m, arrays, codes64=c64)
         except (OSError, ValueError, KeyError) as exc:
             log.debug("no usable derived structures in %s: %s", d, exc)
             return None
-        out = cls(generation, nbits, codes, ids, mih_arrays, m)
+        out = cls(generation, nbits, codes, ids, head, mih)
         out.saved_dir = d
         return out
 
@@ -184,8 +186,8 @@ class View:
     writes made since (replayed from the LMDB change log): ``deleted`` (sorted int64 positions
     of base rows no longer present) and ``added`` (codes uint8 (a, nb), ids int64 (a,)).
 
-    Small write batches therefore never rebuild the accelerators; searches query the base
-    (asking for ``k + len(deleted)``, then dropping deleted rows) and scan the few added rows.
+    Small write batches therefore never rebuild the accelerators; searches skip deleted rows
+    inside their candidate loops (:meth:`keep`, :meth:`selector`) and scan the few added rows.
     """
 
     def __init__(self, base: Derived, generation: int, deleted=None, add_codes=None, add_ids=None):
@@ -197,6 +199,9 @@ class View:
         self.add_codes = np.zeros((0, nb), np.uint8) if add_codes is None else add_codes
         self.add_ids = np.zeros(0, np.int64) if add_ids is None else add_ids
         self.n = base.n - len(self.deleted) + len(self.add_ids)
+        self._alive_mask = None
+        self._selector = None
+        self._lock = threading.Lock()
 
     @property
     def exact(self) -> bool:
@@ -206,62 +211,116 @@ class View:
     def delta_size(self) -> int:
         return len(self.deleted) + len(self.add_ids)
 
+    def alive_mask(self) -> np.ndarray | None:
+        """Bool (N_base,) mask of live base rows, or None when nothing was deleted."""
+        if len(self.deleted) == 0:
+            return None
+        with self._lock:
+            if self._alive_mask is None:
+                m = np.ones(self.base.n, dtype=bool)
+                m[self.deleted] = False
+                self._alive_mask = m
+            return self._alive_mask
+
     def alive(self, pos: np.ndarray) -> np.ndarray:
         """Mask of base positions that are not deleted."""
-        if len(self.deleted) == 0 or len(pos) == 0:
-            return np.ones(len(pos), dtype=bool)
-        i = np.searchsorted(self.deleted, pos)
-        i[i == len(self.deleted)] = 0
-        return self.deleted[i] != pos
+        m = self.alive_mask()
+        return np.ones(len(pos), dtype=bool) if m is None else m[pos]
+
+    def keep(self):
+        """A ``keep(positions) -> mask`` filter for the MIH loop, or None (nothing deleted)."""
+        m = self.alive_mask()
+        return None if m is None else (lambda pos: m[pos])
+
+    def selector(self):
+        """A FAISS selector of the live base rows, or None (nothing deleted)."""
+        m = self.alive_mask()
+        if m is None:
+            return None
+        with self._lock:
+            if self._selector is None:
+                from cbir.indexer.faissidx import Selector
+
+                self._selector = Selector(m)
+            return self._selector
 
     def materialize(self) -> tuple[np.ndarray, np.ndarray]:
         """All current (codes, ids); base rows first (in code order), then the added rows."""
         b = self.base
         if self.exact:
             return np.asarray(b.codes), np.asarray(b.ids)
-        keep = np.ones(b.n, dtype=bool)
-        keep[self.deleted] = False
-        return (np.concatenate([np.asarray(b.codes)[keep], self.add_codes]),
-                np.concatenate([np.asarray(b.ids)[keep], self.add_ids]))
+        m = self.alive_mask()
+        codes, ids = np.asarray(b.codes), np.asarray(b.ids)
+        if m is not None:
+            codes, ids = codes[m], ids[m]
+        return np.concatenate([codes, self.add_codes]), np.concatenate([ids, self.add_ids])
 
     def replay(self, records, nb: int, max_delta: int) -> "View | None":
         """A new view after applying change-log ``records`` ((generation, adds, dels) with keys
-        as (n, nb + 8) uint8 arrays), or None when the delta would exceed ``max_delta``."""
-        b = self.base
-        added = dict(zip(self.add_ids.tolist(), (r.tobytes() for r in self.add_codes)))
-        deleted = set(self.deleted.tolist())
-        gen = self.generation
-        for gen, adds, dels in records:
-            for key in dels:
-                i = int.from_bytes(key[nb:].tobytes(), "big")
-                if added.pop(i, None) is not None:
-                    continue
-                p = _base_position(b, key[:nb], i)
-                if p is not None:
-                    deleted.add(p)
-            for key in adds:
-                added[int.from_bytes(key[nb:].tobytes(), "big")] = key[:nb].tobytes()
-            if len(added) + len(deleted) > max_delta:
-                return None
-        ids = np.fromiter(added.keys(), dtype=np.int64, count=len(added))
-        codes = (np.frombuffer(b"".join(added.values()), dtype=np.uint8).reshape(-1, nb).copy()
-                 if added else np.zeros((0, nb), np.uint8))
-        return View(b, gen, np.array(sorted(deleted), dtype=np.int64), codes, ids)
+        as (n, nb + 8) uint8 arrays; within a record the deletes come first), or None when the
+        delta would exceed ``max_delta``. Vectorised: the last operation on each key decides."""
+        if not records:
+            return self
+        ks = nb + 8
+        parts = [make_keys(self.add_codes, self.add_ids)]
+        ops = [np.ones(len(self.add_ids), dtype=bool)]  # True = present after the op
+        for _g, adds, dels in records:
+            parts += [dels, adds]
+            ops += [np.zeros(len(dels), bool), np.ones(len(adds), bool)]
+        gen = records[-1][0]
+        keys = np.ascontiguousarray(np.concatenate(parts).reshape(-1, ks))
+        op = np.concatenate(ops)
+        if len(keys) == 0:
+            return View(self.base, gen, self.deleted, self.add_codes, self.add_ids)
+        # last occurrence of every key
+        rev = keys[::-1]
+        _u, first = np.unique(np.ascontiguousarray(rev).view(f"V{ks}").reshape(-1), return_index=True)
+        last = len(keys) - 1 - first
+        keys, op = keys[last], op[last]
+        pos = base_positions(self.base, keys, nb)
+        in_base = pos >= 0
+        deleted = np.union1d(self.deleted, pos[in_base & ~op])
+        deleted = np.setdiff1d(deleted, pos[in_base & op], assume_unique=True)
+        add = op & ~in_base
+        if len(deleted) + int(add.sum()) > max_delta:
+            return None
+        codes, ids = split_keys(keys[add], nb)
+        return View(self.base, gen, deleted.astype(np.int64), np.ascontiguousarray(codes), ids)
 
 
-def _base_position(b: Derived, code: np.ndarray, i: int) -> int | None:
-    """Row of (code, id) in the base (rows sorted by code, then id), or None."""
-    nb = b.codes.shape[1]
-    head = int.from_bytes(code[:8].tobytes().ljust(8, b"\0"), "big")
-    lo = int(np.searchsorted(b.head64, np.uint64(head), side="left"))
-    hi = int(np.searchsorted(b.head64, np.uint64(head), side="right"))
-    if nb > 8 and hi > lo:
-        rows = np.flatnonzero((np.asarray(b.codes[lo:hi]) == code).all(axis=1))
-        cand = lo + rows
-    else:
-        cand = np.arange(lo, hi)
-    hit = cand[np.asarray(b.ids[cand]) == i] if len(cand) else cand
-    return int(hit[0]) if len(hit) else None
+#: equal-head64 runs longer than this are searched per key (binary search on the ids)
+_EXPAND_MAX = 64
+
+
+def base_positions(b: Derived, keys: np.ndarray, nb: int) -> np.ndarray:
+    """Row of each tree key (code || id) in the base (rows sorted by code, then id), or -1."""
+    codes, ids = split_keys(keys, nb)
+    out = np.full(len(ids), -1, dtype=np.int64)
+    if b.n == 0 or len(ids) == 0:
+        return out
+    h = _head64(codes)
+    head = b.head64
+    lo = np.searchsorted(head, h, side="left").astype(np.int64)
+    hi = np.searchsorted(head, h, side="right").astype(np.int64)
+    ln = hi - lo
+    small = np.flatnonzero((ln > 0) & (ln <= _EXPAND_MAX))
+    if len(small):  # expand every short run and compare (id, and the code beyond 8 bytes)
+        sl = ln[small]
+        owner = np.repeat(small, sl)
+        idx = np.repeat(lo[small] - (np.cumsum(sl) - sl), sl) + np.arange(int(sl.sum()))
+        hit = np.asarray(b.ids[idx]) == ids[owner]
+        if nb > 8:
+            hit &= (np.asarray(b.codes[idx]) == codes[owner]).all(axis=1)
+        out[owner[hit]] = idx[hit]
+    for j in np.flatnonzero(ln > _EXPAND_MAX):  # long runs of one head (duplicate codes)
+        a, z = int(lo[j]), int(hi[j])
+        if nb > 8:
+            rows = a + np.flatnonzero((np.asarray(b.codes[a:z]) == codes[j]).all(axis=1))
+            a, z = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (a, a)
+        p = a + int(np.searchsorted(b.ids[a:z], ids[j]))  # ids ascend within one code
+        if p < z and int(b.ids[p]) == int(ids[j]):
+            out[j] = p
+    return out
 
 
 def latest_saved(root: Path, generation: int) -> int | None:

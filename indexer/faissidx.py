@@ -3,17 +3,28 @@
 Codes are already whole bytes with zero pad bits, so FAISS sees ``d = 8 * ceil(B / 8)``
 dimensions and the same Hamming distances. Labels are row positions of the ``codes`` array
 (the index's derived arrays map positions to ids, playing the role of IndexBinaryIDMap2).
-On a machine with GPUs (``faiss.get_num_gpus() > 0``) k-NN runs on ``GpuIndexBinaryFlat``
-(k <= 2048, no range search there: range queries and larger k use the CPU copy, which is kept).
+
+Threads are set explicitly on every call (``omp_set_num_threads`` is per calling thread): one
+for a single query (a parallel scan of one query is slower than a serial one below millions of
+codes, and the server runs queries on several threads), all cores of this process
+(:func:`batch_threads`) for a batch, which is one FAISS call.
+
+Rows to skip (deleted items, ids outside a label filter) are passed as a FAISS ``IDSelector``
+(a bitmap of the rows to keep), so they are skipped inside the scan.
+
+On a machine with GPUs (``faiss.get_num_gpus() > 0`` and a GPU build of FAISS) unfiltered k-NN
+runs on ``GpuIndexBinaryFlat`` (k <= :data:`GPU_MAX_K`; range queries, filtered queries and
+larger k use the CPU index, which is kept).
 
 ``knn`` completes ties: FAISS returns k hits with arbitrary order among equal distances, so all
-items within the k-th distance are gathered (range search, or a wider GPU k-NN) and the caller
+items within the k-th distance are gathered (a wider search or a range search) and the caller
 sorts them in the exact order.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -28,63 +39,128 @@ def _faiss():
     return faiss
 
 
-class FaissBinary:
-    def __init__(self, codes: np.ndarray, use_gpu: bool | None = None) -> None:
+def batch_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "GpuIndexBinaryFlat") and faiss.get_num_gpus() > 0
+
+
+class Selector:
+    """Rows of an index a search may return (a FAISS ``IDSelectorBitmap`` over a bool mask)."""
+
+    def __init__(self, keep: np.ndarray) -> None:
         faiss = _faiss()
-        self.n, self.nb = codes.shape
-        self.cpu = faiss.IndexBinaryFlat(8 * self.nb)
-        if self.n:
-            self.cpu.add(np.ascontiguousarray(codes))
+        self.keep = np.asarray(keep, dtype=bool)
+        self._bits = np.packbits(self.keep, bitorder="little")
+        self.sel = faiss.IDSelectorBitmap(len(self.keep), faiss.swig_ptr(self._bits))
+        self.params = faiss.SearchParameters(sel=self.sel)
+        self.count = int(self.keep.sum())
+
+
+class FaissBinary:
+    """``IndexBinaryFlat`` over ``codes`` (or a saved index file, memory-mapped)."""
+
+    def __init__(self, codes: np.ndarray | None = None, use_gpu: bool | None = None,
+                 path=None) -> None:
+        faiss = _faiss()
+        if path is not None:
+            self.cpu = faiss.read_index_binary(str(path), faiss.IO_FLAG_MMAP)
+            self.n, self.nb = self.cpu.ntotal, self.cpu.d // 8
+        else:
+            self.n, self.nb = codes.shape
+            self.cpu = faiss.IndexBinaryFlat(8 * self.nb)
+            if self.n:
+                self.cpu.add(np.ascontiguousarray(codes))
         self.gpu = None
         if use_gpu is None:
-            use_gpu = faiss.get_num_gpus() > 0
-        if use_gpu and self.n:
+            use_gpu = gpu_available()
+        if use_gpu and self.n:  # pragma: no cover - GPU machines only
             try:
                 self._res = faiss.StandardGpuResources()
-                self.gpu = faiss.index_binary_cpu_to_gpu(self._res, 0, self.cpu)
-            except Exception as exc:  # pragma: no cover - GPU machines only
+                self.gpu = faiss.GpuIndexBinaryFlat(self._res, self.cpu)
+            except Exception as exc:
                 log.warning("GPU FAISS unavailable (%s); using CPU", exc)
                 self.gpu = None
 
-    def _range_cpu(self, q: np.ndarray, radius: int):
+    def save(self, path) -> None:
+        _faiss().write_index_binary(self.cpu, str(path))
+
+    # raw calls ------------------------------------------------------------------------------
+    def _search(self, Q: np.ndarray, k: int, sel: Selector | None, threads: int):
+        faiss = _faiss()
+        faiss.omp_set_num_threads(threads)
+        if sel is None and self.gpu is not None and k <= GPU_MAX_K:  # pragma: no cover
+            return self.gpu.search(Q, k)
+        if sel is None:
+            return self.cpu.search(Q, k)
+        return self.cpu.search(Q, k, params=sel.params)
+
+    def _range(self, Q: np.ndarray, radius: int, sel: Selector | None, threads: int):
+        faiss = _faiss()
+        faiss.omp_set_num_threads(threads)
         # FAISS binary range search returns distances < radius (strict)
-        lims, D, I = self.cpu.range_search(q[None, :], int(radius) + 1)
-        return I.astype(np.int64), D.astype(np.int32)
+        if sel is None:
+            return self.cpu.range_search(Q, int(radius) + 1)
+        return self.cpu.range_search(Q, int(radius) + 1, params=sel.params)
 
-    def knn(self, q: np.ndarray, k: int):
-        """(positions, distances) of every item within the k-th smallest distance (ties
-        complete; at least min(k, N) items)."""
-        k = min(int(k), self.n)
-        if k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        q = np.ascontiguousarray(q, dtype=np.uint8)
-        if self.gpu is not None and k < GPU_MAX_K:  # pragma: no cover - GPU machines only
-            k2 = min(self.n, GPU_MAX_K, max(2 * k, k + 64))
-            D, I = self.gpu.search(q[None, :], k2)
-            D, I = D[0].astype(np.int32), I[0].astype(np.int64)
-            dk = int(D[k - 1])
-            if k2 == self.n or int(D[k2 - 1]) > dk:
-                sel = D <= dk
-                return I[sel], D[sel]
-            return self._range_cpu(q, dk)
+    # exact k-NN / range -----------------------------------------------------------------------
+    def knn_batch(self, Q: np.ndarray, k: int, sel: Selector | None = None,
+                  threads: int | None = None) -> list:
+        """For each query row: (positions, distances) of every kept item within its k-th
+        smallest distance (ties complete; at least min(k, kept) items). One FAISS call (plus
+        one range call for the queries whose ties ran past the first answer)."""
+        Q = np.ascontiguousarray(Q, dtype=np.uint8).reshape(-1, self.nb)
+        avail = self.n if sel is None else sel.count
+        k = min(int(k), avail)
+        nq = len(Q)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int32))
+        if k <= 0 or nq == 0:
+            return [empty] * nq
+        threads = (1 if nq == 1 else batch_threads()) if threads is None else threads
         # one scan with some slack: if the (k2)-th distance exceeds the k-th, all ties are in
-        k2 = min(self.n, k + max(32, k // 2))
-        D, I = self.cpu.search(q[None, :], k2)
-        D, I = D[0].astype(np.int32), I[0].astype(np.int64)
-        dk = int(D[k - 1])
-        if k2 == self.n or int(D[k2 - 1]) > dk:
-            sel = D <= dk
-            return I[sel], D[sel]
-        return self._range_cpu(q, dk)
+        k2 = min(avail, k + max(32, k // 2))
+        if self.gpu is not None and sel is None and k2 > GPU_MAX_K:  # pragma: no cover
+            k2 = max(k, GPU_MAX_K) if k <= GPU_MAX_K else k2
+        D, I = self._search(Q, k2, sel, threads)
+        out, redo, radii = [None] * nq, [], []
+        for i in range(nq):
+            d, ii = D[i].astype(np.int32), I[i].astype(np.int64)
+            dk = int(d[k - 1])
+            if k2 == avail or int(d[k2 - 1]) > dk:
+                m = d <= dk
+                out[i] = (ii[m], d[m])
+            else:
+                redo.append(i)
+                radii.append(dk)
+        for i, dk in zip(redo, radii):  # ties beyond k2: everything within the k-th distance
+            out[i] = self.range(Q[i], dk, sel, threads)
+        return out
 
-    def knn_raw(self, q: np.ndarray, k: int):
-        """Plain FAISS top-k (no tie completion): the baseline the benchmark compares with."""
-        k = min(k, self.n)
-        idx = self.gpu if self.gpu is not None and k <= GPU_MAX_K else self.cpu
-        D, I = idx.search(np.ascontiguousarray(q[None, :]), k)
-        return I[0], D[0]
+    def knn(self, q: np.ndarray, k: int, sel: Selector | None = None):
+        return self.knn_batch(q[None, :], k, sel, threads=1)[0]
 
-    def range(self, q: np.ndarray, radius: int):
+    def range(self, q: np.ndarray, radius: int, sel: Selector | None = None, threads: int = 1):
         if self.n == 0 or radius < 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        return self._range_cpu(np.ascontiguousarray(q, dtype=np.uint8), radius)
+        lims, D, I = self._range(np.ascontiguousarray(q, dtype=np.uint8)[None, :], radius, sel, threads)
+        return I.astype(np.int64), D.astype(np.int32)
+
+    def range_batch(self, Q: np.ndarray, radius: int, sel: Selector | None = None) -> list:
+        Q = np.ascontiguousarray(Q, dtype=np.uint8).reshape(-1, self.nb)
+        if self.n == 0 or radius < 0 or len(Q) == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.int32))] * len(Q)
+        lims, D, I = self._range(Q, radius, sel, 1 if len(Q) == 1 else batch_threads())
+        return [(I[lims[i]:lims[i + 1]].astype(np.int64), D[lims[i]:lims[i + 1]].astype(np.int32))
+                for i in range(len(Q))]
+
+    def knn_raw(self, q: np.ndarray, k: int, threads: int = 1):
+        """Plain FAISS top-k (no tie completion): the baseline the benchmark compares with."""
+        k = min(k, self.n)
+        D, I = self._search(np.ascontiguousarray(q).reshape(-1, self.nb), k, None, threads)
+        return I[0], D[0]

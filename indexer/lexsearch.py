@@ -243,3 +243,58 @@ class LexSearcher:
         # stable lexsort on XOR bytes; the window is in key order, so ties stay in id order
         order = np.lexsort([np.arange(len(x))] + [x[:, j] for j in range(self.nb - 1, -1, -1)])
         return keys[order[:k]]
+
+    # --- paging: the ranking after a given key, O(k + B) -------------------------------------
+    def after(self, txn, qb: bytes, ckey: bytes, k: int) -> np.ndarray:
+        """The ``k`` keys that follow the key ``ckey`` (code || id) in the lexicographic order
+        of query ``qb``: first equal codes with larger ids, then the sibling subtrees of the
+        path to ``ckey`` that the DFS visits later (at every depth j where ``ckey`` follows
+        ``q``'s bit, the subtree with bit j flipped), deepest first. Empty subtrees cost one
+        seek, the others what they return."""
+        nb, ks, nbits = self.nb, self.ks, self.nbits
+        if k <= 0:
+            return np.zeros((0, ks), dtype=np.uint8)
+        code = ckey[:nb]
+        parts = []
+        cur = txn.cursor(self.tree)
+        if cur.set_range(ckey):
+            same = []
+            for key in cur.iternext(values=False):
+                if key == ckey:
+                    continue
+                if key[:nb] != code or len(same) >= k:
+                    break
+                same.append(key)
+            if same:
+                parts.append(np.frombuffer(_join(same), dtype=np.uint8).reshape(-1, ks))
+        need = k - sum(len(p) for p in parts)
+        width = 8 * nb
+        qi = int.from_bytes(qb, "big")
+        ci = int.from_bytes(code, "big")
+        t = qi ^ ci
+        for j in range(nbits - 1, -1, -1):
+            if need <= 0:
+                break
+            bit = 1 << (width - 1 - j)
+            if t & bit:
+                continue  # ckey is in the flipped branch here: its sibling came earlier
+            hi_mask = ((1 << width) - 1) ^ (bit - 1)  # bits 0..j
+            pre = (ci ^ bit) & hi_mask
+            if not self._nonempty(cur, pre, j + 1):
+                continue
+            q2 = pre | (qi & (bit - 1))
+            sub = self.topk(txn, q2.to_bytes(nb, "big"), need, j + 1)
+            if len(sub):
+                parts.append(sub)
+                need -= len(sub)
+        if not parts:
+            return np.zeros((0, ks), dtype=np.uint8)
+        return np.concatenate(parts)
+
+    def _nonempty(self, cur, pre: int, p: int) -> bool:
+        """Some key starts with the ``p``-bit prefix ``pre`` (as a left-aligned int)."""
+        width = 8 * self.nb
+        if not cur.set_range(pre.to_bytes(self.nb, "big") + ZERO8):
+            return False
+        got = int.from_bytes(cur.key()[: self.nb], "big")
+        return (got ^ pre) >> (width - p) == 0

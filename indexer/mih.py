@@ -63,7 +63,8 @@ def choose_m(nbits: int, n: int) -> int:
 class MIH:
     """Multi-index hash tables over ``codes`` (packed uint8 (N, nb)) of ``nbits`` bits."""
 
-    def __init__(self, codes: np.ndarray, nbits: int, m: int | None = None, tables=None) -> None:
+    def __init__(self, codes: np.ndarray, nbits: int, m: int | None = None, tables=None,
+                 codes64: np.ndarray | None = None, comb=None) -> None:
         self.codes = codes
         self.nbits = nbits
         self.n = len(codes)
@@ -73,13 +74,18 @@ class MIH:
         self.starts = [sum(sizes[:i]) for i in range(self.m)]
         self.sizes = sizes
         self.codes64 = None
-        if codes.shape[1] <= 8:
-            buf = np.zeros((self.n, 8), dtype=np.uint8)
-            buf[:, : codes.shape[1]] = codes
-            self.codes64 = buf.view(">u8").reshape(-1).astype(np.uint64)
-        if tables is None:
+        if codes.shape[1] <= 8:  # <= 64-bit codes: one big-endian uint64 per code
+            if codes64 is None:
+                buf = np.zeros((self.n, 8), dtype=np.uint8)
+                buf[:, : codes.shape[1]] = codes
+                codes64 = buf.view(">u8").reshape(-1).astype(np.uint64)
+            self.codes64 = codes64
+        self._comb = comb
+        if comb is None and tables is None:
             tables = [self._build_table(i) for i in range(self.m)]
         self.tables = tables  # list of (perm, offsets or None, sorted values or None)
+        if comb is None:
+            self._combined()  # direct tables: one CSR; the per-table copies are then dropped
 
     def _subvals(self, i: int, rows=None) -> np.ndarray:
         src = self.codes if rows is None else self.codes[rows]
@@ -98,6 +104,14 @@ class MIH:
 
     # persistence ----------------------------------------------------------------------------
     def arrays(self) -> dict:
+        """Arrays that rebuild this MIH with :meth:`from_arrays` (saved as .npy, mmapped)."""
+        comb = self._combined()
+        if comb is not None:
+            bases, offs, perm, codes_all = comb
+            out = {"mihc_bases": bases, "mihc_offs": offs, "mihc_perm": perm}
+            if codes_all is not None:
+                out["mihc_codes"] = codes_all
+            return out
         out = {}
         for i, (perm, offs, svals) in enumerate(self.tables):
             out[f"mih{i}_perm"] = perm
@@ -108,12 +122,17 @@ class MIH:
         return out
 
     @classmethod
-    def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict) -> "MIH":
+    def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict,
+                    codes64: np.ndarray | None = None) -> "MIH":
+        if "mihc_offs" in arrays:
+            comb = (arrays["mihc_bases"], arrays["mihc_offs"], arrays["mihc_perm"],
+                    arrays.get("mihc_codes"))
+            return cls(codes, nbits, m=m, codes64=codes64, comb=comb)
         tables = []
         for i in range(m):
             tables.append((arrays[f"mih{i}_perm"], arrays.get(f"mih{i}_offsets"),
                            arrays.get(f"mih{i}_values")))
-        return cls(codes, nbits, m=m, tables=tables)
+        return cls(codes, nbits, m=m, tables=tables, codes64=codes64)
 
     # lookup ---------------------------------------------------------------------------------
     def _lookup(self, i: int, values: np.ndarray) -> np.ndarray:
@@ -151,11 +170,12 @@ class MIH:
 
     def _combined(self):
         """All direct tables as one CSR (values of table t shifted by base[t]), or None."""
-        if getattr(self, "_comb", None) is None:
+        if self._comb is None:
             if any(offs is None for _p, offs, _v in self.tables):
                 self._comb = False
             else:
                 n = self.n
+                small = (self.m + 1) * max(n, 1) < 2**31
                 bases, offs, perms = [], [], []
                 base = 0
                 for t, (perm, off, _v) in enumerate(self.tables):
@@ -167,8 +187,9 @@ class MIH:
                 # codes stored again in bucket order: candidates of a bucket are then read
                 # sequentially instead of gathered at random (<= 64-bit codes)
                 codes_all = self.codes64[perm_all] if self.codes64 is not None else None
-                self._comb = (np.array(bases, dtype=np.uint64), np.concatenate(offs), perm_all,
-                              codes_all)
+                offs_all = np.concatenate(offs).astype(np.int32 if small else np.int64)
+                self._comb = (np.array(bases, dtype=np.uint64), offs_all, perm_all, codes_all)
+                self.tables = None
         return self._comb or None
 
     def _step(self, q, q64, qsub, r):
@@ -185,8 +206,8 @@ class MIH:
             vals = np.concatenate([(np.uint64(qsub[t]) ^ flip_masks(self.sizes[t], r)) + bases[t]
                                    for t in tabs]).astype(np.int64)
             origin = np.repeat(np.array(tabs, dtype=np.int8), [math.comb(self.sizes[t], r) for t in tabs])
-            lo = offs[vals]
-            ln = offs[vals + 1] - lo
+            lo = offs[vals].astype(np.int64)
+            ln = offs[vals + 1].astype(np.int64) - lo
             keep = ln > 0
             if keep.any():
                 lo, ln, origin = lo[keep], ln[keep], origin[keep]
@@ -232,13 +253,17 @@ class MIH:
     PROBE_COST = 40
     CANDIDATE_COST = 150
 
-    def knn(self, q: np.ndarray, k: int, budget: int | None = None):
+    def knn(self, q: np.ndarray, k: int, budget: int | None = None, keep=None):
         """Exact candidate set for the k nearest: (positions, distances) of every item with
         distance <= D, where at least min(k, N) items lie within D (ties complete).
 
         After substring radius r has been probed in all m tables, every unseen item has
         distance >= m (r + 1). Returns None as soon as the estimated cost (STEP_COST etc.)
-        would exceed ``budget``."""
+        would exceed ``budget``.
+
+        ``keep``: optional ``keep(positions) -> bool mask``; candidates it rejects (deleted rows,
+        rows outside a prefix range, ids outside a label filter) are dropped inside the loop,
+        so the search runs until ``k`` *kept* items are certain."""
         k = min(k, self.n)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
@@ -255,6 +280,9 @@ class MIH:
                 return None
             pos, dist = self._step(q, q64, qsub, r)
             cost += self.CANDIDATE_COST * len(pos)
+            if keep is not None and len(pos):
+                sel = keep(pos)
+                pos, dist = pos[sel], dist[sel]
             if len(pos):
                 P.append(pos)
                 D.append(dist)
@@ -269,7 +297,7 @@ class MIH:
         dist = np.concatenate(D) if D else np.zeros(0, np.int32)
         return pos, dist
 
-    def range(self, q: np.ndarray, radius: int, budget: int | None = None):
+    def range(self, q: np.ndarray, radius: int, budget: int | None = None, keep=None):
         """(positions, distances) of every item within Hamming distance ``radius`` (pigeonhole:
         some substring is within ``radius // m``); None when the estimated cost exceeds
         ``budget``."""
@@ -287,6 +315,8 @@ class MIH:
         for r in range(min(rr, max(self.sizes)) + 1):
             pos, dist = self._step(q, q64, qsub, r)
             sel = dist <= radius
+            if keep is not None and len(pos):
+                sel &= keep(pos)
             P.append(pos[sel])
             D.append(dist[sel])
         if not P:

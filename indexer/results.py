@@ -21,7 +21,9 @@ class SearchResult:
 
     ``ids``: int64 (n,); ``codes``: :class:`Codes` (n rows); ``distances``: int32 (n,) Hamming
     distance to the query; ``prefix_lengths``: int32 (n,) number of leading bits shared with the
-    query; ``order``: ``"lex"`` or ``"hamming"`` (the order the hits are sorted by).
+    query; ``order``: ``"lex"`` or ``"hamming"`` (the order the hits are sorted by);
+    ``next_cursor``: for lexicographic results, an opaque str that continues the ranking after
+    the last hit (``search_lex(code, k, cursor=...)``, O(k)), None when it is complete.
     """
 
     ids: np.ndarray
@@ -29,6 +31,7 @@ class SearchResult:
     distances: np.ndarray
     prefix_lengths: np.ndarray
     order: str = "lex"
+    next_cursor: str | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -109,7 +112,7 @@ def order_candidates(
 
 
 def make_result(q: np.ndarray, packed: np.ndarray, ids: np.ndarray, nbits: int, order: str,
-                dist: np.ndarray | None = None) -> SearchResult:
+                dist: np.ndarray | None = None, next_cursor: str | None = None) -> SearchResult:
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1, q.shape[0])
     return SearchResult(
         ids=np.asarray(ids, dtype=np.int64),
@@ -117,4 +120,9 @@ def make_result(q: np.ndarray, packed: np.ndarray, ids: np.ndarray, nbits: int, 
         distances=hamming_to(q, packed) if dist is None else np.asarray(dist, dtype=np.int32),
         prefix_lengths=prefix_len_to(q, packed, nbits),
         order=order,
+        next_cursor=next_cursor,
     )
+
+
+def empty_result(q: np.ndarray, nbits: int, order: str) -> SearchResult:
+    return make_result(q, np.zeros((0, q.shape[0]), np.uint8), np.zeros(0, np.int64), nbits, order)

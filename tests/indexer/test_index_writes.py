@@ -18,7 +18,10 @@ from _helpers import queries_for, random_codes, ref_ids, ref_radius
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import IndexWriter, build_index, open_index, read_manifest
 from cbir.indexer import derived as derived_mod
-from cbir.indexer import store
+from cbir.indexer import build as build_mod
+from cbir.indexer import env as env_mod
+from cbir.indexer import writer as writer_mod
+from cbir.indexer.reader import IndexReader
 
 
 def _check_all(r, model: dict, nbits: int, rng) -> None:
@@ -136,8 +139,8 @@ def test_reader_keeps_a_consistent_snapshot_during_writes(tmp_path):
 
 
 def test_map_size_grows_automatically(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "INITIAL_MAP", 1 << 16)
-    monkeypatch.setattr(store, "WRITE_MAP", 1 << 16)
+    monkeypatch.setattr(build_mod, "INITIAL_MAP", 1 << 16)
+    monkeypatch.setattr(env_mod, "WRITE_MAP", 1 << 16)
     rng = np.random.default_rng(2)
     with IndexWriter(tmp_path / "ix", layout=CodeLayout(nbits=32)) as w:
         for s in range(0, 30000, 10000):
@@ -184,7 +187,7 @@ def test_derived_structures_are_persisted_and_catch_up_from_the_log(tmp_path, mo
 
 def test_large_delta_or_pruned_log_rebuilds_the_derived_structures(tmp_path, monkeypatch):
     monkeypatch.setattr(derived_mod, "PERSIST_MIN", 0)
-    monkeypatch.setattr(store, "LOG_KEEP", 3)
+    monkeypatch.setattr(writer_mod, "LOG_KEEP", 3)
     rng = np.random.default_rng(9)
     codes = random_codes(rng, 300, 20, "uniform")
     build_index(tmp_path / "ix", np.arange(300), codes)
@@ -192,8 +195,8 @@ def test_large_delta_or_pruned_log_rebuilds_the_derived_structures(tmp_path, mon
     model = dict(zip(range(300), codes.to_bytes_list()))
     with open_index(tmp_path / "ix") as r, IndexWriter(tmp_path / "ix") as w:
         r.derived()
-        monkeypatch.setattr(store.IndexReader, "DELTA_MIN", 5)
-        monkeypatch.setattr(store.IndexReader, "DELTA_FRACTION", 0.0)
+        monkeypatch.setattr(IndexReader, "DELTA_MIN", 5)
+        monkeypatch.setattr(IndexReader, "DELTA_FRACTION", 0.0)
         new = random_codes(rng, 8, 20, "uniform")
         w.add(np.arange(1000, 1008), new)
         model.update(zip(range(1000, 1008), new.to_bytes_list()))
@@ -201,7 +204,7 @@ def test_large_delta_or_pruned_log_rebuilds_the_derived_structures(tmp_path, mon
         assert r.derived().base.generation == 2  # delta of 8 > 5: rebuilt (and persisted)
         assert (dd / "g2" / "state.json").exists() and not (dd / "g1").exists()
         _check_all(r, model, 20, rng)
-        monkeypatch.setattr(store.IndexReader, "DELTA_MIN", 10_000)
+        monkeypatch.setattr(IndexReader, "DELTA_MIN", 10_000)
         for i in range(5):  # 5 generations, only 3 log records kept
             w.delete([i])
             del model[i]
@@ -241,7 +244,8 @@ _KILL_SCRIPT = """
 import sys, time
 import numpy as np
 from cbir.codes import Codes
-from cbir.indexer import build_index, store
+from cbir.indexer import build_index
+from cbir.indexer import build as store
 store.PUT_CHUNK = 2000
 orig = store._bulk_chunk
 state = {"n": 0}
@@ -308,7 +312,7 @@ def test_rebuild_in_place_while_a_reader_is_open(tmp_path):
 
 
 def test_map_growth_with_a_reader_open_in_the_same_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "INITIAL_MAP", 1 << 16)
+    monkeypatch.setattr(build_mod, "INITIAL_MAP", 1 << 16)
     rng = np.random.default_rng(7)
     codes = random_codes(rng, 20000, 24, "uniform")
     build_index(tmp_path / "ix", np.arange(100), codes[:100])
@@ -323,8 +327,8 @@ def test_map_growth_with_a_reader_open_in_the_same_process(tmp_path, monkeypatch
 
 
 def test_map_regrowth_in_process_moves_open_readers_to_the_newest_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "WRITE_MAP", 1 << 16)  # force MapFullError + growth
-    monkeypatch.setattr(store, "INITIAL_MAP", 1 << 16)
+    monkeypatch.setattr(env_mod, "WRITE_MAP", 1 << 16)  # force MapFullError + growth
+    monkeypatch.setattr(build_mod, "INITIAL_MAP", 1 << 16)
     rng = np.random.default_rng(8)
     codes = random_codes(rng, 12000, 24, "uniform")
     build_index(tmp_path / "ix", np.arange(100), codes[:100])
