@@ -288,19 +288,22 @@ def test_cli_bench_and_compare(model_dir, second_model, tmp_path, capsys):
                  "--no-robustness", "--no-plots", "--out", str(cmp_out)]) == 0
     table = capsys.readouterr().out
     lines = [ln for ln in table.splitlines() if ln.startswith("ddtl")]
-    assert len(lines) == 2
-    header = table.splitlines()[0]
-    for col in ("method", "bits", "mAP@50 lex", "mAP@all Ham", "tie-aware mAP@50", "P@H<=2", "entropy",
-                "unique %", "collisions"):
-        assert col in header
+    assert len(lines) == 4  # a retrieval table and a coverage table, one row per model each
+    headers = [ln for ln in table.splitlines() if ln.startswith("method")]
+    assert len(headers) == 2
+    for col in ("method", "bits", "tie@50 lex", "tie@all Ham", "mAP@50 lex*"):
+        assert col in headers[0]
+    for col in ("P@H<=2", "entropy", "unique %", "random %", "collisions", "random coll."):
+        assert col in headers[1]
+    assert max(len(ln) for ln in table.split("\nwritten:")[0].splitlines()) <= 110
     summary = json.loads((cmp_out / "compare.json").read_text())
     assert len(summary["rows"]) == 2 and summary["same_data"]
     assert summary["rows"][0]["model"] != summary["rows"][1]["model"]
     md = (cmp_out / "compare.md").read_text()
-    assert md.count("| ddtl |") == 2
+    assert md.count("| ddtl |") == 4
     # earlier reports (report.json files or their directories) are compared without re-running
     assert main(["bench", "compare", str(out / "report.json"), *summary["reports"], "--out", str(tmp_path / "c3")]) == 0
-    assert sum(ln.startswith("ddtl") for ln in capsys.readouterr().out.splitlines()) == 3
+    assert sum(ln.startswith("ddtl") for ln in capsys.readouterr().out.splitlines()) == 2 * 3  # two tables
 
 
 def test_cli_compare_accepts_reports_and_options_before_compare(tmp_path, report_run, capsys):
@@ -309,14 +312,14 @@ def test_cli_compare_accepts_reports_and_options_before_compare(tmp_path, report
     assert main(["bench", "--k", "7", "compare", str(out / "report.json"), str(out / "report.json"),
                  "--out", str(cmp_out)]) == 0
     table = capsys.readouterr().out
-    assert sum(ln.startswith("ddtl") for ln in table.splitlines()) == 2
-    assert "mAP@100 lex" in table  # the reports' own k, not re-run
+    assert sum(ln.startswith("ddtl") for ln in table.splitlines()) == 4  # two tables
+    assert "mAP@100 lex" in table and "tie@100 lex" in table  # the reports' own k, not re-run
     # a broken model does not stop the others; it is listed and the exit code is 1
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["bench", "compare", str(out / "report.json"), str(bad), "--out", str(cmp_out)]) == 1
     captured = capsys.readouterr()
-    assert sum(ln.startswith("ddtl") for ln in captured.out.splitlines()) == 1
+    assert sum(ln.startswith("ddtl") for ln in captured.out.splitlines()) == 2 * 1  # two tables
     assert "failed: " in captured.err and "broken.pt" in captured.err
     summary = json.loads((cmp_out / "compare.json").read_text())
     assert len(summary["rows"]) == 1 and summary["errors"][0]["path"].endswith("broken.pt")
@@ -439,3 +442,13 @@ def test_address_figures_equal_in_process(model_dir, hasher, digits_index, tmp_p
 def test_address_with_limited_database_is_refused(model_dir):
     with pytest.raises(ValueError, match="--limit-database"):
         BenchConfig(model=str(model_dir), dataset="digits", address="127.0.0.1:1", limit_database=10).validate()
+
+
+def test_pr_curve_labels_never_overprint():
+    from cbir.bench.render import _label_groups
+
+    # radii 0, 1, 2 at (almost) the same point share one label; 4 and 8 stand apart
+    xs, ys = [0.0, 0.001, 0.01, 0.2, 0.3, 0.5, 0.6, 0.7, 0.9], [1.0, 1.0, 0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
+    groups = _label_groups(xs, ys, (0, 1, 2, 4, 8))
+    assert [g[1] for g in groups] == [[0, 1, 2], [4], [8]]
+    assert _label_groups(xs[:3], ys[:3], (0, 1, 2, 4, 8)) == [((0.0, 1.0), [0, 1, 2])]

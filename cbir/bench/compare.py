@@ -6,6 +6,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -51,27 +52,32 @@ def compare_rows(reports: Sequence[dict]) -> list[dict]:
     return rows
 
 
-_COMPARE_COLS = [
+#: two tables, each narrow enough for a terminal: ranked retrieval, then coverage
+_RETRIEVAL_COLS = [
     ("method", "method", None), ("bits", "bits", None), ("model", "model", None),
-    ("mAP@{k} lex", "map_at_k_lex", 4), ("mAP@{k} Ham", "map_at_k_hamming", 4),
-    ("tie-aware mAP@{k} lex", "tie_aware_map_at_k_lex", 4), ("tie-aware mAP@{k} Ham", "tie_aware_map_at_k_hamming", 4),
-    ("tie-aware mAP@all lex", "tie_aware_map_all_lex", 4), ("tie-aware mAP@all Ham", "tie_aware_map_all_hamming", 4),
-    ("mAP@{k} lex (id ties)", "map_at_k_lex", 4), ("mAP@{k} Ham (id ties)", "map_at_k_hamming", 4),
-    ("P@H<=2", "p_at_h2", 4),
-    ("empty H<=2 %", "p_at_h2_empty", "pct"), ("entropy", "entropy", 3), ("unique %", "unique_percent", 2),
-    ("random unique %", "random_unique_percent", 2), ("collisions", "collisions", 3),
-    ("random collisions", "random_collisions", 3),
+    ("tie@{k} lex", "tie_aware_map_at_k_lex", 4), ("tie@{k} Ham", "tie_aware_map_at_k_hamming", 4),
+    ("tie@all lex", "tie_aware_map_all_lex", 4), ("tie@all Ham", "tie_aware_map_all_hamming", 4),
+    ("mAP@{k} lex*", "map_at_k_lex", 4), ("mAP@{k} Ham*", "map_at_k_hamming", 4),
 ]
+_COVERAGE_COLS = [
+    ("method", "method", None), ("bits", "bits", None), ("model", "model", None),
+    ("P@H<=2", "p_at_h2", 4), ("empty H<=2 %", "p_at_h2_empty", "pct"), ("entropy", "entropy", 3),
+    ("unique %", "unique_percent", 2), ("random %", "random_unique_percent", 2),
+    ("collisions", "collisions", 3), ("random coll.", "random_collisions", 3),
+]
+_LEGEND = ("tie = tie-aware mAP (expected AP over every order of tied items; independent of database "
+           "order); * = ties broken by id (depends on database order); random = what random codes give "
+           "at the same N and B (below the class bits when there are any)")
 
 
-def _compare_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _cells(rows: list[dict], cols) -> tuple[list[str], list[list[str]]]:
     ks = {r["k"] for r in rows}
     k = ks.pop() if len(ks) == 1 else "k"
-    header = [c[0].format(k=k) for c in _COMPARE_COLS]
+    header = [c[0].format(k=k) for c in cols]
     body = []
     for r in rows:
         cells = []
-        for _, key, nd in _COMPARE_COLS:
+        for _, key, nd in cols:
             v = r[key]
             cells.append(f"{100 * v:.1f}" if nd == "pct" else (f"{v:.{nd}f}" if nd else str(v)))
         body.append(cells)
@@ -79,9 +85,14 @@ def _compare_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def compare_table(rows: list[dict], markdown: bool = False) -> str:
-    """One table in the shape of the thesis's Tables 3.4/3.5 across models."""
-    header, body = _compare_cells(rows)
-    return _md_table(header, body, "lrl" + "r" * (len(header) - 3)) if markdown else _text_table(header, body)
+    """The thesis's Tables 3.4/3.5 across models: a retrieval table and a coverage table."""
+    parts = []
+    for cols in (_RETRIEVAL_COLS, _COVERAGE_COLS):
+        header, body = _cells(rows, cols)
+        parts.append(_md_table(header, body, "lrl" + "r" * (len(header) - 3)) if markdown
+                     else _text_table(header, body))
+    legend = _LEGEND if markdown else "\n".join(textwrap.wrap(_LEGEND, 100))
+    return "\n\n".join(parts) + "\n\n" + legend
 
 
 def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, hasher_loader=None) -> tuple[list[dict], dict]:
@@ -123,9 +134,7 @@ def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, 
     dd = sorted(data_desc)
     md = ["# cbir bench compare", "",
           "Data: " + "; ".join(f"{a} ({q} queries x {n} database)" for a, q, n in dd) + ".",
-          "tie-aware: expected AP over every order of tied items (lex: identical codes tie; Hamming: "
-          "equal distances tie), independent of database order; mAP@k (id ties): DeepHash AP@k with ties "
-          "broken by id, which depends on database order; random: the expectation for random codes; "
+          "tie-aware: lex - identical codes tie; Hamming - equal distances tie; mAP@k: DeepHash AP@k; "
           "P@H<=2: empty balls score 0; entropy in bits; collisions: average collision count.", "",
           compare_table(rows, markdown=True), ""]
     md += ["Reports:", ""] + [f"- {r.get('report_dir') or r['model']['path']}" for r in reports] + [""]

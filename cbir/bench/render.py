@@ -157,6 +157,23 @@ def report_markdown(report: dict) -> str:
 # ============================================================================================
 # plots
 # ============================================================================================
+def _label_groups(xs, ys, which, min_dist: float = 0.05) -> list[tuple[tuple[float, float], list[int]]]:
+    """Points ``which`` of a curve on the unit square to label, merging those closer than
+    ``min_dist`` into one label (``r=0,1,2``) so labels never print over each other."""
+    groups: list[tuple[tuple[float, float], list[int]]] = []
+    for i in which:
+        if i >= len(xs):
+            continue
+        p = (float(xs[i]), float(ys[i]))
+        for (q, members) in groups:
+            if (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 < min_dist ** 2:
+                members.append(i)
+                break
+        else:
+            groups.append((p, [i]))
+    return groups
+
+
 def write_plots(report: dict, out: Path) -> list[str]:
     """Write the PNG plots of ``report`` into ``out``; returns the file names.
 
@@ -183,9 +200,9 @@ def write_plots(report: dict, out: Path) -> list[str]:
     pr = r["pr_by_radius"]
     fig, ax = subplots(figsize=(5, 4))
     ax.plot(pr["recall"], pr["precision"], "o-", ms=3)
-    for rad in (0, 1, 2, 4, 8):
-        if rad < len(pr["radius"]):
-            ax.annotate(f"r={rad}", (pr["recall"][rad], pr["precision"][rad]), fontsize=7)
+    for (x, y), rads in _label_groups(pr["recall"], pr["precision"], (0, 1, 2, 4, 8)):
+        ax.annotate("r=" + ",".join(map(str, rads)), (x, y), xytext=(4, 4),
+                    textcoords="offset points", fontsize=7)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision (empty ball = 0)")
     ax.set_xlim(0, 1.02)
