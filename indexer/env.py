@@ -5,11 +5,13 @@ Rules enforced here (LMDB's own rules, see the lmdb(3) caveats):
 * **One environment per file per process.** LMDB forbids opening the same data file twice in a
   process, so environments are cached by (real path, device:inode of ``data.mdb``); an index
   rebuilt in place (a new ``data.mdb``) is a new environment.
-* **Fork.** An environment must not be used in a child after ``fork()``. Every cache entry
-  records the pid that opened it; a lookup from another pid never returns it (the child opens
-  its own), and :class:`~cbir.indexer.reader.IndexReader` re-opens itself when it finds that it
-  runs in a child. The parent's handles are parked in :data:`_FORKED` instead of closed, so
-  the child never releases the parent's reader slots.
+* **Fork.** An environment must not be used in a child after ``fork()`` (the child would share
+  the parent's reader slots and locks), and py-lmdb refuses a second open of the same files in
+  the child while the parent's handle exists there. Every cache entry records the pid that
+  opened it; in a child, using a reader or writer opened by the parent, or opening an index the
+  parent had open, raises :class:`ForkError`. Open indexes *after* forking (pre-fork servers:
+  in each worker) or use the ``spawn`` start method. A child's ``close()`` of an inherited
+  handle only parks it in :data:`_FORKED` (never aborting the parent's transactions).
 * **Reader table.** Read-only opens use LMDB's lock file (reader table) whenever ``lock.mdb``
   is writable, so a concurrent writer never recycles pages a reader still sees. Only where the
   file system is read-only does cbir fall back to ``lock=False`` (safe only when nothing
@@ -50,6 +52,16 @@ _ENVS_LOCK = threading.Lock()
 #: environments inherited from a parent process: kept referenced (never closed or freed in the
 #: child, which would release the parent's reader slots)
 _FORKED: list = []
+
+
+class ForkError(RuntimeError):
+    """An LMDB environment opened before ``fork()`` was used in the child."""
+
+
+def fork_error(path) -> ForkError:
+    return ForkError(f"index {path} was opened in process before fork(); LMDB environments cannot "
+                     "cross a fork. Open the index in the child after forking (or use the 'spawn' "
+                     "multiprocessing start method)")
 
 
 class Env:
@@ -95,8 +107,7 @@ def acquire_env(dbdir: Path, want_write: bool, create: bool = False) -> Env:
     with _ENVS_LOCK:
         ent = _ENVS.get(key)
         if ent is not None and ent[0].stale:
-            _FORKED.append(_ENVS.pop(key))  # inherited across fork(): never reuse, never close
-            ent = None
+            raise fork_error(dbdir)  # inherited across fork(): never reuse, never close
         if ent is not None:
             if want_write and not ent[0].writable:
                 raise PermissionError(f"index {dbdir} is already open read-only in this process")

@@ -4,10 +4,10 @@ The search modes live in mixins (:mod:`cbir.indexer.lexmodes`: lexicographic and
 :mod:`cbir.indexer.hamming`: Hamming and hybrid), statistics in :mod:`cbir.indexer.stats`.
 
 Snapshots and swaps: :meth:`IndexReader.refresh` moves to the newest committed snapshot and
-notices an index rebuilt or compacted in place (a new ``data.mdb``: the manifest identity
-``index_uuid`` or the file's device:inode changed), in which case it re-opens the new
-environment. In a child process after ``fork()`` the reader re-opens itself on first use
-(LMDB environments must not cross a fork). Derived structures are (re)built *off* the snapshot
+notices an index rebuilt or compacted in place (a new ``data.mdb``: its device:inode changed),
+in which case it re-opens the new environment. A reader opened before ``fork()`` raises
+:class:`~cbir.indexer.env.ForkError` when used in the child (LMDB environments must not cross a
+fork: open the index after forking). Derived structures are (re)built *off* the snapshot
 lock, on a second read transaction of the same generation, and swapped in atomically: lex
 searches and ``get`` never wait behind a rebuild.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
 from cbir.indexer.derived import Derived, View, latest_saved
-from cbir.indexer.env import _FORKED, acquire_env, data_identity, info, read_manifest, release_env, u64
+from cbir.indexer.env import _FORKED, acquire_env, data_identity, fork_error, info, read_manifest, release_env, u64
 from cbir.indexer.hamming import HammingModes
 from cbir.indexer.lexmodes import LexModes
 from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR
@@ -101,10 +101,12 @@ class IndexReader(LexModes, HammingModes):
                 release_env(self._env)
         self._txn, self._writer, self._env = None, None, None
 
+    def _check_fork(self) -> None:
+        if self._env is not None and self._env.stale:
+            raise fork_error(self.path)
+
     def _replaced(self) -> bool:
-        """This process is a fork child, or the index was rebuilt/compacted in place."""
-        if self._env.stale:
-            return True
+        """The index was rebuilt/compacted in place (a new data file)."""
         ident = data_identity(self.path / LMDB_DIR)
         if ident == "new" or self._env.key.endswith("|" + ident):
             return False  # unchanged (or mid-swap / gone: keep the snapshot we have)
@@ -115,11 +117,12 @@ class IndexReader(LexModes, HammingModes):
         return True
 
     def refresh(self) -> bool:
-        """Move to the newest committed snapshot (re-opening an index rebuilt in place, or
-        after ``fork()``); True when it changed."""
+        """Move to the newest committed snapshot (re-opening an index rebuilt or compacted in
+        place); True when it changed."""
         with self._lock:
+            self._check_fork()
             if self._txn is not None and self._replaced():
-                log.info("%s was replaced (rebuilt, compacted or inherited by fork); re-opening", self.path)
+                log.info("%s was rebuilt or compacted in place; re-opening", self.path)
                 self._release()
                 self._open()
                 return True
@@ -149,8 +152,7 @@ class IndexReader(LexModes, HammingModes):
         with self._lock:
             if self._closed:
                 raise ValueError("index reader is closed")
-            if self._env.stale:
-                self.refresh()  # fork child: re-open first
+            self._check_fork()
             try:
                 return fn(self._txn)
             except lmdb.Error as exc:
@@ -204,8 +206,7 @@ class IndexReader(LexModes, HammingModes):
         generation plus the change log replayed up to the snapshot, or rebuilt from LMDB. The
         work runs off the snapshot lock; the new view is swapped in when done."""
         with self._lock:
-            if self._env.stale:
-                self.refresh()
+            self._check_fork()
             gen, v = self.generation, self._derived
         if v is not None and v.generation == gen:
             return v
