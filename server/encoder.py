@@ -10,9 +10,9 @@ Admission: the headers of a payload job are read (no pixel decoded) and the job 
 once, with :class:`ImageDecodeError`, if a payload is not an image of an allowed format, an image
 declares more than ``max_pixels`` pixels, or all its images together exceed ``max_total_pixels``.
 
-Each step takes images from the active jobs *round-robin* (one per job per round) until it holds
-``max_batch`` images or ``max_step_pixels`` decoded pixels (a larger image makes a step of its
-own), decodes them with :func:`cbir.data.images.decode_image` (the one decoder), transforms them
+Each step takes images from the active jobs *round-robin* (one per job per round, the job that
+has been served the fewest pixels so far first: fair queuing) until it holds ``max_batch`` images
+or ``max_step_pixels`` decoded pixels (a larger image makes a step of its own), decodes them with :func:`cbir.data.images.decode_image` (the one decoder), transforms them
 in one ``hasher.preprocess`` call and runs one ``hasher.encode``. A request of many big images is
 thus spread over many steps, with every other request's images in each of them: a small request
 waits for at most one step, not for the big one. A job is resolved when all its rows are encoded;
@@ -72,6 +72,7 @@ class _Job:
     pixels: list | None = None  # declared pixels of each payload (read from the headers)
     next: int = 0  # first row not yet scheduled
     done: int = 0  # rows encoded
+    served: int = 0  # pixels (1 per tensor row) scheduled so far: the least served job goes first
     parts: list = field(default_factory=list)  # (start, packed rows, conf rows)
 
     def where(self, i: int) -> str:
@@ -116,7 +117,6 @@ class MicroBatchEncoder:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=int(max_queue))
         self._closed = False
         self._lock = threading.Lock()
-        self._rr = 0  # round-robin start
         self._reset_counters()
         self._thread = threading.Thread(target=self._run, name="cbir-encoder", daemon=True)
         self._thread.start()
@@ -269,9 +269,7 @@ class MicroBatchEncoder:
         active[:] = [j for j in active if not j.gone]
         if not active:
             return []
-        start = self._rr % len(active)
-        self._rr += 1
-        order = active[start:] + active[:start]
+        order = sorted(active, key=lambda j: j.served)  # stable: ties keep the arrival order
         take = {id(j): 0 for j in order}
         count = pixels = 0
         blocked: set[int] = set()
@@ -283,12 +281,13 @@ class MicroBatchEncoder:
                 if i >= j.n or id(j) in blocked or count >= self.max_batch:
                     continue
                 cost = j.pixels[i] if j.pixels is not None else 0
-                if count and pixels + cost > self.max_step_pixels:
+                if count and cost and pixels + cost > self.max_step_pixels:
                     blocked.add(id(j))  # does not fit: it leads a later step
                     continue
                 take[id(j)] += 1
                 count += 1
                 pixels += cost
+                j.served += max(1, cost)
                 progressed = True
         plan = []
         for j in order:

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     q.add_argument("--code", help="query code as hex (ceil(B/8) bytes, bit 0 = MSB of the first byte)")
     q.add_argument("--id", type=int, help="search with the stored code of this indexed id")
     p.add_argument("--nbits", type=int, default=None, help="bits of --code (default: the index's)")
-    p.add_argument("-k", type=int, default=10, help="hits (default: %(default)s)")
+    p.add_argument("-k", type=int, default=10, help="hits, >= 1 (default: %(default)s)")
     p.add_argument("--offset", type=int, default=0, help="skip this many hits (default: %(default)s)")
     p.add_argument("--mode", choices=MODES, default="lex", help="ranking (default: %(default)s)")
     p.add_argument("--prefix-bits", type=int, default=0, help="prefix mode: leading bits that must match")
@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from cbir.server import connect
     from cbir.v1 import search_pb2 as pb
 
+    if args.k < 1:
+        print(f"cbir search: error: -k must be >= 1 (the number of hits to return), got {args.k}", file=sys.stderr)
+        return 2
+    if args.offset < 0:
+        print(f"cbir search: error: --offset must be >= 0, got {args.offset}", file=sys.stderr)
+        return 2
     token = args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None
     tls_ca = args.tls_ca.read_bytes() if args.tls_ca else None
     channel, stub = connect(args.address, token=token, tls_ca=tls_ca, tls=args.tls, server_name=args.server_name)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 log = logging.getLogger("cbir.serve")
 
+_SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # = cbir.data.images.SAFE_FORMATS (lazy import)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -43,12 +45,28 @@ def register(subparsers) -> None:
                      help="search modes answered on the event loop without a thread hop (comma-separated from "
                           "lex,prefix,hamming,hybrid; the others go to the offload threads; default: %(default)s)")
     lim.add_argument("--max-concurrent-rpcs", type=int, default=None, help="refuse calls beyond this many in flight")
+    lim.add_argument("--max-hits-per-call", type=int, default=200_000,
+                     help="ranked hits (k + offset, summed over a BatchSearch) one call may ask for; more is "
+                          "RESOURCE_EXHAUSTED before any work (default: %(default)s)")
+    lim.add_argument("--max-filter-scan", type=int, default=100_000,
+                     help="items a label-filtered search may examine before RESOURCE_EXHAUSTED (default: %(default)s)")
+    img = p.add_argument_group("image limits (checked from the header, before any pixel is decoded)")
+    img.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                     help="pixels (width x height) of one image (default: %(default)s = 4096x4096)")
+    img.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
+                     help="pixels of all the images of one call together (default: %(default)s)")
+    img.add_argument("--image-formats", default=",".join(_SAFE_FORMATS),
+                     help="accepted image formats, comma-separated Pillow names; EPS/PS/PDF are never read "
+                          "(default: %(default)s)")
     e = p.add_argument_group("encoder")
     e.add_argument("--encoder-batch", type=int, default=64, help="max images per forward pass (default: %(default)s)")
     e.add_argument("--encoder-wait-ms", type=float, default=2.0,
                    help="a batch keeps filling while images arrive less than this apart (default: %(default)s)")
     e.add_argument("--encoder-max-delay-ms", type=float, default=None,
                    help="...but starts at most this long after its first image (default: 8 x --encoder-wait-ms)")
+    e.add_argument("--encoder-step-pixels", type=int, default=8 << 20,
+                   help="decoded pixels per encoder step: a call with many big images is spread over steps "
+                        "shared round-robin with the other calls (default: %(default)s)")
     e.add_argument("--device", default="auto", help="model device: auto, cpu, cuda ... (default: %(default)s)")
     e.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model's forward pass (default: torch's choice; on a small machine "
@@ -82,6 +100,12 @@ def run(args: argparse.Namespace) -> int:
         max_workers=args.workers,
         inline_modes=tuple(m.strip() for m in args.inline_modes.split(",") if m.strip()),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_hits_per_call=args.max_hits_per_call,
+        max_filter_scan=args.max_filter_scan,
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()),
+        encoder_step_pixels=args.encoder_step_pixels,
         encoder_max_batch=args.encoder_batch,
         encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
         encoder_max_delay_s=None if args.encoder_max_delay_ms is None else args.encoder_max_delay_ms / 1000.0,

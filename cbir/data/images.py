@@ -61,8 +61,8 @@ def _open(data: bytes, formats: Sequence[str] | None) -> Image.Image:
         reason = f"not a recognised image format ({len(data)} bytes, starts with {head!r})"
         if formats is not None:
             reason += f"; accepted formats: {', '.join(allowed)}"
-    except Image.DecompressionBombError as e:
-        reason = f"decompression bomb refused: {e}"
+    except Image.DecompressionBombError as e:  # over 2 x PIL.Image.MAX_IMAGE_PIXELS, whatever the caller's limit
+        reason = f"image too large (possible decompression bomb): {e}"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad headers
         reason = f"cannot read image header: {str(e) or type(e).__name__}"
     raise CorruptImageError(reason)

@@ -36,6 +36,9 @@ def test_cbir_search_errors(served, capsys):
     assert main(["search", "--address", served.address, "--code", "abcdef", "--nbits", "24"]) == 1
     assert "expects 16 bits" in capsys.readouterr().err
     assert main(["search", "--address", served.address, "--code", "zz"]) == 2
+    capsys.readouterr()
+    assert main(["search", "--address", served.address, "--id", "1000", "-k", "0"]) == 2
+    assert "-k must be >= 1" in capsys.readouterr().err
 
 
 def _read_line_with(proc, needle: str, timeout: float) -> str:
