@@ -313,6 +313,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     def _filtered(self, backend, query, mode, k, r, radius, labels, budget):
         """Search with a label filter: page through the ranking until k matches (bounded)."""
+        if hasattr(backend.reader, "ids_with_labels"):  # cbir.indexer: its label posting list
+            return self._filtered_by_index(backend, query, mode, k, r, radius, sorted(labels))
         class_names = backend.layout.class_names if backend.layout is not None else ()
         want = k + r.offset
         ids: list[int] = []
@@ -372,6 +374,25 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         skip = r.offset if mode != "prefix" else 0
         codes = Codes.from_bytes(rows[skip:], backend.nbits) if len(rows) > skip else Codes.empty(backend.nbits)
         return Result(np.asarray(ids[skip:], dtype=np.int64), codes, cursor), metas[skip:]
+
+    def _filtered_by_index(self, backend, query, mode, k, r, radius, labels):
+        """The index filters inside its search (cost ~ what the filter selects)."""
+        ix, off = backend.reader, r.offset
+        if mode == "lex":
+            res, off = ix.search_lex(query, k, offset=off, labels=labels), 0
+        elif mode == "hamming":
+            res = ix.search_hamming(query, k=k + off, radius=radius, labels=labels)
+        elif mode == "hybrid":
+            res = ix.search_hybrid(query, k + off, labels=labels)
+        else:
+            cursor = bytes(r.cursor).decode("ascii") if r.cursor else None
+            res, off = ix.search_prefix(query.prefix(r.prefix_bits), k, cursor, labels=labels), 0
+        cur = (res.next_cursor or "").encode() if mode == "prefix" else b""
+        out = Result(res.ids[off:], res.codes[off:] if len(res.ids) > off else Codes.empty(backend.nbits), cur,
+                     getattr(res, "distances", None), getattr(res, "prefix_lengths", None))
+        if out.distances is not None:
+            out.distances, out.prefix_lengths = out.distances[off:], out.prefix_lengths[off:]
+        return out, backend.get_metadata(out.ids) if r.return_metadata else None
 
     def _response(self, r, query: Codes, res: Result, metas, offset: int) -> pb.SearchResponse:
         resp = pb.SearchResponse(query_code=code_to_pb(query), next_cursor=res.next_cursor)
