@@ -11,6 +11,10 @@ replace anything else (a folder of photos, a file) and never deletes a file it d
 ``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
 ``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
 entropy, bucket-size histogram) -- the same dict the server's Stats call returns.
+
+``cbir index compact DIR``: rewrite the LMDB file without its free pages (pages freed by
+upserts and deletes, or pinned by a reader that did not refresh) and swap the compacted copy in
+atomically; open readers see it on their next ``refresh()``, writers on their next write.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ def register(subparsers) -> None:
     s.add_argument("index", type=Path, help="index directory")
     s.add_argument("--json", action="store_true", help="print the full statistics as JSON")
     s.set_defaults(func=run_stats)
+
+    c = sub.add_parser("compact", help="compact an index's LMDB file (atomic swap)")
+    c.add_argument("index", type=Path, help="index directory")
+    c.set_defaults(func=run_compact)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,4 +217,17 @@ def run_stats(args) -> int:
         print(json.dumps(st, indent=2, sort_keys=True))
     else:
         print(_fmt_stats(st))
+    return 0
+
+
+def run_compact(args) -> int:
+    from cbir.indexer import compact_index
+
+    if not (args.index / "manifest.json").exists():
+        print(f"cbir index compact: error: {args.index} is not a cbir index (no manifest.json)", file=sys.stderr)
+        return 2
+    out = compact_index(args.index)
+    mb = 1 << 20
+    print(f"compacted {args.index}: {out['before'] / mb:.1f} MiB -> {out['after'] / mb:.1f} MiB "
+          f"(generation {out['generation']})")
     return 0

@@ -78,3 +78,24 @@ def test_index_build_errors(tmp_path, model_path, capsys):
                  "--out", str(tmp_path / "ix")]) == 2
     assert main(["index", "stats", str(tmp_path)]) == 2
     assert "not a cbir index" in capsys.readouterr().err
+
+
+def test_index_compact(tmp_path, capsys):
+    from cbir.codes import CodeLayout, Codes
+    from cbir.indexer import IndexWriter
+
+    rng = np.random.default_rng(0)
+    with IndexWriter(tmp_path / "ix", layout=CodeLayout(16)) as w:
+        for _ in range(20):
+            w.upsert(np.arange(500), Codes(rng.integers(0, 256, (500, 2), dtype=np.uint8), 16),
+                     [{"p": "x" * 100}] * 500)
+    before = (tmp_path / "ix" / "lmdb" / "data.mdb").stat().st_size
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["index", "compact", str(tmp_path / "ix")]) == 0
+    assert "compacted" in capsys.readouterr().out
+    assert (tmp_path / "ix" / "lmdb" / "data.mdb").stat().st_size < before
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "keep.txt"]
+    with open_index(tmp_path / "ix") as r:
+        assert r.count() == 500 and r.get(499).meta == {"p": "x" * 100}
+    assert main(["index", "compact", str(tmp_path / "nothing")]) == 2
