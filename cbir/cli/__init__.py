@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "cbir.cli.search_cmd",
     "cbir.cli.bench_cmd",
     "cbir.cli.index_cmd",
+    "cbir.cli.export_cmd",
 ]
 
 

@@ -40,8 +40,10 @@ __all__ = ["HashingMethod", "binary_of_class"]
 
 def binary_of_class(cls: torch.Tensor, nbits: int) -> torch.Tensor:
     """``(N,)`` class indices -> ``(N, nbits)`` bool, most significant bit first."""
-    shifts = torch.arange(nbits - 1, -1, -1, device=cls.device)
-    return ((cls.long()[:, None] >> shifts) & 1).bool()
+    # integer division by powers of two rather than ``>>``: the same bits, and an op every
+    # export target (ONNX) has
+    powers = 2 ** torch.arange(nbits - 1, -1, -1, device=cls.device)
+    return (torch.div(cls.long()[:, None], powers, rounding_mode="floor") % 2).bool()
 
 
 class HashingMethod(nn.Module):
