@@ -68,32 +68,37 @@ def register(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def _image_folder(root: Path):
-    """An ImageSet over every image file under ``root``; class = first sub-folder (if any)."""
-    from PIL import Image
-
+    """An ImageSet over every image file under ``root`` (:func:`cbir.data.sources.image_files`);
+    class = first sub-folder, ``(none)`` for images directly in ``root``."""
     from cbir.data import ImageSet
+    from cbir.data.sources import image_files
 
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: no such directory")
-    exts = {e.lower() for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = image_files(root)
     if not files:
         raise ValueError(f"--images {root}: no image files found")
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    if any(len(p.relative_to(root).parts) == 1 for p in files):
+    cls = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "(none)" for p in files]
+    classes = sorted(set(cls) - {"(none)"})
+    if "(none)" in cls:
         classes = ["(none)"] + classes
     cidx = {c: i for i, c in enumerate(classes)}
-    labels = [cidx[p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "(none)"]
-              for p in files]
-    return ImageSet(np.array(labels, dtype=np.int64), classes, paths=[str(p) for p in files],
-                    name=root.name)
+    return ImageSet(np.array([cidx[c] for c in cls], dtype=np.int64), classes,
+                    paths=[str(p) for p in files], name=root.name)
 
 
-def _metadata(imageset, indices: np.ndarray, source: str) -> list[dict]:
+def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> list[dict]:
+    """Item metadata: source, path, label name(s) and label id(s). Label ids are the *model's*
+    class indices (``model_classes``, the CodeLayout's class names), so an index built from a
+    folder numbers labels as the model does; a label the model does not know gets no id."""
     names = imageset.class_names
     paths = getattr(imageset, "paths", None)
     labels = np.asarray(imageset.labels)
+    model_id = {c: i for i, c in enumerate(model_classes or ())}
+
+    def lid(j: int):
+        return model_id.get(names[j]) if model_id else j
+
     out = []
     for i in indices.tolist():
         m: dict = {"source": source, "index": int(i)}
@@ -102,10 +107,12 @@ def _metadata(imageset, indices: np.ndarray, source: str) -> list[dict]:
         if imageset.multilabel:
             on = np.flatnonzero(labels[i]).tolist()
             m["labels"] = [names[j] for j in on]
-            m["label_ids"] = on
+            m["label_ids"] = [lid(j) for j in on if lid(j) is not None]
         else:
-            m["label"] = names[int(labels[i])] if names else int(labels[i])
-            m["label_id"] = int(labels[i])
+            j = int(labels[i])
+            m["label"] = names[j] if names else j
+            if lid(j) is not None:
+                m["label_id"] = lid(j)
         out.append(m)
     return out
 
@@ -129,7 +136,7 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
     t_enc = time.perf_counter() - t0
     order = np.argsort(idx, kind="stable")
     codes, conf, idx = codes[order] if len(codes) else codes, conf[order], idx[order]
-    meta = _metadata(imageset, idx, source)
+    meta = _metadata(imageset, idx, source, hasher.layout.class_names)
     params = {"model": str(model), "source": source, "batch_size": batch_size, "workers": workers,
               "images": len(imageset), "skipped": skip.count, "encode_seconds": round(t_enc, 3),
               "resume": "none (an interrupted build restarts from scratch)"}

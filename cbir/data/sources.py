@@ -309,8 +309,21 @@ def _load_npz_generic(path: Path, image_size: int, query_fraction: float, seed: 
 
 # -- image folders and manifests ---------------------------------------------------------
 def _image_extensions() -> set[str]:
+    """File extensions of the formats Pillow can open, minus those cbir never opens."""
+    from cbir.data.images import NEVER_FORMATS
+
     Image.init()
-    return {e.lower() for e in Image.registered_extensions()}
+    return {e.lower() for e, f in Image.registered_extensions().items()
+            if f in Image.OPEN and f not in NEVER_FORMATS}
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursively), sorted; hidden files and folders skipped.
+    The one rule for what counts as an image in a folder (datasets and ``cbir index build``)."""
+    exts = _image_extensions()
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.is_file() and p.suffix.lower() in exts
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def _label_key(s: str):
@@ -319,7 +332,6 @@ def _label_key(s: str):
 
 
 def _load_folder(root: Path) -> ImageSet:
-    exts = _image_extensions()
     class_dirs = sorted(
         (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
         key=lambda d: d.name,
@@ -328,11 +340,7 @@ def _load_folder(root: Path) -> ImageSet:
     labels: list[int] = []
     names: list[str] = []
     for d in class_dirs:
-        files = sorted(
-            p for p in d.rglob("*")
-            if p.is_file() and p.suffix.lower() in exts
-            and not any(part.startswith(".") for part in p.relative_to(d).parts)
-        )
+        files = image_files(d)
         if not files:
             log.warning("image folder %s: class folder '%s' holds no image files; ignored",
                         root, d.name)
@@ -341,7 +349,7 @@ def _load_folder(root: Path) -> ImageSet:
         paths += [str(p) for p in files]
         labels += [len(names) - 1] * len(files)
     if not paths:
-        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
+        loose = [p for p in image_files(root) if p.parent == root]
         if loose:
             raise ValueError(
                 f"image folder {root} has {len(loose)} image file(s) but no class sub-folders: "
