@@ -173,8 +173,7 @@ def run_build(args) -> int:
     res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
                            args.device, progress=not args.no_progress and sys.stderr.isatty(),
                            force=args.force)
-    for path, reason in res["skipped_items"]:
-        print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+    # each unreadable image was already reported (path and reason) as it was met
     print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
           f"{res['nbits']}-bit codes into {res['path']} "
           f"(encode {res['encode_s']:.1f} s, write {res['write_s']:.1f} s)")

@@ -39,7 +39,7 @@ def _images(root, n_per_class=6):
     (root / "dog" / "broken.png").write_bytes(b"not a png")
 
 
-def test_index_build_and_stats(tmp_path, model_path, capsys):
+def test_index_build_and_stats(tmp_path, model_path, capsys, caplog):
     from cbir.models.hasher import Hasher
 
     _images(tmp_path / "imgs")
@@ -49,7 +49,9 @@ def test_index_build_and_stats(tmp_path, model_path, capsys):
     assert rc == 0
     cap = capsys.readouterr()
     assert "indexed 12 images (1 unreadable skipped)" in cap.out
-    assert "broken.png" in cap.err
+    reports = [r.getMessage() for r in caplog.records if "broken.png" in r.getMessage()]
+    reports += [ln for ln in (cap.out + cap.err).splitlines() if "broken.png" in ln]
+    assert len(reports) == 1 and "unreadable" in reports[0]  # reported once, with its reason
     h = Hasher.load(model_path, device="cpu")
     with open_index(out) as r:
         assert r.count() == 12 and r.model_hash == h.content_hash
