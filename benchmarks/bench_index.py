@@ -1,18 +1,27 @@
-"""Index benchmark: ingest rate, search_lex / exact Hamming latency vs FAISS flat, disk bytes.
+"""Index benchmark: the targets of issue 13, every ratio measured in the same run.
 
-Synthetic codes, uniform or clustered (like learned codes: C centres, each bit of a member
-flipped with probability p), at N = 1e5, 1e6, 1e7 (``--max-n`` limits) and B = 16, 64. For
-every (distribution, B, N) it builds an index with :func:`cbir.indexer.build_index` and
-measures, on the same queries drawn from the data distribution:
+Synthetic clustered 64-bit codes (like learned codes: C centres, each bit of a member flipped
+with probability p; the first ``--class-bits`` bits act as class bits). For each N it builds an
+index with :func:`cbir.indexer.build_index` and prints:
 
-* ingest rate: codes / second of ``build_index`` (sort + LMDB append + manifest + derived);
-* ``search_lex`` top-k p50/p99 (public API, results included);
-* exact Hamming top-k through ``search_hamming(method="mih")`` and ``method="auto"``;
-* FAISS ``IndexBinaryFlat`` top-k p50/p99 (plain FAISS search, no tie completion), measured
-  in the same run, and the ratios FAISS p50 / ours p50;
-* disk bytes per item (allocated blocks of LMDB, and LMDB + persisted derived arrays).
+* **ingest**: codes/s of the whole ``build_index`` (sort + LMDB + MIH + FAISS + manifest), of
+  its LMDB part alone, and of a bare py-lmdb sorted append of the same tree keys (one sub-db,
+  the physical limit of a sorted append);
+* **first Hamming query after open**: a fresh process opens the index and runs one exact
+  Hamming top-k (derived structures are memory-mapped, nothing is scanned);
+* **Hamming top-k p50** (``method="auto"`` and ``"mih"``) vs plain FAISS ``IndexBinaryFlat``
+  top-k with 1 thread on the same queries (ratio = FAISS p50 / ours p50, target >= 50);
+* **lex top-k p50** vs a bare py-lmdb cursor read of k keys at the query's position (ratio =
+  ours / bare, target <= 3);
+* **Hamming p50 after deleting 1 %** of the items vs before (target <= 1.2), with the time of
+  the delete and of the vectorised change-log replay;
+* **hybrid top-k p50** vs lex (target <= 2);
+* lex paging: a page at depth ``--deep`` by ``cursor`` vs by ``offset``; batch Hamming through
+  one FAISS call vs a loop of single queries.
 
-Example: ``python benchmarks/bench_index.py --max-n 1000000 --out runs/bench_index.json``.
+Single-thread latency: run pinned, e.g. ``OMP_NUM_THREADS=1 taskset -c 1 python
+benchmarks/bench_index.py --sizes 1e7``; FAISS threads are set by the index itself (1 per
+single query), the baseline is called with 1 thread.
 """
 
 from __future__ import annotations
@@ -22,35 +31,34 @@ import gc
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
 
 
-def gen_codes(rng, n: int, nbits: int, dist: str, centres=None, p: float = 0.05, chunk=1 << 18):
-    """Packed uint8 (n, ceil(B/8)) codes; clustered codes flip each bit of a centre w.p. p."""
+def gen_codes(rng, n: int, nbits: int, centres, p: float, chunk=1 << 18):
+    """Packed uint8 (n, ceil(B/8)) clustered codes: a random centre, each bit flipped w.p. p."""
     out = np.empty((n, (nbits + 7) // 8), dtype=np.uint8)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        if dist == "uniform":
-            bits = rng.integers(0, 2, (m, nbits), dtype=np.uint8)
-        else:
-            bits = centres[rng.integers(0, len(centres), m)]
-            bits ^= (rng.random((m, nbits), dtype=np.float32) < p).astype(np.uint8)
+        bits = centres[rng.integers(0, len(centres), m)]
+        bits ^= (rng.random((m, nbits), dtype=np.float32) < p).astype(np.uint8)
         out[s : s + m] = np.packbits(bits, axis=1, bitorder="big")
     return out
 
 
-def pct(ts) -> tuple[float, float]:
-    a = np.asarray(ts, dtype=np.float64) / 1e3  # ns -> us
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+def p50(ts) -> float:
+    return float(np.percentile(np.asarray(ts, dtype=np.float64), 50)) / 1e3  # ns -> us
 
 
-def timeit(fn, qs) -> list[int]:
-    fn(qs[0])  # warm-up
+def timeit(fn, qs, warm: int = 2) -> list[int]:
+    for q in qs[:warm]:
+        fn(q)
     ts = []
     pc = time.perf_counter_ns
     for q in qs:
@@ -68,80 +76,176 @@ def dir_bytes(p: Path) -> int:
     return tot
 
 
-def run_one(args, dist: str, nbits: int, n: int, workdir: Path, seed: int) -> dict:
-    import faiss
+def bare_append(keys: np.ndarray, path: Path) -> float:
+    """Seconds for a bare py-lmdb sorted append of ``keys`` into one sub-db."""
+    import lmdb
 
+    path.mkdir()
+    env = lmdb.open(str(path), map_size=max(64 << 20, keys.size * 4), writemap=True, sync=False,
+                    metasync=False, max_dbs=2)
+    db = env.open_db(b"tree")
+    t0 = time.perf_counter()
+    rows = np.ascontiguousarray(keys).view(f"V{keys.shape[1]}").reshape(-1)
+    for s in range(0, len(rows), 1 << 18):
+        with env.begin(write=True) as txn:
+            txn.cursor(db).putmulti(zip(rows[s:s + (1 << 18)].tolist(), repeat(b"")), append=True)
+    env.sync(True)
+    dt = time.perf_counter() - t0
+    env.close()
+    shutil.rmtree(path, ignore_errors=True)
+    return dt
+
+
+_FIRST_QUERY = r"""
+import sys, time, json
+import numpy as np
+from cbir.indexer import open_index
+q = bytes.fromhex(sys.argv[2]); k = int(sys.argv[3])
+t0 = time.perf_counter()
+r = open_index(sys.argv[1])
+t1 = time.perf_counter()
+res = r.search_hamming(q, k=k)
+t2 = time.perf_counter()
+res2 = r.search_hamming(q, k=k)
+t3 = time.perf_counter()
+print(json.dumps({"open_ms": 1e3 * (t1 - t0), "first_ms": 1e3 * (t2 - t1), "second_ms": 1e3 * (t3 - t2),
+                  "n": len(res)}))
+"""
+
+
+def run_one(args, n: int, workdir: Path) -> dict:
     from cbir.codes import CodeLayout, Codes
-    from cbir.indexer import build_index, open_index
+    from cbir.indexer import IndexWriter, build_index, open_index
+    from cbir.indexer.faissidx import FaissBinary
+    from cbir.indexer.rows import key_order, make_keys
 
-    rng = np.random.default_rng(seed)
-    centres = rng.integers(0, 2, (args.centres, nbits), dtype=np.uint8) if dist == "clustered" else None
-    t0 = time.perf_counter()
-    packed = gen_codes(rng, n, nbits, dist, centres, args.flip)
-    qpacked = gen_codes(rng, args.queries, nbits, dist, centres, args.flip)
-    tgen = time.perf_counter() - t0
-    codes = Codes(packed, nbits)
+    nbits, k = args.bits, args.k
+    rng = np.random.default_rng(args.seed)
+    centres = rng.integers(0, 2, (args.centres, nbits), dtype=np.uint8)
+    packed = gen_codes(rng, n, nbits, centres, args.flip)
+    qpacked = gen_codes(rng, args.queries, nbits, centres, args.flip)
     ids = np.arange(n, dtype=np.int64)
-    out = workdir / f"ix_{dist}_{nbits}_{n}"
-    t0 = time.perf_counter()
-    build_index(out, ids, codes, layout=CodeLayout(nbits=nbits), build_params={"bench": True})
-    tbuild = time.perf_counter() - t0
-    del codes
+    row: dict = {"n": n, "nbits": nbits, "k": k}
+    # ingest -------------------------------------------------------------------------------
+    order = key_order(packed, ids, ids_sorted=True)
+    row["bare_append_codes_per_s"] = n / bare_append(make_keys(packed[order], ids[order]), workdir / "bare")
+    del order
     gc.collect()
-    lmdb_b = dir_bytes(out / "lmdb")
-    all_b = dir_bytes(out)
-    row = {"dist": dist, "nbits": nbits, "n": n, "gen_s": round(tgen, 2), "build_s": round(tbuild, 2),
-           "ingest_codes_per_s": n / tbuild, "lmdb_bytes_per_item": lmdb_b / n,
-           "disk_bytes_per_item": all_b / n}
-    r = open_index(out)
+    out = workdir / f"ix_{n}"
+    t0 = time.perf_counter()
+    build_index(out, ids, Codes(packed, nbits), layout=CodeLayout(nbits=nbits, class_bits=args.class_bits))
+    tb = time.perf_counter() - t0
+    man = json.loads((out / "manifest.json").read_text())
+    row["build_codes_per_s"] = n / tb
+    row["lmdb_codes_per_s"] = n / man["build"]["lmdb_seconds"]
+    row["disk_bytes_per_item"] = dir_bytes(out) / n
+    row["lmdb_bytes_per_item"] = dir_bytes(out / "lmdb") / n
+    # first Hamming query after open (fresh process) -------------------------------------------
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    fq = subprocess.run([sys.executable, "-c", _FIRST_QUERY, str(out), qpacked[0].tobytes().hex(), str(k)],
+                        capture_output=True, text=True, env=env, check=True)
+    row.update({f"first_{key}": v for key, v in json.loads(fq.stdout.strip().splitlines()[-1]).items()})
+    # latencies ----------------------------------------------------------------------------------
     qs = [qpacked[i].tobytes() for i in range(len(qpacked))]
-    k = args.k
-    ts = timeit(lambda q: r.search_lex(q, k), qs)
-    row["lex_p50_us"], row["lex_p99_us"] = pct(ts)
-    # derived structures (MIH + FAISS) -- built once per generation, timed separately
-    t0 = time.perf_counter()
-    d = r.derived().base
-    _ = d.mih
-    row["mih_ready_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    fx = d.faiss
-    row["faiss_ready_s"] = round(time.perf_counter() - t0, 2)
     hq = qs[: args.hamming_queries]
-    qarr = [np.frombuffer(q, dtype=np.uint8) for q in hq]
-    ts = timeit(lambda q: fx.knn_raw(q, k), qarr)
-    row["faiss_p50_us"], row["faiss_p99_us"] = pct(ts)
-    ts = timeit(lambda q: r.search_hamming(q, k=k, method="mih"), hq)
-    row["mih_p50_us"], row["mih_p99_us"] = pct(ts)
-    ts = timeit(lambda q: r.search_hamming(q, k=k, method="auto"), hq)
-    row["ham_auto_p50_us"], row["ham_auto_p99_us"] = pct(ts)
-    # the lexicographic search against FAISS on the same (first hamming_queries) queries
-    ts = timeit(lambda q: r.search_lex(q, k), hq)
-    row["lex_same_q_p50_us"], _ = pct(ts)
-    row["lex_speedup_vs_faiss"] = row["faiss_p50_us"] / row["lex_same_q_p50_us"]
-    row["mih_speedup_vs_faiss"] = row["faiss_p50_us"] / row["mih_p50_us"]
-    row["auto_speedup_vs_faiss"] = row["faiss_p50_us"] / row["ham_auto_p50_us"]
-    row["faiss_threads"] = faiss.omp_get_max_threads()
+    r = open_index(out)
+    v = r.derived()
+    fx = FaissBinary(np.asarray(v.base.codes), use_gpu=False)
+    qa = [np.frombuffer(q, np.uint8) for q in hq]
+    row["faiss1_p50_us"] = p50(timeit(lambda q: fx.knn_raw(q, k, threads=1), qa))
+    row["ham_auto_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k), hq))
+    row["ham_mih_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k, method="mih"), hq))
+    row["lex_p50_us"] = p50(timeit(lambda q: r.search_lex(q, k), qs))
+    tree = r._env.dbs["tree"]
+    with r._env.env.begin(buffers=False) as txn:
+        def bare(q):
+            cur = txn.cursor(tree)
+            cur.set_range(q + b"\0" * 8)
+            return b"".join(islice(cur.iternext(values=False), k))
+        row["bare_read_p50_us"] = p50(timeit(bare, qs))
+    row["hybrid_p50_us"] = p50(timeit(lambda q: r.search_hybrid(q, k), hq))
+    # paging at depth
+    deep = min(args.deep, n - k)
+    q0 = qs[0]
+    t0 = time.perf_counter()
+    cur = ""
+    got = 0
+    while got < deep:
+        res = r.search_lex(q0, min(1000, deep - got), cursor=cur)
+        got += len(res)
+        cur = res.next_cursor
+    row["cursor_walk_to_deep_s"] = time.perf_counter() - t0
+    row["lex_cursor_page_p50_us"] = p50(timeit(lambda c: r.search_lex(q0, k, cursor=c), [cur] * 20))
+    row["lex_offset_page_p50_us"] = p50(timeit(lambda c: r.search_lex(q0, k, offset=deep), [0] * 5, warm=1))
+    # batch: one FAISS call vs a loop
+    Q = Codes(qpacked[: args.hamming_queries], nbits)
+    t0 = time.perf_counter()
+    r.search_hamming_batch(Q, k=k, method="faiss")
+    row["batch_faiss_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for q in hq:
+        r.search_hamming(q, k=k, method="faiss")
+    row["loop_faiss_s"] = time.perf_counter() - t0
+    # deletes: 1 % -----------------------------------------------------------------------------
+    victims = np.random.default_rng(1).choice(n, size=n // 100, replace=False)
+    t0 = time.perf_counter()
+    with IndexWriter(out) as w:
+        w.delete(victims)
+    row["delete_1pct_s"] = time.perf_counter() - t0
+    r.refresh()
+    t0 = time.perf_counter()
+    v2 = r.derived()
+    row["replay_s"] = time.perf_counter() - t0
+    row["replayed"] = v2.base.generation == v.base.generation and len(v2.deleted) == len(victims)
+    row["ham_auto_del_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k), hq))
+    row["ham_mih_del_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k, method="mih"), hq))
     r.close()
-    del d, fx, r
+    del r, v, v2, fx
     gc.collect()
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return row
 
 
+def report(row: dict) -> str:
+    x = row
+    lines = [
+        f"N={x['n']:,} B={x['nbits']} k={x['k']} (clustered codes)",
+        f"  ingest: build_index {x['build_codes_per_s'] / 1e6:.2f} M codes/s (all: LMDB + MIH + FAISS), "
+        f"LMDB part {x['lmdb_codes_per_s'] / 1e6:.2f} M/s, bare py-lmdb append {x['bare_append_codes_per_s'] / 1e6:.2f} M/s"
+        f"  [target >= 3 M/s]",
+        f"  disk: {x['disk_bytes_per_item']:.1f} B/item ({x['lmdb_bytes_per_item']:.1f} LMDB)",
+        f"  first Hamming query after open: {x['first_first_ms']:.1f} ms (open {x['first_open_ms']:.1f} ms, "
+        f"second query {x['first_second_ms']:.1f} ms)  [target <= 50 ms]",
+        f"  Hamming top-{x['k']} p50: auto {x['ham_auto_p50_us']:.0f} us, mih {x['ham_mih_p50_us']:.0f} us, "
+        f"FAISS flat 1 thread {x['faiss1_p50_us']:.0f} us -> {x['faiss1_p50_us'] / x['ham_auto_p50_us']:.1f}x "
+        f"(mih {x['faiss1_p50_us'] / x['ham_mih_p50_us']:.1f}x)  [target >= 50x]",
+        f"  lex top-{x['k']} p50: {x['lex_p50_us']:.0f} us vs bare cursor read {x['bare_read_p50_us']:.0f} us -> "
+        f"{x['lex_p50_us'] / x['bare_read_p50_us']:.2f}x  [target <= 3x]",
+        f"  after deleting 1 % (delete {x['delete_1pct_s']:.2f} s, replay {x['replay_s'] * 1e3:.0f} ms, "
+        f"replayed={x['replayed']}): Hamming p50 auto {x['ham_auto_del_p50_us']:.0f} us "
+        f"({x['ham_auto_del_p50_us'] / x['ham_auto_p50_us']:.2f}x before), mih {x['ham_mih_del_p50_us']:.0f} us "
+        f"({x['ham_mih_del_p50_us'] / x['ham_mih_p50_us']:.2f}x)  [target <= 1.2x]",
+        f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
+        f"  [target <= 2x]",
+        f"  lex page at depth {min(100_000, x['n'])}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
+        f"{x['lex_offset_page_p50_us']:.0f} us",
+        f"  batch Hamming (FAISS): one call {x['batch_faiss_s'] * 1e3:.0f} ms vs loop {x['loop_faiss_s'] * 1e3:.0f} ms",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
-    ap.add_argument("--max-n", type=float, default=1e7, help="skip sizes above this")
-    ap.add_argument("--bits", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--dists", nargs="+", default=["uniform", "clustered"], choices=["uniform", "clustered"])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1e6])
+    ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--class-bits", type=int, default=2)
     ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--queries", type=int, default=1000, help="search_lex queries per setting")
+    ap.add_argument("--queries", type=int, default=1000, help="lex queries")
     ap.add_argument("--hamming-queries", type=int, default=200)
-    ap.add_argument("--centres", type=int, default=1024, help="clusters of the clustered codes")
-    ap.add_argument("--flip", type=float, default=0.05, help="bit-flip probability (clustered)")
-    ap.add_argument("--faiss-threads", type=int, default=1,
-                    help="OpenMP threads for FAISS (1: single-query latency on a shared machine)")
+    ap.add_argument("--deep", type=int, default=100_000, help="depth of the paging test")
+    ap.add_argument("--centres", type=int, default=4096, help="clusters of the codes")
+    ap.add_argument("--flip", type=float, default=0.05, help="bit-flip probability")
     ap.add_argument("--workdir", default=None, help="where indexes are built (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built indexes")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
@@ -150,44 +254,29 @@ def main(argv=None) -> int:
 
     import faiss
 
-    if args.faiss_threads > 0:
-        faiss.omp_set_num_threads(args.faiss_threads)
-    sizes = [int(s) for s in args.sizes if s <= args.max_n]
+    sizes = [int(s) for s in args.sizes]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_index_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    print(f"# cbir index benchmark: k={args.k}, {args.queries} lex queries, "
-          f"{args.hamming_queries} Hamming queries, FAISS threads={faiss.omp_get_max_threads()}, "
-          f"gpus={faiss.get_num_gpus()}, cpus={os.cpu_count()}", flush=True)
-    hdr = (f"{'dist':9} {'B':>3} {'N':>9} {'ingest/s':>10} {'B/item':>7} {'lex p50':>8} {'lex p99':>8} "
-           f"{'faiss p50':>10} {'faiss p99':>10} {'mih p50':>9} {'mih p99':>9} {'auto p50':>9} "
-           f"{'lex x':>7} {'mih x':>7} {'auto x':>7}")
-    print(hdr + "   (latencies in us; x = FAISS flat p50 / ours p50)", flush=True)
     try:
-        for dist in args.dists:
-            for nbits in args.bits:
-                for n in sizes:
-                    row = run_one(args, dist, nbits, n, workdir, args.seed)
-                    rows.append(row)
-                    print(f"{dist:9} {nbits:3d} {n:9d} {row['ingest_codes_per_s']:10.0f} "
-                          f"{row['disk_bytes_per_item']:7.1f} {row['lex_p50_us']:8.1f} {row['lex_p99_us']:8.1f} "
-                          f"{row['faiss_p50_us']:10.1f} {row['faiss_p99_us']:10.1f} "
-                          f"{row['mih_p50_us']:9.1f} {row['mih_p99_us']:9.1f} {row['ham_auto_p50_us']:9.1f} "
-                          f"{row['lex_speedup_vs_faiss']:7.1f} {row['mih_speedup_vs_faiss']:7.1f} "
-                          f"{row['auto_speedup_vs_faiss']:7.1f}", flush=True)
-        # latency growth of search_lex with N
-        for dist in args.dists:
-            for nbits in args.bits:
-                rs = [r for r in rows if r["dist"] == dist and r["nbits"] == nbits]
-                if len(rs) >= 2:
-                    print(f"search_lex p50 at N={rs[-1]['n']} / at N={rs[0]['n']} ({dist}, B={nbits}): "
-                          f"{rs[-1]['lex_p50_us'] / rs[0]['lex_p50_us']:.2f}", flush=True)
+        aff = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        aff = []
+    print(f"# cbir index benchmark: cpus allowed {aff}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+          f"gpus={faiss.get_num_gpus()}, {args.queries} lex / {args.hamming_queries} Hamming queries", flush=True)
+    rows = []
+    try:
+        for n in sizes:
+            t0 = time.perf_counter()
+            row = run_one(args, n, workdir)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            print(report(row) + f"\n  (wall {row['wall_s']:.0f} s)", flush=True)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps(rows, indent=2, default=float))
     return 0
 
 

@@ -164,13 +164,13 @@ class Derived:
             state = json.loads((d / "state.json").read_text())
             if state["generation"] != generation or state["nbits"] != nbits:
                 return None
-            codes = np.load(d / "codes.npy", mmap_mode="r")
-            ids = np.load(d / "ids.npy", mmap_mode="r")
-            head = np.load(d / "head64.npy", mmap_mode="r") if (d / "head64.npy").exists() else None
+            codes = _mmap(d / "codes.npy")
+            ids = _mmap(d / "ids.npy")
+            head = _mmap(d / "head64.npy") if (d / "head64.npy").exists() else None
             mih = None
             if (d / "mih.json").exists():
                 m = json.loads((d / "mih.json").read_text())["m"]
-                arrays = {f.stem: np.load(f, mmap_mode="r") for f in d.glob("mih*.npy")}
+                arrays = {f.stem: _mmap(f) for f in d.glob("mih*.npy")}
                 c64 = head if codes.shape[1] <= 8 else None
                 mih = MIH.from_arrays(codes, nbits, m, arrays, codes64=c64)
         except (OSError, ValueError, KeyError) as exc:
@@ -179,6 +179,12 @@ class Derived:
         out = cls(generation, nbits, codes, ids, head, mih)
         out.saved_dir = d
         return out
+
+
+def _mmap(p: Path) -> np.ndarray:
+    """A read-only memory map of a .npy file as a plain ndarray (indexing a ``np.memmap``
+    subclass costs a Python call each time)."""
+    return np.asarray(np.load(p, mmap_mode="r"))
 
 
 class View:

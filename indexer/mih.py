@@ -160,7 +160,10 @@ class MIH:
         return np.bitwise_count(self.codes[pos] ^ q[None, :]).sum(axis=1, dtype=np.int32)
 
     def _qsub(self, q: np.ndarray) -> list[int]:
-        return [int(substring_values(q[None, :], self.starts[i], self.sizes[i])[0])
+        # substring values of one query with Python ints (a numpy call per table costs more)
+        width = 8 * len(q)
+        qi = int.from_bytes(q.tobytes(), "big")
+        return [(qi >> (width - self.starts[i] - self.sizes[i])) & ((1 << self.sizes[i]) - 1)
                 for i in range(self.m)]
 
     def _q64(self, q):
@@ -192,6 +195,19 @@ class MIH:
                 self.tables = None
         return self._comb or None
 
+    def _probes(self, r: int, tabs: list[int], bases):
+        """Per radius: the flip masks of all tables concatenated, their counts, the table
+        offsets repeated and the originating table of every probe (computed once)."""
+        cache = self.__dict__.setdefault("_probe_cache", {})
+        got = cache.get(r)
+        if got is None:
+            fm = np.concatenate([flip_masks(self.sizes[t], r) for t in tabs])
+            cnt = np.array([math.comb(self.sizes[t], r) for t in tabs], dtype=np.int64)
+            base_rep = np.repeat(np.asarray(bases, dtype=np.uint64)[tabs], cnt)
+            origin = np.repeat(np.array(tabs, dtype=np.int8), cnt)
+            got = cache[r] = (fm, cnt, base_rep, origin)
+        return got
+
     def _step(self, q, q64, qsub, r):
         """Items first discovered at substring radius ``r`` (any table): (positions, dists).
 
@@ -203,9 +219,9 @@ class MIH:
         x = None
         if comb is not None:
             bases, offs, perm, codes_all = comb
-            vals = np.concatenate([(np.uint64(qsub[t]) ^ flip_masks(self.sizes[t], r)) + bases[t]
-                                   for t in tabs]).astype(np.int64)
-            origin = np.repeat(np.array(tabs, dtype=np.int8), [math.comb(self.sizes[t], r) for t in tabs])
+            fm, cnt, base_rep, origin = self._probes(r, tabs, bases)
+            vals = ((fm ^ np.repeat(np.array([qsub[t] for t in tabs], dtype=np.uint64), cnt))
+                    + base_rep).astype(np.int64)
             lo = offs[vals].astype(np.int64)
             ln = offs[vals + 1].astype(np.int64) - lo
             keep = ln > 0
