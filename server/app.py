@@ -49,7 +49,7 @@ class ServerOptions:
     max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
     image_formats: tuple[str, ...] = SAFE_FORMATS  # never EPS/PS/PDF (cbir.data.images.NEVER_FORMATS)
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one Search/BatchSearch
-    max_filter_scan: int = 100_000  # items a label-filtered search may examine
+    max_filter_scan: int = 50_000  # items a label-filtered search may examine
     max_workers: int = 4  # offload threads: HAMMING/HYBRID scans, filtered search, writes, stats
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None

@@ -64,7 +64,7 @@ class Limits:
     max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one call
-    max_filter_scan: int = 100_000  # items a label-filtered search may examine
+    max_filter_scan: int = 50_000  # items a label-filtered search may examine
     max_response_bytes: int = 16 * MiB  # the server's send limit
 
 

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     lim.add_argument("--max-hits-per-call", type=int, default=200_000,
                      help="ranked hits (k + offset, summed over a BatchSearch) one call may ask for; more is "
                           "RESOURCE_EXHAUSTED before any work (default: %(default)s)")
-    lim.add_argument("--max-filter-scan", type=int, default=100_000,
+    lim.add_argument("--max-filter-scan", type=int, default=50_000,
                      help="items a label-filtered search may examine before RESOURCE_EXHAUSTED (default: %(default)s)")
     img = p.add_argument_group("image limits (checked from the header, before any pixel is decoded)")
     img.add_argument("--max-image-pixels", type=int, default=4096 * 4096,

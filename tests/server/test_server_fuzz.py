@@ -187,15 +187,63 @@ def test_oversized_work_is_refused_before_any_search(index, hasher, server_facto
     assert len(stub.BatchSearch(pb.BatchSearchRequest(requests=[pb.SearchRequest(code=q, k=300)] * 3)).responses) == 3
 
 
+class _NoPostingList:
+    """The real index, seen as one without a label posting list (an index of an older format):
+    the server then filters by scanning the ranking and reading metadata."""
+
+    def __init__(self, reader) -> None:
+        self._reader = reader
+
+    def __getattr__(self, name):
+        if name == "ids_with_labels":
+            raise AttributeError(name)
+        return getattr(self._reader, name)
+
+
+def _scanning_backend(index):
+    from cbir.server.backend import IndexBackend
+
+    return IndexBackend(_NoPostingList(index))
+
+
 def test_label_filter_scan_is_bounded(index, server_factory, client_factory, dataset):
     q = _code(dataset[1])
-    stub = client_factory(server_factory(index, None, max_filter_scan=100).address)
+    stub = client_factory(server_factory(_scanning_backend(index), None, max_filter_scan=100).address)
     for mode in (pb.LEXICOGRAPHIC, pb.HAMMING):
         status, detail = _status(stub.Search, pb.SearchRequest(code=q, k=5, mode=mode, label_filter=["nomatch"]))
         assert status == "RESOURCE_EXHAUSTED" and "label filter examined 100 items" in detail
-    stub = client_factory(server_factory(index, None).address)
-    assert len(stub.Search(pb.SearchRequest(code=q, k=5, label_filter=["nomatch"])).hits) == 0
-    assert len(stub.Search(pb.SearchRequest(code=q, k=5, label_filter=["1"])).hits) == 5
+    for backend in (_scanning_backend(index), index):  # scan under the limit; the index's posting list
+        stub = client_factory(server_factory(backend, None).address)
+        assert len(stub.Search(pb.SearchRequest(code=q, k=5, label_filter=["nomatch"])).hits) == 0
+        assert len(stub.Search(pb.SearchRequest(code=q, k=5, label_filter=["1"])).hits) == 5
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_offloaded_scan_stops_at_deadline_or_cancellation(index, server_factory, client_factory, dataset, how):
+    """A label-filtered scan reads metadata page by page on an offload thread (here 0.3 s per
+    page, 3 pages); when the call ends after 0.45 s the thread stops before the third page."""
+    server = server_factory(_scanning_backend(index), None)
+    stub = client_factory(server.address)
+    pages = []
+    real = server.backend.get_metadata
+
+    def slow_pages(ids):
+        pages.append(len(ids))
+        time.sleep(0.3)
+        return real(ids)
+
+    server.backend.get_metadata = slow_pages
+    req = pb.SearchRequest(code=_code(dataset[1]), k=5, label_filter=["nomatch"])
+    if how == "deadline":
+        assert _status(lambda r, timeout: stub.Search(r, timeout=0.45), req)[0] == "DEADLINE_EXCEEDED"
+    else:
+        fut = stub.Search.future(req, timeout=30)
+        time.sleep(0.45)
+        assert fut.cancel()
+    time.sleep(1.2)  # the scan would have read its third page by now
+    assert len(pages) == 2, pages
+    pages.clear()
+    assert len(stub.Search(req, timeout=30).hits) == 0 and len(pages) == 3  # uninterrupted: every page
 
 
 def _truncated_big_png(size: int = 2000) -> bytes:

@@ -1,0 +1,209 @@
+"""The server under hostile input (issue 12): counts, RSS and latency ratios, one run.
+
+Against one ``cbir serve`` subprocess on 127.0.0.1 (its RSS read from ``/proc``), in order:
+
+1. the first image ``Search`` right after the server printed SERVING (target <= 1 s);
+2. ``--hostile`` seeded hostile requests (:mod:`cbir.server.fuzz`: raw random bytes, mutated
+   messages, wrong lengths, extreme numbers, image bombs, huge batches) sent as raw bytes with
+   ``--in-flight`` calls in flight: status counts (target 0 INTERNAL / UNKNOWN, no crash), the
+   server's RSS growth (target <= 200 MB), the reference answers before == after, tracebacks in
+   the server's log;
+3. the 69-byte PNG bomb (4000x4000 declared, empty IDAT) in ``GetCode{images=[32x32 PNG, bomb]}``
+   ``--bombs`` times, 8 in flight (target RSS growth <= 100 MB);
+4. ratios measured in this run: a 32x32 image Search's median latency while a GetCode of two
+   4096x4096 images is being encoded vs alone (fairness), and a HAMMING code Search's p99 while 4
+   threads send hostile requests vs alone.
+
+Timings on a shared machine are disturbed by other work; the counts and RSS figures are not.
+
+    python benchmarks/bench_hostile.py
+    python benchmarks/bench_hostile.py --n 200000 --hostile 10000 --bombs 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import clustered_codes, make_model, png, start_server  # noqa: E402
+
+MiB = 1 << 20
+
+
+def send_all(channel, reqs, in_flight: int) -> Counter:
+    """Send ``(method, body, kind)`` triples as raw bytes; count the statuses."""
+    import grpc
+
+    from cbir.server.fuzz import raw_caller
+
+    calls = {}
+
+    def one(req):
+        method, body, _ = req
+        fn = calls.get(method) or calls.setdefault(method, raw_caller(channel, method))
+        try:
+            fn(body, timeout=120)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    with ThreadPoolExecutor(in_flight) as pool:
+        return Counter(pool.map(one, reqs))
+
+
+def reference(stub, codes, image: bytes):
+    from cbir.v1 import search_pb2 as pb
+
+    q = [pb.Code(data=codes.packed[i].tobytes(), nbits=codes.nbits) for i in (3, 7)]
+    return [stub.Search(pb.SearchRequest(code=q[0], k=100, return_codes=True, return_metadata=True)),
+            stub.Search(pb.SearchRequest(code=q[1], k=20, mode=pb.HAMMING)),
+            stub.Search(pb.SearchRequest(image=image, k=10))]
+
+
+def latencies(fn, n: int) -> np.ndarray:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return np.asarray(out)
+
+
+def big_png(size: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20_000, help="index size (default: %(default)s)")
+    ap.add_argument("--hostile", type=int, default=10_000, help="hostile requests (default: %(default)s)")
+    ap.add_argument("--bombs", type=int, default=1_000, help="PNG-bomb GetCode calls (default: %(default)s)")
+    ap.add_argument("--in-flight", type=int, default=8, help="hostile calls in flight (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--model", default=None, help="model checkpoint (default: untrained DDTL)")
+    ap.add_argument("--backbone", default="resnet20", help="backbone of the untrained model (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=4, help="server offload threads")
+    ap.add_argument("--server-torch-threads", type=int, default=1, help="server --torch-threads (default: %(default)s)")
+    ap.add_argument("--workdir", default=None, help="where to build the index (default: a temp dir)")
+    args = ap.parse_args(argv)
+    args.inline_modes, args.encoder_batch, args.encoder_wait_ms = "lex,prefix", 64, 2.0
+
+    import grpc
+
+    from cbir.indexer import build_index
+    from cbir.server import connect
+    from cbir.server.fuzz import hostile_requests, png_bomb, rss_bytes
+    from cbir.v1 import search_pb2 as pb
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cbir-hostile-"))
+    hasher = make_model(args)
+    model_path = hasher.save(work / "model.pt")
+    nbits = hasher.layout.nbits
+    codes = clustered_codes(args.n, nbits, seed=1)
+    ids = np.arange(args.n, dtype=np.int64)
+    metas = [{"labels": [int(i % 10)]} for i in range(args.n)]
+    index_dir = build_index(work / "index", ids, codes, meta=metas, layout=hasher.layout,
+                            model_hash=hasher.content_hash)
+    log_path = work / "server.log"
+    print(f"# cbir hostile-input benchmark: N={args.n}, {nbits}-bit codes, backbone={args.backbone}, "
+          f"server torch threads={args.server_torch_threads}", flush=True)
+
+    proc, address, logf = start_server(index_dir, model_path, args, log_path)
+    try:
+        channel, stub = connect(address)
+        image = png(11)
+        t0 = time.perf_counter()
+        stub.Search(pb.SearchRequest(image=png(99), k=5), timeout=30)
+        first = time.perf_counter() - t0
+        print(f"first image Search after SERVING: {first * 1e3:.1f} ms (target <= 1000 ms)", flush=True)
+
+        before = reference(stub, codes, image)
+        raw = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MiB)])
+        rss0 = rss_bytes(proc.pid)
+        t0 = time.perf_counter()
+        counts = send_all(raw, hostile_requests(args.hostile, args.seed, nbits, ids[:1000].tolist(), image),
+                          args.in_flight)
+        el = time.perf_counter() - t0
+        rss1 = rss_bytes(proc.pid)
+        alive = proc.poll() is None
+        same = alive and reference(stub, codes, image) == before
+        print(f"hostile requests: {sum(counts.values())} in {el:.1f} s, statuses {dict(sorted(counts.items()))}")
+        print(f"  INTERNAL={counts.get('INTERNAL', 0)} UNKNOWN={counts.get('UNKNOWN', 0)} "
+              f"server alive={alive} reference answers identical={same}")
+        print(f"  server RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MB: growth {(rss1 - rss0) / MiB:+.0f} MB "
+              "(target <= 200 MB)", flush=True)
+
+        bomb = png_bomb()
+        req = pb.GetCodeRequest(images=[png(1), bomb]).SerializeToString()
+        rss2 = rss_bytes(proc.pid)
+        bc = send_all(raw, [("GetCode", req, "bomb")] * args.bombs, 8)
+        rss3 = rss_bytes(proc.pid)
+        print(f"PNG bomb ({len(bomb)} bytes, 4000x4000 declared) x {args.bombs} in GetCode, 8 in flight: "
+              f"statuses {dict(bc)}; server RSS {rss2 / MiB:.0f} -> {rss3 / MiB:.0f} MB: growth "
+              f"{(rss3 - rss2) / MiB:+.0f} MB (target <= 100 MB)", flush=True)
+
+        # fairness: a small image Search while two 4096x4096 images are encoded
+        small = pb.SearchRequest(image=png(5), k=3)
+        alone = latencies(lambda: stub.Search(small, timeout=60), 20)
+        big = pb.GetCodeRequest(images=[big_png(4096)] * 2)
+        t0 = time.perf_counter()
+        fut = stub.GetCode.future(big, timeout=120)
+        time.sleep(0.05)
+        during = latencies(lambda: stub.Search(small, timeout=60), 5)
+        fut.result()
+        big_s = time.perf_counter() - t0
+        print(f"fairness: 32x32 image Search median {np.median(alone) * 1e3:.1f} ms alone, "
+              f"{np.median(during) * 1e3:.1f} ms while a GetCode of 2 x 4096x4096 runs ({big_s:.2f} s); "
+              f"ratio {np.median(during) / np.median(alone):.1f}", flush=True)
+
+        # an unrelated search while 4 threads send hostile requests
+        q = pb.SearchRequest(code=pb.Code(data=codes.packed[9].tobytes(), nbits=nbits), k=10, mode=pb.HAMMING)
+        alone = latencies(lambda: stub.Search(q, timeout=60), 200)
+        stop = threading.Event()
+
+        def hostile_loop(seed):
+            gen = hostile_requests(10**9, seed, nbits, ids[:1000].tolist(), image)
+            while not stop.is_set():
+                send_all(raw, [next(gen) for _ in range(4)], 1)
+
+        threads = [threading.Thread(target=hostile_loop, args=(100 + i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        during = latencies(lambda: stub.Search(q, timeout=60), 200)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        p99a, p99d = np.percentile(alone, 99) * 1e3, np.percentile(during, 99) * 1e3
+        print(f"HAMMING code Search p99: {p99a:.2f} ms alone, {p99d:.2f} ms with 4 hostile senders; "
+              f"ratio {p99d / p99a:.1f} (target <= 2; client and server share this machine's cores)", flush=True)
+        raw.close()
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        logf.close()
+    text = log_path.read_text(errors="replace")
+    print(f"server exit code {rc}; server log: {text.count('Traceback')} tracebacks, "
+          f"{text.count(' WARNING cbir.server')} WARNING lines, {text.count('ERROR')} ERROR mentions "
+          f"({log_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
