@@ -86,6 +86,9 @@ def build_index(
     meta_b = meta_bytes(meta, n)
     conf_h = conf_rows(conf, n, layout.nbits)
     lab_keys = label_keys(meta_b, ids, tuple(layout.class_names or ()))
+    # large builds write one id-keyed sub-db less: id -> code comes from the saved base
+    # (``CodeLookup``), the ``codes`` sub-db then holds only later writes
+    delta = n >= _derived.PERSIST_MIN
     mode = _publish.check_output(out, force)
     if mode == "index" and not overwrite:
         raise FileExistsError(f"{out} exists (overwrite=False)")
@@ -117,7 +120,7 @@ def build_index(
                     break
                 _put_retry(env, lambda txn: _bulk_chunk(
                     txn, dbs, sorted_codes[s:e_], sorted_ids[s:e_], ids[byid[s:e_]],
-                    codes.packed[byid[s:e_]], meta_b, conf_h, byid[s:e_]))
+                    None if delta else codes.packed[byid[s:e_]], meta_b, conf_h, byid[s:e_]))
                 if bar is not None:
                     bar.update(e_ - s)
             for s in range(0, len(lab_keys), PUT_CHUNK):
@@ -133,7 +136,8 @@ def build_index(
         t_lmdb = time.perf_counter() - t0
         man = new_manifest(layout, model_hash, build_params)
         man["count"], man["generation"] = n, 1
-        if n >= _derived.PERSIST_MIN:  # MIH tables + FAISS index now, not on the first query
+        man["codes_db"] = "delta" if delta else "full"
+        if delta:  # MIH tables, FAISS index and the id index now, not on the first query
             Derived(1, layout.nbits, sorted_codes, sorted_ids).save(tmp / DERIVED_DIR)
         man["build"].setdefault("seconds", round(time.perf_counter() - t0, 3))
         man["build"].setdefault("lmdb_seconds", round(t_lmdb, 3))
@@ -172,8 +176,11 @@ def _put_retry(env, fn) -> None:
 def _bulk_chunk(txn, dbs, s_codes, s_ids, id_sorted_ids, id_sorted_codes, meta_b, conf_h, rows):
     keys = make_keys(s_codes, s_ids)
     txn.cursor(dbs["tree"]).putmulti(zip(rows_bytes(keys), repeat(b"")), append=True)
+    if id_sorted_codes is None and meta_b is None and conf_h is None:
+        return  # the tree only
     idb = ids_bytes(id_sorted_ids)
-    txn.cursor(dbs["codes"]).putmulti(zip(idb, rows_bytes(id_sorted_codes)), append=True)
+    if id_sorted_codes is not None:
+        txn.cursor(dbs["codes"]).putmulti(zip(idb, rows_bytes(id_sorted_codes)), append=True)
     if meta_b is not None:
         items = [(b, meta_b[r]) for b, r in zip(idb, rows) if meta_b[r] is not None]
         txn.cursor(dbs["meta"]).putmulti(items, append=True)

@@ -58,6 +58,7 @@ class Derived:
         self.head64 = _head64(codes) if head64 is None else head64
         self._mih = mih
         self._faiss = None
+        self._byid = None
         self._lock = threading.Lock()
         self.saved_dir: Path | None = None
 
@@ -84,6 +85,30 @@ class Derived:
                 if self._faiss is None:
                     self._faiss = FaissBinary(np.asarray(self.codes))
             return self._faiss
+
+    def by_id(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids ascending, their row positions): the id -> row index (saved with the base)."""
+        with self._lock:
+            if self._byid is None:
+                d = self.saved_dir
+                if d is not None and (d / "sid.npy").exists():
+                    self._byid = (_mmap(d / "sid.npy"), _mmap(d / "spos.npy"))
+                else:
+                    spos = np.argsort(np.asarray(self.ids), kind="stable")
+                    spos = spos.astype(np.int32 if self.n < 2**31 else np.int64)
+                    self._byid = (np.asarray(self.ids)[spos], spos)
+            return self._byid
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, packed codes of the found ids) for int64 ``ids``."""
+        sid, spos = self.by_id()
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(sid) == 0 or len(ids) == 0:
+            return np.zeros(len(ids), bool), np.zeros((0, self.codes.shape[1]), np.uint8)
+        i = np.searchsorted(sid, ids)
+        i[i == len(sid)] = 0
+        found = sid[i] == ids
+        return found, np.asarray(self.codes[spos[i[found]]])
 
     # small JSON side files (e.g. the coverage statistics of this generation) ----------------
     def load_json(self, name: str) -> dict | None:
@@ -142,6 +167,9 @@ class Derived:
             for name, arr in mih.arrays().items():
                 np.save(tmp / f"{name}.npy", arr)
             (tmp / "mih.json").write_text(json.dumps({"m": mih.m}))
+            sid, spos = self.by_id()
+            np.save(tmp / "sid.npy", sid)
+            np.save(tmp / "spos.npy", spos)
             self.faiss.save(tmp / FAISS_FILE)
             state = {"generation": self.generation, "nbits": self.nbits, "n": self.n}
             (tmp / "state.json").write_text(json.dumps(state))  # last: marks a complete dir
@@ -179,6 +207,55 @@ class Derived:
         out = cls(generation, nbits, codes, ids, head, mih)
         out.saved_dir = d
         return out
+
+
+def load_or_scan(root: Path, generation: int, nbits: int, txn, tree) -> "Derived":
+    """The newest persisted base <= ``generation`` (memory-mapped), else a scan of ``tree``."""
+    g0 = latest_saved(root, generation)
+    d = Derived.load(root, g0, nbits) if g0 is not None else None
+    return d if d is not None else Derived.from_txn(txn, tree, nbits, generation)
+
+
+class CodeLookup:
+    """id -> code of one LMDB transaction.
+
+    Where the build wrote no ``codes`` sub-database (``manifest["codes_db"] == "delta"``: only
+    items written after the build are in it), an item missing there is looked up in a base
+    (any generation: an item no write has touched since the build is in every base) and
+    confirmed by its ``tree`` key in this transaction, so deletes and upserts are exact."""
+
+    def __init__(self, txn, dbs: dict, nb: int, base_fn=None) -> None:
+        self.txn, self.dbs, self.nb = txn, dbs, nb
+        self.base_fn = base_fn  # () -> Derived, or None ("full" codes db)
+
+    def one(self, idb: bytes) -> bytes | None:
+        code = self.txn.get(idb, db=self.dbs["codes"])
+        if code is not None or self.base_fn is None:
+            return code
+        found, codes = self.base_fn().find(np.array([int.from_bytes(idb, "big")], np.int64))
+        if not found[0]:
+            return None
+        code = codes[0].tobytes()
+        return code if self.txn.get(code + idb, db=self.dbs["tree"]) is not None else None
+
+    def many(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, packed codes of the found ids, in order)."""
+        from cbir.indexer.rows import ids_bytes
+
+        ids = np.asarray(ids, dtype=np.int64)
+        idbs = ids_bytes(ids)
+        got = [self.txn.get(b, db=self.dbs["codes"]) for b in idbs]
+        miss = [j for j, g in enumerate(got) if g is None]
+        if miss and self.base_fn is not None:
+            found, codes = self.base_fn().find(ids[miss])
+            tree = self.dbs["tree"]
+            for j, c in zip(np.asarray(miss)[found].tolist(), codes):
+                c = c.tobytes()
+                if self.txn.get(c + idbs[j], db=tree) is not None:
+                    got[j] = c
+        ok = np.array([g is not None for g in got], dtype=bool)
+        buf = b"".join(g for g in got if g is not None)
+        return ok, np.frombuffer(buf, dtype=np.uint8).reshape(-1, self.nb).copy()
 
 
 def _mmap(p: Path) -> np.ndarray:

@@ -220,8 +220,7 @@ class HammingModes:
 
     def _selected(self, q, allowed, k, radius, prefix_bits: int = 0) -> SearchResult:
         """Exact search over the (few) ids a label filter selects."""
-        codes = self._codes_of(allowed)
-        ids = allowed if len(codes) == len(allowed) else self._existing(allowed)
+        ids, codes = self._codes_of(allowed)
         m = _prefix_mask(codes, q, prefix_bits)
         rows, dist = _brute(q, codes, m, k, radius)
         perm = order_candidates(q, codes[rows], ids[rows], "hamming", dist)

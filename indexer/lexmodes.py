@@ -17,7 +17,7 @@ import numpy as np
 from cbir.codes import Codes
 from cbir.indexer.lexsearch import LexSearcher
 from cbir.indexer.results import PrefixPage, SearchResult, empty_result, make_result, order_candidates, xor_sort_keys
-from cbir.indexer.rows import ids_bytes, key_order, make_keys
+from cbir.indexer.rows import key_order, make_keys
 
 #: label filters selecting at most this many ids are answered by ranking exactly those ids
 FILTER_BRUTE_MAX = 65_536
@@ -139,8 +139,7 @@ class LexModes:
         if len(allowed) == 0 or need == 0:
             return empty_result(q, self.nbits, "lex")
         if len(allowed) <= FILTER_BRUTE_MAX:  # rank exactly the selected ids
-            codes = self._codes_of(allowed)
-            ids = allowed if len(codes) == len(allowed) else self._existing(allowed)
+            ids, codes = self._codes_of(allowed)
             if ckey is not None:
                 codes = np.concatenate([codes, np.frombuffer(ckey[: self.nb], np.uint8)[None, :]])
                 ids = np.concatenate([ids, [int.from_bytes(ckey[self.nb:], "big")]])
@@ -163,11 +162,6 @@ class LexModes:
             page = min(2 * page, 1 << 20)
         keys = np.concatenate(got) if got else np.zeros((0, self.nb + 8), np.uint8)
         return self._keys_result(q, keys[offset:need], "lex", paged, k)
-
-    def _existing(self, ids: np.ndarray) -> np.ndarray:
-        cdb = self._env.dbs["codes"]
-        keep = self._with_txn(lambda txn: [txn.get(b, db=cdb) is not None for b in ids_bytes(ids)])
-        return ids[np.asarray(keep, dtype=bool)]
 
     def search_lex_batch(self, codes, k: int = 10, offset: int = 0, conf=None,
                          conf_threshold: float | None = None, probe_budget: int = 16,
@@ -276,8 +270,7 @@ class LexModes:
         if len(allowed) == 0 or limit == 0:
             return self._page(np.zeros((0, ks), np.uint8), None)
         if len(allowed) <= FILTER_BRUTE_MAX:  # the selected ids, sorted by key
-            codes = self._codes_of(allowed)
-            ids = allowed if len(codes) == len(allowed) else self._existing(allowed)
+            ids, codes = self._codes_of(allowed)
             q = np.frombuffer(pb.ljust(nb, b"\0"), np.uint8)
             m = _prefix_mask(codes, q, p)
             keys = make_keys(codes[m], ids[m])

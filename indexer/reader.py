@@ -25,7 +25,7 @@ import numpy as np
 
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
-from cbir.indexer.derived import Derived, View, latest_saved
+from cbir.indexer.derived import CodeLookup, Derived, View, latest_saved
 from cbir.indexer.env import _FORKED, acquire_env, data_identity, fork_error, info, read_manifest, release_env, u64
 from cbir.indexer.hamming import HammingModes
 from cbir.indexer.lexmodes import LexModes
@@ -295,9 +295,10 @@ class IndexReader(LexModes, HammingModes):
             return None
         idb = u64(int(id))
         dbs = self._env.dbs
+        look = self._code_lookup()
 
         def read(txn):
-            code = txn.get(idb, db=dbs["codes"])
+            code = look(txn).one(idb)
             if code is None:
                 return None, None, None
             return code, txn.get(idb, db=dbs["meta"]), txn.get(idb, db=dbs["conf"])
@@ -312,15 +313,18 @@ class IndexReader(LexModes, HammingModes):
     def get_many(self, ids) -> list[Item | None]:
         return [self.get(int(i)) for i in np.asarray(ids).reshape(-1)]
 
-    def _codes_of(self, ids: np.ndarray) -> np.ndarray:
-        """Packed codes (n, nb) of ids that exist (the caller's ids come from this snapshot)."""
-        cdb = self._env.dbs["codes"]
+    def _code_lookup(self):
+        """``txn -> CodeLookup`` (the base of a "delta" codes db is this snapshot's view's)."""
+        if self.manifest.get("codes_db") != "delta":
+            return lambda txn: CodeLookup(txn, self._env.dbs, self.nb)
+        v = self.derived()
+        return lambda txn: CodeLookup(txn, self._env.dbs, self.nb, lambda: v.base)
 
-        def read(txn):
-            return b"".join(txn.get(b, db=cdb) or b"" for b in ids_bytes(ids))
-
-        buf = self._with_txn(read)
-        return np.frombuffer(buf, dtype=np.uint8).reshape(-1, self.nb).copy()
+    def _codes_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids that exist, their packed codes (n, nb)) for sorted int64 ``ids``."""
+        look = self._code_lookup()
+        found, codes = self._with_txn(lambda txn: look(txn).many(ids))
+        return np.asarray(ids)[found], codes
 
     # labels -------------------------------------------------------------------------------------
     def ids_with_labels(self, labels) -> np.ndarray:

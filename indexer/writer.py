@@ -22,7 +22,8 @@ import numpy as np
 
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer.env import acquire_env, data_identity, info, new_manifest, read_manifest, release_env, u64, write_manifest
-from cbir.indexer.publish import LMDB_DIR, MANIFEST
+from cbir.indexer.derived import CodeLookup, load_or_scan
+from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR, MANIFEST
 from cbir.indexer.rows import (as_ids, check_codes, conf_rows, ids_bytes, item_labels, key_order,
                                label_keys, label_prefix, make_keys, meta_bytes, rows_bytes)
 
@@ -68,6 +69,7 @@ class IndexWriter:
         self.nbits = self.layout.nbits
         self.nb = (self.nbits + 7) // 8
         self.class_names = tuple(self.layout.class_names or ())
+        self._base = None  # a Derived for id -> code lookups of a "delta" codes db
         self._closed = False
         if not self.manifest.get("labels_db"):
             self._backfill_labels()
@@ -84,6 +86,21 @@ class IndexWriter:
             log.info("%s was replaced; the writer re-opens it", self.path)
             release_env(e)
             self._env = acquire_env(self.path / LMDB_DIR, want_write=True)
+            self.manifest = read_manifest(self.path)
+            self._base = None
+
+    def _codes(self, txn) -> CodeLookup:
+        """id -> code in ``txn`` (see :class:`~cbir.indexer.derived.CodeLookup`)."""
+        if self.manifest.get("codes_db") != "delta":
+            return CodeLookup(txn, self._env.dbs, self.nb)
+
+        def base():
+            if self._base is None:
+                gen = info(txn, self._env, b"generation")
+                self._base = load_or_scan(self.path / DERIVED_DIR, gen, self.nbits, txn, self._env.dbs["tree"])
+            return self._base
+
+        return CodeLookup(txn, self._env.dbs, self.nb, base)
 
     def _write_once(self, e, fn, bump: bool):
         while True:
@@ -176,8 +193,9 @@ class IndexWriter:
     def _delete_items(self, txn, ids: np.ndarray) -> int:
         e = self._env
         n = 0
+        look = self._codes(txn)
         for idb in ids_bytes(ids):
-            code = txn.get(idb, db=e.dbs["codes"])
+            code = look.one(idb)
             if code is None:
                 continue
             txn.delete(code + idb, db=e.dbs["tree"])
@@ -206,10 +224,9 @@ class IndexWriter:
             return 0
 
         def fn(txn):
-            cdb = self._env.dbs["codes"]
-            for i, idb in zip(ids, ids_bytes(ids)):
-                if txn.get(idb, db=cdb) is not None:
-                    raise ValueError(f"id {int(i)} already exists (use upsert)")
+            found, _c = self._codes(txn).many(ids)
+            if found.any():
+                raise ValueError(f"id {int(ids[np.argmax(found)])} already exists (use upsert)")
             self._put_items(txn, ids, codes, meta_b, conf_h)
             return len(ids)
 
@@ -244,8 +261,9 @@ class IndexWriter:
         def fn(txn):
             e, n = self._env, 0
             ldb = e.dbs["labels"]
+            look = self._codes(txn)
             for idb, mb in zip(ids_bytes(ids), meta_b):
-                if txn.get(idb, db=e.dbs["codes"]) is None:
+                if look.one(idb) is None:
                     continue
                 self._drop_labels(txn, idb, txn.get(idb, db=e.dbs["meta"]))
                 if mb is None:

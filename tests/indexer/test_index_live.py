@@ -420,3 +420,46 @@ def test_gpu_path_matches_brute_force(tmp_path):
             ref = ref_ids(q, codes, ids, k, "hamming")
             d = np.bitwise_count(codes.packed[pos] ^ q.packed[0]).sum(1)
             assert np.array_equal(d, dist) and set(ref.tolist()) <= set(pos.tolist())
+
+
+def test_bulk_build_without_codes_subdb_keeps_id_lookups_exact(tmp_path, monkeypatch):
+    """Large builds write only the tree (+meta/conf): id -> code comes from the saved base and
+    is confirmed by the tree key, so get/add/delete/upsert/update_meta stay exact."""
+    import shutil
+
+    monkeypatch.setattr(derived_mod, "PERSIST_MIN", 0)
+    rng = np.random.default_rng(11)
+    n = 300
+    codes = random_codes(rng, n, 24, "dups")
+    ids = np.arange(n) * 5
+    build_index(tmp_path / "ix", ids, codes, meta=[{"label": "a"}] * n)
+    with open_index(tmp_path / "ix") as r:
+        assert r.manifest["codes_db"] == "delta"
+        with r._env.env.begin() as txn:
+            assert txn.stat(r._env.dbs["codes"])["entries"] == 0
+        assert [r.get(int(i)).code.packed[0].tobytes() for i in ids] == codes.to_bytes_list()
+        assert r.get(1) is None and r.get(10**9) is None
+    model = dict(zip(ids.tolist(), codes.to_bytes_list()))
+    with IndexWriter(tmp_path / "ix") as w:
+        with pytest.raises(ValueError, match="already exists"):
+            w.add([ids[3]], codes[:1])
+        assert w.delete([ids[0], ids[1], 7]) == 2
+        w.upsert([ids[2]], codes[5:6])
+        w.add([ids[0]], codes[0:1])  # deleted, then re-added with its old code
+        w.add([ids[1]], codes[9:10])  # ... and with another code
+        assert w.update_meta([ids[4], 3], [{"label": "b"}, {"label": "b"}]) == 1
+    del model[int(ids[0])], model[int(ids[1])]
+    model[int(ids[2])] = codes.to_bytes_list()[5]
+    model[int(ids[0])] = codes.to_bytes_list()[0]
+    model[int(ids[1])] = codes.to_bytes_list()[9]
+    shutil.rmtree(tmp_path / "ix" / "derived")  # even without the saved base (tree scan)
+    with open_index(tmp_path / "ix") as r:
+        for i, c in model.items():
+            assert r.get(i).code.packed[0].tobytes() == c
+        assert r.count() == n and r.ids_with_labels("b").tolist() == [int(ids[4])]
+        mids = np.array(sorted(model), dtype=np.int64)
+        mcodes = Codes.from_bytes([model[i] for i in mids], 24)
+        q = codes[:1]
+        sel = ~np.isin(mids, ids[[0, 1, 4]])  # re-added without metadata, or relabelled
+        assert np.array_equal(r.search_hamming(q, k=20, labels="a").ids,
+                              ref_ids(q, mcodes[np.flatnonzero(sel)], mids[sel], 20, "hamming"))
