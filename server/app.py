@@ -50,6 +50,7 @@ class ServerOptions:
     image_formats: tuple[str, ...] = SAFE_FORMATS  # never EPS/PS/PDF (cbir.data.images.NEVER_FORMATS)
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one Search/BatchSearch
     max_filter_scan: int = 50_000  # items a label-filtered search may examine
+    max_call_cpu_s: float = 2.0  # CPU seconds the search work of one call may use (checked between queries)
     max_workers: int = 4  # offload threads: HAMMING/HYBRID scans, filtered search, writes, stats
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
@@ -133,12 +134,15 @@ class CbirServer:
                      "max_filter_scan", "encoder_step_pixels"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
+        if not opts.max_call_cpu_s > 0:
+            raise ValueError(f"max_call_cpu_s must be > 0, got {opts.max_call_cpu_s}")
         formats = resolve_formats(opts.image_formats)  # ValueError for an unknown format
         if not formats:
             raise ValueError(f"no usable image format in {opts.image_formats!r} (EPS/PS/PDF are never read)")
         return Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels,
                       max_request_pixels=opts.max_request_pixels, image_formats=formats,
                       max_hits_per_call=opts.max_hits_per_call, max_filter_scan=opts.max_filter_scan,
+                      max_call_cpu_s=float(opts.max_call_cpu_s),
                       max_response_bytes=int(opts.max_message_bytes))
 
     async def _start(self, address: str):

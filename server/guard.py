@@ -4,8 +4,9 @@
   gRPC deserializer), so that authentication (an interceptor, from metadata) is decided before
   any byte of the body is parsed, and a body that does not parse is an ``INVALID_ARGUMENT``
   with one WARNING line, never an ``UNKNOWN`` with a traceback;
-* :class:`Budget`: the call's deadline and cancellation, checked by long loops on the offload
-  threads (a thread cannot be cancelled: it notices at its next check);
+* :class:`Budget`: the call's deadline, cancellation and CPU allowance (``time.thread_time`` of
+  the offload thread doing its work), checked by long loops on the offload threads (a thread
+  cannot be cancelled: it notices at its next check);
 * :func:`response_bytes_bound`: an upper bound of a ``SearchResponse``'s size, known before any
   search runs, so an oversized answer is refused up front instead of after the work;
 * :func:`log_level`: which statuses are the client's fault (WARNING) and which are ours.
@@ -60,22 +61,29 @@ def parse_request(cls, raw) -> object:
 
 
 class Budget:
-    """A call's deadline (``time.monotonic()`` value or None) and its cancellation flag."""
+    """A call's deadline (``time.monotonic()`` value or None), its cancellation flag and the CPU
+    seconds its work may use on the thread that runs it (``cpu_limit``, None = unlimited)."""
 
-    __slots__ = ("deadline", "cancelled")
+    __slots__ = ("deadline", "cancelled", "cpu_limit", "_cpu0")
 
-    def __init__(self, deadline: float | None = None) -> None:
+    def __init__(self, deadline: float | None = None, cpu_limit: float | None = None) -> None:
         self.deadline = deadline
         self.cancelled = False
+        self.cpu_limit = cpu_limit
+        self._cpu0: float | None = None
 
     @classmethod
-    def of(cls, context) -> "Budget":
+    def of(cls, context, cpu_limit: float | None = None) -> "Budget":
         t = context.time_remaining()
         if t is None or t > 1e6:  # no deadline (gRPC reports a huge value)
-            return cls(None)
+            return cls(None, cpu_limit)
         if t <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return cls(time.monotonic() + t)
+        return cls(time.monotonic() + t, cpu_limit)
+
+    def start_work(self) -> None:
+        """Called on the thread that does the work: CPU time is counted from here."""
+        self._cpu0 = time.thread_time()
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -85,6 +93,10 @@ class Budget:
             raise RpcError(grpc.StatusCode.CANCELLED, "call cancelled")
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if self.cpu_limit is not None and self._cpu0 is not None and time.thread_time() - self._cpu0 > self.cpu_limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this call used more than {self.cpu_limit:g} s of CPU (the per-call work limit); "
+                           "split it into smaller calls")
 
 
 def _varint_len(v: int) -> int:

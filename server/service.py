@@ -65,6 +65,7 @@ class Limits:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one call
     max_filter_scan: int = 50_000  # items a label-filtered search may examine
+    max_call_cpu_s: float = 2.0  # CPU seconds the offloaded search work of one call may use
     max_response_bytes: int = 16 * MiB  # the server's send limit
 
 
@@ -160,10 +161,15 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def _offload(self, fn, *args, budget: Budget | None = None):
         """Run ``fn(*args)`` on the offload pool (inline when there is none); if the call is
         cancelled meanwhile, ``budget`` tells the thread to stop at its next check."""
-        if self._pool is None:
+        def work():
+            if budget is not None:
+                budget.start_work()
             return fn(*args)
+
+        if self._pool is None:
+            return work()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
         except asyncio.CancelledError:
             if budget is not None:
                 budget.cancelled = True
@@ -422,7 +428,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.SearchRequest)
     async def Search(self, request, context):
         backend = self._ready()
-        budget = Budget.of(context)
+        budget = Budget.of(context, self.limits.max_call_cpu_s)
         params = self._validate_search(request, backend.nbits)
         self._check_work([request], [params], backend.nbits)
         mode, k = params
@@ -439,7 +445,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.BatchSearchRequest)
     async def BatchSearch(self, request, context):
         backend = self._ready()
-        budget = Budget.of(context)
+        budget = Budget.of(context, self.limits.max_call_cpu_s)
         reqs = request.requests
         self._check_count(len(reqs), "queries")
         params = [self._validate_search(r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
@@ -460,7 +466,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.AddRequest)
     async def Add(self, request, context):
         backend = self._ready()
-        budget = Budget.of(context)
+        budget = Budget.of(context, self.limits.max_call_cpu_s)
         items = request.items
         self._check_count(len(items), "items")
         if not items:
@@ -555,7 +561,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.GetCodeRequest)
     async def GetCode(self, request, context):
         self._ready()
-        budget = Budget.of(context)
+        budget = Budget.of(context, self.limits.max_call_cpu_s)
         self._check_count(len(request.images), "images")
         resp = pb.GetCodeResponse()
         if not request.images:

@@ -50,6 +50,9 @@ def register(subparsers) -> None:
                           "RESOURCE_EXHAUSTED before any work (default: %(default)s)")
     lim.add_argument("--max-filter-scan", type=int, default=50_000,
                      help="items a label-filtered search may examine before RESOURCE_EXHAUSTED (default: %(default)s)")
+    lim.add_argument("--max-call-cpu-s", type=float, default=2.0,
+                     help="CPU seconds the search work of one call may use (checked between the queries of a "
+                          "BatchSearch and the pages of a filtered scan); more is RESOURCE_EXHAUSTED (default: %(default)s)")
     img = p.add_argument_group("image limits (checked from the header, before any pixel is decoded)")
     img.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                      help="pixels (width x height) of one image (default: %(default)s = 4096x4096)")
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_hits_per_call=args.max_hits_per_call,
         max_filter_scan=args.max_filter_scan,
+        max_call_cpu_s=args.max_call_cpu_s,
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
         image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()),

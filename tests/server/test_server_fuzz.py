@@ -206,6 +206,17 @@ def _scanning_backend(index):
     return IndexBackend(_NoPostingList(index))
 
 
+def test_per_call_cpu_limit(index, server_factory, client_factory, dataset):
+    """Many cheap queries add up: the offload thread's CPU time is checked between queries."""
+    q = _code(dataset[1])
+    batch = pb.BatchSearchRequest(requests=[pb.SearchRequest(code=q, k=5, mode=pb.HYBRID)] * 3000)
+    stub = client_factory(server_factory(index, None, max_call_cpu_s=0.01).address)
+    status, detail = _status(stub.BatchSearch, batch)
+    assert status == "RESOURCE_EXHAUSTED" and "more than 0.01 s of CPU" in detail
+    stub = client_factory(server_factory(index, None).address)
+    assert len(stub.BatchSearch(batch).responses) == 3000
+
+
 def test_label_filter_scan_is_bounded(index, server_factory, client_factory, dataset):
     q = _code(dataset[1])
     stub = client_factory(server_factory(_scanning_backend(index), None, max_filter_scan=100).address)
