@@ -19,7 +19,8 @@ import numpy as np
 from cbir.indexer.derived import View
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
-from cbir.indexer.results import SearchResult, empty_result, hamming_to, make_result, order_candidates
+from cbir.indexer.results import (SearchResult, empty_result, hamming_result_u64, hamming_to, make_result,
+                                  order_candidates)
 
 METHODS = ("auto", "mih", "faiss", "brute")
 #: hybrid buckets of at most this many rows are scanned (cheaper than any index)
@@ -205,7 +206,10 @@ class HammingModes:
         """Merge base candidates with the added rows and sort in the exact Hamming order."""
         v = flt.v
         b = v.base
-        codes, ids = np.asarray(b.codes[pos]), np.asarray(b.ids[pos])
+        codes, ids = b.codes[pos], b.ids[pos]
+        if self.nb <= 8 and not len(v.add_ids):  # one uint64 per code: no byte-wise work
+            q64 = np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
+            return hamming_result_u64(codes, ids, b.head64[pos] ^ q64, dist, self.nbits, k)
         if len(v.add_ids):  # rows written since the base generation: scanned directly
             m = flt.added(q, prefix_bits)
             ad = hamming_to(q, v.add_codes[m])

@@ -16,7 +16,8 @@ import numpy as np
 
 from cbir.codes import Codes
 from cbir.indexer.lexsearch import LexSearcher
-from cbir.indexer.results import PrefixPage, SearchResult, empty_result, make_result, order_candidates, xor_sort_keys
+from cbir.indexer.results import (PrefixPage, SearchResult, empty_result, make_result, order_candidates,
+                                  prefix_len_u64, xor_sort_keys)
 from cbir.indexer.rows import key_order, make_keys
 
 #: label filters selecting at most this many ids are answered by ranking exactly those ids
@@ -72,10 +73,7 @@ class LexModes:
         head = np.ndarray((n,), dtype=">u8", buffer=keys, strides=(ks,)) & self._lex._mask
         x = head.astype(np.uint64) ^ np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
         dist = np.bitwise_count(x).astype(np.int32)
-        hi = np.frexp((x >> np.uint64(32)).astype(np.float64))[1]
-        lo = np.frexp((x & np.uint64(0xFFFFFFFF)).astype(np.float64))[1]
-        cpl = np.minimum(64 - np.where(hi > 0, hi + 32, lo), self.nbits).astype(np.int32)
-        return SearchResult(ids, codes, dist, cpl, order, nxt)
+        return SearchResult(ids, codes, dist, prefix_len_u64(x, self.nbits), order, nxt)
 
     def _cursor_key(self, cursor) -> bytes | None:
         if cursor is None or cursor == b"" or cursor == "":

@@ -250,18 +250,27 @@ class MIH:
             dist = self._full_dist(q, q64, pos)
         if self.m == 1:
             return pos, dist
+        # tables before the origin must not have found it at this radius (dt > r), tables
+        # after it must not have found it at an earlier radius (dt >= r); the origin table
+        # has dt == r
+        if x is not None:  # all m substring distances at once, (n, m)
+            shifts, masks, tix = self._sub_shifts()
+            dt = np.bitwise_count((x[:, None] >> shifts) & masks)
+            keep = (dt >= (org[:, None] > tix) + np.uint8(r)).all(axis=1)
+            return pos[keep], dist[keep]
         keep = np.ones(len(pos), dtype=bool)
         for t in range(self.m):
-            if x is not None:
-                sh = np.uint64(64 - self.starts[t] - self.sizes[t])
-                dt = np.bitwise_count((x >> sh) & np.uint64((1 << self.sizes[t]) - 1))
-            else:
-                dt = np.bitwise_count(self._subvals(t, pos) ^ np.uint64(qsub[t]))
-            # tables before the origin must not have found it at this radius (dt > r), tables
-            # after it must not have found it at an earlier radius (dt >= r); the origin table
-            # has dt == r
+            dt = np.bitwise_count(self._subvals(t, pos) ^ np.uint64(qsub[t]))
             keep &= dt >= (org > t) + np.uint8(r)
         return pos[keep], dist[keep]
+
+    def _sub_shifts(self):
+        got = self.__dict__.get("_shifts")
+        if got is None:
+            shifts = np.array([64 - st - sz for st, sz in zip(self.starts, self.sizes)], dtype=np.uint64)
+            masks = np.array([(1 << sz) - 1 for sz in self.sizes], dtype=np.uint64)
+            got = self._shifts = (shifts[None, :], masks[None, :], np.arange(self.m, dtype=np.int8)[None, :])
+        return got
 
     #: cost model of the ``budget`` (rough nanoseconds on one CPU core, numpy): per radius
     #: step, per enumerated bucket, per candidate checked
@@ -307,7 +316,9 @@ class MIH:
             if hist[: min(guaranteed, self.nbits) + 1].sum() >= k:
                 pos = np.concatenate(P)
                 dist = np.concatenate(D)
-                sel = dist <= guaranteed
+                # the k-th distance (<= guaranteed): everything within it, ties included
+                dk = int(np.searchsorted(np.cumsum(hist), k))
+                sel = dist <= dk
                 return pos[sel], dist[sel]
         pos = np.concatenate(P) if P else np.zeros(0, np.int64)
         dist = np.concatenate(D) if D else np.zeros(0, np.int32)

@@ -86,6 +86,25 @@ def prefix_len_to(q: np.ndarray, packed: np.ndarray, nbits: int) -> np.ndarray:
     return np.where(nz.any(axis=1), out, nbits).astype(np.int32)
 
 
+def prefix_len_u64(x: np.ndarray, nbits: int) -> np.ndarray:
+    """Common-prefix lengths (int32) from ``q XOR c`` as big-endian uint64 (codes <= 64 bits)."""
+    hi = np.frexp((x >> np.uint64(32)).astype(np.float64))[1]
+    lo = np.frexp((x & np.uint64(0xFFFFFFFF)).astype(np.float64))[1]
+    return np.minimum(64 - np.where(hi > 0, hi + 32, lo), nbits).astype(np.int32)
+
+
+def hamming_result_u64(packed: np.ndarray, ids: np.ndarray, x: np.ndarray, dist: np.ndarray,
+                       nbits: int, k: int | None) -> SearchResult:
+    """Candidates of a <= 64-bit index (``x`` = their ``q XOR c`` as uint64) in the exact
+    Hamming order, cut to ``k``: one lexsort, prefix lengths from ``x``."""
+    perm = np.lexsort((ids, x, dist))
+    if k is not None:
+        perm = perm[:k]
+    x = x[perm]
+    return SearchResult(np.asarray(ids[perm], dtype=np.int64), Codes(np.ascontiguousarray(packed[perm]), nbits),
+                        np.asarray(dist[perm], dtype=np.int32), prefix_len_u64(x, nbits), "hamming")
+
+
 def xor_sort_keys(q: np.ndarray, packed: np.ndarray) -> list[np.ndarray]:
     """Keys for ``np.lexsort`` (last = primary) giving ascending big-endian ``q XOR c``."""
     x = packed ^ q[None, :]
