@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cbir.cli import main
 
 
@@ -61,7 +63,7 @@ def _read_line_with(proc, needle: str, timeout: float) -> str:
     raise AssertionError(f"no line with {needle!r} within {timeout}s; got {seen!r}")
 
 
-def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset):
+def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, images):
     import signal
     import subprocess
     import sys
@@ -74,7 +76,8 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset):
     model = hasher.save(tmp_path / "model.pt")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model),
-         "--address", "127.0.0.1:0", "--grace", "5"],
+         "--address", "127.0.0.1:0", "--grace", "5", "--image-formats", "png,gif", "--max-request-pixels", "2048",
+         "--max-hits-per-call", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -85,6 +88,16 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset):
         with channel:
             resp = stub.Search(pb.SearchRequest(id=int(dataset[0][0]), k=3, mode=pb.HAMMING), timeout=10)
             assert len(resp.hits) == 3 and resp.hits[0].hamming_distance == 0
+            # the limit flags reach the server
+            for req, want in [(pb.SearchRequest(id=int(dataset[0][0]), k=51), "work limit of 50"),
+                              (pb.SearchRequest(image=b"BM" + bytes(60), k=1), "accepted formats: PNG, GIF")]:
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Search(req, timeout=10)
+                assert want in e.value.details()
+            img = pb.GetCodeRequest(images=[images[0]] * 3)  # 3 x 32 x 32 > 2048 pixels
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetCode(img, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "per-request budget of 2048" in e.value.details()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
