@@ -314,10 +314,11 @@ class IndexReader(LexModes, HammingModes):
         return [self.get(int(i)) for i in np.asarray(ids).reshape(-1)]
 
     def _code_lookup(self):
-        """``txn -> CodeLookup`` (the base of a "delta" codes db is this snapshot's view's)."""
+        """``txn -> CodeLookup``. For a "delta" codes db any base will do (the tree key decides),
+        so the current view is used as it is, even while a newer one is being built."""
         if self.manifest.get("codes_db") != "delta":
             return lambda txn: CodeLookup(txn, self._env.dbs, self.nb)
-        v = self.derived()
+        v = self._derived or self.derived()
         return lambda txn: CodeLookup(txn, self._env.dbs, self.nb, lambda: v.base)
 
     def _codes_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -463,3 +463,34 @@ def test_bulk_build_without_codes_subdb_keeps_id_lookups_exact(tmp_path, monkeyp
         sel = ~np.isin(mids, ids[[0, 1, 4]])  # re-added without metadata, or relabelled
         assert np.array_equal(r.search_hamming(q, k=20, labels="a").ids,
                               ref_ids(q, mcodes[np.flatnonzero(sel)], mids[sel], 20, "hamming"))
+
+
+def test_rebuild_runs_off_the_snapshot_lock(tmp_path, monkeypatch):
+    """While a rebuild of the derived structures is in progress, lex searches and get() on the
+    same reader are answered (they do not wait behind it); the new view is swapped in after."""
+    import threading
+
+    rng = np.random.default_rng(12)
+    codes = random_codes(rng, 3000, 32, "clustered")
+    build_index(tmp_path / "ix", np.arange(3000), codes)
+    r = open_index(tmp_path / "ix")
+    started, release = threading.Event(), threading.Event()
+    orig = Derived.from_txn.__func__
+
+    def slow_scan(cls, *a, **kw):
+        started.set()
+        assert release.wait(30)
+        return orig(cls, *a, **kw)
+
+    monkeypatch.setattr(Derived, "from_txn", classmethod(slow_scan))
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("res", r.search_hamming(codes[:1], k=5)))
+    t.start()
+    assert started.wait(30)
+    assert np.array_equal(r.search_lex(codes[:1], 7).ids, ref_ids(codes[:1], codes, np.arange(3000), 7, "lex"))
+    assert r.get(5) is not None  # both answered while the rebuild is blocked
+    release.set()
+    t.join(30)
+    assert np.array_equal(out["res"].ids, ref_ids(codes[:1], codes, np.arange(3000), 5, "hamming"))
+    assert r.derived().generation == r.generation
+    r.close()
