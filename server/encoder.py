@@ -391,7 +391,13 @@ class MicroBatchEncoder:
             else:
                 new, got_stop = self._drain() if not stop else ([], True)
                 stop = stop or got_stop
-            active.extend(j for j in new if self._admit(j))
+            for j in new:
+                try:
+                    if self._admit(j):
+                        active.append(j)
+                except Exception as exc:  # noqa: BLE001 - a bug: fail this job, keep the worker
+                    log.exception("encoder admission failed")
+                    j.fail(RuntimeError(f"encoder failed: {type(exc).__name__}: {exc}"))
             plan = self._plan(active)
             if plan:
                 self._step(plan)
