@@ -136,6 +136,15 @@ class Filter:
         return m
 
 
+def _cut_k(pos: np.ndarray, dist: np.ndarray, k: int | None):
+    """Candidates within the k-th smallest distance (ties included)."""
+    if k is None or len(pos) <= k:
+        return pos, dist
+    dk = np.partition(dist, k - 1)[k - 1]
+    m = dist <= dk
+    return pos[m], dist[m]
+
+
 def _brute(q, codes: np.ndarray, mask, k, radius):
     """(rows, distances) of the candidates among ``codes`` (rows where ``mask``) that can be in
     the top-k within ``radius`` (all ties at the k-th distance included)."""
@@ -143,11 +152,8 @@ def _brute(q, codes: np.ndarray, mask, k, radius):
     sel = np.ones(len(dist), bool) if mask is None else mask.copy()
     if radius is not None:
         sel &= dist <= radius
-    if k is not None and sel.sum() > k:
-        dk = np.partition(dist[sel], k - 1)[k - 1]
-        sel &= dist <= dk
     rows = np.flatnonzero(sel)
-    return rows, dist[rows]
+    return _cut_k(rows, dist[rows], k)
 
 
 class HammingModes:
@@ -183,23 +189,14 @@ class HammingModes:
                        else d.mih.knn(q, k, budget, keep))
                 if method == "auto":
                     self.chooser.record(res is None)
-                if res is not None and radius is not None and k is not None and len(res[0]) > k:
-                    dk = np.partition(res[1], k - 1)[k - 1]
-                    sel = res[1] <= dk
-                    res = (res[0][sel], res[1][sel])
             if res is not None:
-                return res
+                return _cut_k(res[0], res[1], k) if radius is not None else res
             if flt.ranged:  # hybrid over budget: scan the bucket
                 rows, dist = _brute(q, d.codes[lo:hi], flt.slice_mask(), k, radius)
                 return rows + lo, dist
         sel = flt.selector()
         if radius is not None:
-            pos, dist = d.faiss.range(q, radius, sel)
-            if k is not None and len(pos) > k:
-                dk = np.partition(dist, k - 1)[k - 1]
-                m = dist <= dk
-                pos, dist = pos[m], dist[m]
-            return pos, dist
+            return _cut_k(*d.faiss.range(q, radius, sel), k)
         return d.faiss.knn(q, k, sel)
 
     def _finish(self, q, flt: Filter, pos, dist, k, radius, prefix_bits: int = 0) -> SearchResult:
@@ -296,10 +293,8 @@ class HammingModes:
         out = []
         for i in range(len(Q)):
             pos, dist = hits[i] if hits[i] is not None else (np.zeros(0, np.int64), np.zeros(0, np.int32))
-            if radius is not None and k is not None and len(pos) > k:
-                dk = np.partition(dist, k - 1)[k - 1]
-                m = dist <= dk
-                pos, dist = pos[m], dist[m]
+            if radius is not None:
+                pos, dist = _cut_k(pos, dist, k)
             out.append(self._finish(Q[i], flt, pos, dist, k, radius))
         return out
 
