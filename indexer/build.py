@@ -138,7 +138,10 @@ def build_index(
         man["count"], man["generation"] = n, 1
         man["codes_db"] = "delta" if delta else "full"
         if delta:  # MIH tables, FAISS index and the id index now, not on the first query
-            Derived(1, layout.nbits, sorted_codes, sorted_ids).save(tmp / DERIVED_DIR)
+            inv = np.empty_like(order)
+            inv[order] = np.arange(n, dtype=order.dtype)  # row of each input item
+            spos = inv[byid].astype(np.int32 if n < 2**31 else np.int64)
+            Derived(1, layout.nbits, sorted_codes, sorted_ids, by_id=(ids[byid], spos)).save(tmp / DERIVED_DIR)
         man["build"].setdefault("seconds", round(time.perf_counter() - t0, 3))
         man["build"].setdefault("lmdb_seconds", round(t_lmdb, 3))
         write_manifest(tmp, man)  # the manifest is written last: it marks a complete index

@@ -49,7 +49,7 @@ class Derived:
     """
 
     def __init__(self, generation: int, nbits: int, codes: np.ndarray, ids: np.ndarray,
-                 head64: np.ndarray | None = None, mih: MIH | None = None) -> None:
+                 head64: np.ndarray | None = None, mih: MIH | None = None, by_id=None) -> None:
         self.generation = generation
         self.nbits = nbits
         self.codes = codes
@@ -58,7 +58,7 @@ class Derived:
         self.head64 = _head64(codes) if head64 is None else head64
         self._mih = mih
         self._faiss = None
-        self._byid = None
+        self._byid = by_id  # (ids ascending, their rows), computed on first use when None
         self._lock = threading.Lock()
         self.saved_dir: Path | None = None
 

@@ -433,6 +433,10 @@ def test_bulk_build_without_codes_subdb_keeps_id_lookups_exact(tmp_path, monkeyp
     codes = random_codes(rng, n, 24, "dups")
     ids = np.arange(n) * 5
     build_index(tmp_path / "ix", ids, codes, meta=[{"label": "a"}] * n)
+    shuffled = rng.permutation(n)  # unsorted input ids: the saved id index maps them right
+    build_index(tmp_path / "ix2", ids[shuffled], codes[shuffled])
+    with open_index(tmp_path / "ix2") as r:
+        assert [r.get(int(i)).code.packed[0].tobytes() for i in ids] == codes.to_bytes_list()
     with open_index(tmp_path / "ix") as r:
         assert r.manifest["codes_db"] == "delta"
         with r._env.env.begin() as txn:
