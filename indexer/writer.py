@@ -307,7 +307,8 @@ class IndexWriter:
         try:
             if not self._env.stale:
                 self._env.env.sync(True)
-                self.sync_manifest()
+                if self._env.key.endswith("|" + data_identity(self.path / LMDB_DIR)):
+                    self.sync_manifest()  # (not over the manifest of an index built in its place)
         finally:
             release_env(self._env)
 

@@ -3,6 +3,7 @@ label filters), lex cursor paging, posting lists, in-place rebuild/compaction, f
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 
@@ -323,6 +324,17 @@ def test_refresh_sees_an_in_place_rebuild_and_compaction(tmp_path):
     assert r.count() == 50  # the snapshot stays until refresh
     assert r.refresh() and r.count() == 80
     assert np.array_equal(r.search_lex(b[:1], 5).ids, ref_ids(b[:1], b, np.arange(80), 5, "lex"))
+    w0 = open_index(tmp_path / "ix", readonly=False)  # a writing reader, then a rebuild in place
+    build_index(tmp_path / "ix", np.arange(80), b, model_hash="third")
+    assert w0.refresh() and w0.model_hash == "third"  # its old writer left the new manifest alone
+    w0.add([500], b[:1])
+    w0.close()
+    man = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    assert man["count"] == 81 and man["model_hash"] == "third"
+    assert r.refresh() and r.count() == 81
+    with IndexWriter(tmp_path / "ix") as w:
+        w.delete([500])
+    assert r.refresh() and r.count() == 80
     # compaction: a writer grows the file, compact shrinks it; reader and writer follow
     with IndexWriter(tmp_path / "ix") as w:
         for s in range(10):
