@@ -21,7 +21,8 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", default=defaults.method, choices=list_methods(), help="hashing method (default: %(default)s)")
     g.add_argument("--backbone", default=defaults.backbone, choices=list_backbones(), help="backbone (default: %(default)s)")
-    g.add_argument("--width", type=int, default=None, help="backbone width multiplier where supported (resnet20: base width)")
+    g.add_argument("--width", type=int, default=defaults.backbone_kwargs.get("width"),
+                   help="backbone width where supported (resnet20: base width 16; convnet: 32; default: %(default)s)")
     g.add_argument("--bits", type=int, default=defaults.bits, help="code length B (DDTL: class bits + depth)")
     g.add_argument("--depth", type=int, default=defaults.depth, help="DDTL path bits d (default 12; more than --param max_tree_depth=12 are split over a forest of trees)")
     g.add_argument("--param", action="append", type=_kv, default=[], metavar="NAME=VALUE",

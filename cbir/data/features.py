@@ -9,16 +9,25 @@ image (positives as in image training); for one-view heads a random view per ite
 included). The view draw is seeded (numpy PCG64 of ``seed`` and the step).
 
 Unreadable images are skipped (reported to the ``SkipLog``) and simply absent from the cache.
+
+The last cache built is kept in memory, keyed by a SHA-256 of the backbone's weights, the image
+set (labels, pixels or paths), the transforms and the seed: fitting several heads on
+one frozen backbone in one process (a hyper-parameter selection, a benchmark) computes the
+features once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hashlib
+
 import numpy as np
 import torch
 
 __all__ = ["FeatureCache", "build_feature_cache"]
+
+_LAST: dict = {}
 
 
 @dataclass
@@ -65,6 +74,9 @@ def build_feature_cache(backbone, imageset, eval_tf, aug_tf, views: int, device,
 
     if views < 0:
         raise ValueError(f"feature views must be >= 0, got {views}")
+    key = _cache_key(backbone, imageset, eval_tf, aug_tf, views, seed)
+    if _LAST.get("key") == key:
+        return _LAST["cache"]
     was_training = backbone.training
     backbone.eval()
     out, idx = [], None
@@ -84,4 +96,22 @@ def build_feature_cache(backbone, imageset, eval_tf, aug_tf, views: int, device,
         idx = ids
         out.append(torch.cat(feats))
     backbone.train(was_training)
-    return FeatureCache(torch.stack(out), imageset.labels[idx], idx.astype(np.int64))
+    cache = FeatureCache(torch.stack(out), imageset.labels[idx], idx.astype(np.int64))
+    _LAST.clear()
+    _LAST.update(key=key, cache=cache)
+    return cache
+
+
+def _cache_key(backbone, imageset, eval_tf, aug_tf, views, seed) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(np.ascontiguousarray(imageset.labels).tobytes())
+    if imageset.images is not None:
+        h.update(imageset.images.contiguous().numpy().tobytes())
+        h.update(str(tuple(imageset.images.shape)).encode())
+    else:
+        h.update("\n".join(imageset.paths).encode())
+    h.update(f"{eval_tf!r}|{aug_tf!r}|{views}|{seed}".encode())
+    return h.hexdigest()

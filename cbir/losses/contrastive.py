@@ -48,22 +48,24 @@ class PerClassNTXent(nn.Module):
         cls = group_ids(targets)
         if cls.shape[0] != n:
             raise ValueError(f"targets has {cls.shape[0]} rows for {n} items")
-        z = F.normalize(torch.cat([z1, z2], 0), dim=1)
-        c2 = torch.cat([cls, cls], 0)
-        sim = z @ z.t() / self.tau
-        same = c2[:, None] == c2[None, :]
-        eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-        logits = sim.masked_fill(~same | eye, float("-inf"))
-        pos_idx = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-        pos = sim.gather(1, pos_idx[:, None])[:, 0]
-        counts = torch.bincount(cls, minlength=int(cls.max()) + 1 if n else 0)
-        valid = counts[c2] >= 2
-        if not bool(valid.any()):
+        # One (2 n_c x 2 n_c) similarity block per class: only same-class pairs enter the loss,
+        # so the cost is sum_c n_c^2 L instead of n^2 L for the full matrix.
+        order = torch.sort(cls, stable=True).indices
+        sorted_cls = cls[order]
+        uniq, counts = torch.unique_consecutive(sorted_cls, return_counts=True)
+        losses = []
+        start = 0
+        for c_n in counts.tolist():
+            idx = order[start : start + c_n]
+            start += c_n
+            if c_n < 2:
+                continue
+            z = F.normalize(torch.cat([z1[idx], z2[idx]], 0), dim=1)
+            sim = z @ z.t() / self.tau
+            eye = torch.eye(2 * c_n, dtype=torch.bool, device=z.device)
+            pos_idx = torch.cat([torch.arange(c_n, 2 * c_n), torch.arange(0, c_n)]).to(z.device)
+            pos = sim.gather(1, pos_idx[:, None])[:, 0]
+            losses.append((torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1) - pos).mean())
+        if not losses:
             return (z1.sum() + z2.sum()) * 0.0
-        per_anchor = torch.logsumexp(logits[valid], dim=1) - pos[valid]
-        cv = c2[valid]
-        ncls = counts.shape[0]
-        sums = torch.zeros(ncls, dtype=per_anchor.dtype, device=z.device).index_add(0, cv, per_anchor)
-        nums = torch.zeros(ncls, dtype=per_anchor.dtype, device=z.device).index_add(0, cv, torch.ones_like(per_anchor))
-        present = nums > 0
-        return (sums[present] / nums[present]).mean()
+        return torch.stack(losses).mean()

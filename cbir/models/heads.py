@@ -41,11 +41,13 @@ def leaf_log_probs(node_logits: torch.Tensor, depth: int) -> torch.Tensor:
     n_nodes = (1 << depth) - 1
     if node_logits.shape[-1] != n_nodes:
         raise ValueError(f"expected {n_nodes} node logits for depth {depth}, got {node_logits.shape[-1]}")
-    logp = node_logits.new_zeros(node_logits.shape[0], 1)
+    n = node_logits.shape[0]
+    right_all = F.logsigmoid(node_logits)  # log sigma(u); log sigma(-u) = log sigma(u) - u
+    both = torch.stack([right_all - node_logits, right_all], dim=2)  # (N, nodes, 2): left, right
+    logp = node_logits.new_zeros(n, 1)
     for level in range(depth):
-        u = node_logits[:, (1 << level) - 1 : (1 << (level + 1)) - 1]  # (N, 2^level), left-to-right
-        left, right = F.logsigmoid(-u), F.logsigmoid(u)
-        logp = torch.stack([logp + left, logp + right], dim=2).reshape(node_logits.shape[0], -1)
+        lr = both[:, (1 << level) - 1 : (1 << (level + 1)) - 1]  # (N, 2^level, 2), nodes left-to-right
+        logp = (logp[:, :, None] + lr).reshape(n, -1)
     return logp
 
 
