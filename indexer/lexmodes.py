@@ -58,7 +58,8 @@ class LexModes:
         self._lex = LexSearcher(self.nbits, self._env.dbs["tree"])
 
     def _keys_result(self, q: np.ndarray, keys: np.ndarray, order: str, cursor: bool = False,
-                     k: int | None = None) -> SearchResult:
+                     k: int | None = None, x: np.ndarray | None = None) -> SearchResult:
+        """Result of ordered tree keys; ``x``: their ``q XOR c`` as uint64 when known."""
         nb, ks = self.nb, self.nb + 8
         keys = np.ascontiguousarray(keys)
         n = len(keys)
@@ -69,9 +70,9 @@ class LexModes:
         codes = Codes(keys[:, :nb].copy(), self.nbits)
         if nb > 8:
             return make_result(q, codes.packed, ids, self.nbits, order, next_cursor=nxt)
-        # <= 64 bits: XOR as one big-endian uint64 per hit
-        head = np.ndarray((n,), dtype=">u8", buffer=keys, strides=(ks,)) & self._lex._mask
-        x = head.astype(np.uint64) ^ np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
+        if x is None:  # <= 64 bits: XOR as one big-endian uint64 per hit
+            head = np.ndarray((n,), dtype=">u8", buffer=keys, strides=(ks,)) & self._lex._mask
+            x = head.astype(np.uint64) ^ np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
         dist = np.bitwise_count(x).astype(np.int32)
         return SearchResult(ids, codes, dist, prefix_len_u64(x, self.nbits), order, nxt)
 
@@ -128,6 +129,10 @@ class LexModes:
             return self._search_lex_uncertain(q, need, offset, conf, conf_threshold, probe_budget)
         if labels is not None:
             return self._search_lex_labels(q, k, offset, ckey, paged, labels)
+        if ckey is None and need and self._count:  # the common case: XOR values come along
+            qb = q.tobytes()
+            keys, x = self._with_txn(lambda txn: self._lex.topk_x(txn, qb, need))
+            return self._keys_result(q, keys[offset:], "lex", paged, k, None if x is None else x[offset:])
         keys = self._lex_keys(q, need, ckey)
         return self._keys_result(q, keys[offset:], "lex", paged, k)
 

@@ -70,15 +70,23 @@ class LexSearcher:
         if k <= 0:
             return np.zeros((0, self.ks), dtype=np.uint8)
         if self.fast:
-            return self._topk_fast(txn, q, int.from_bytes(q.ljust(8, b"\0"), "big"), k, d)
+            return self._topk_fast(txn, q, int.from_bytes(q.ljust(8, b"\0"), "big"), k, d)[0]
         return self._topk_generic(txn, q, k, d)
+
+    def topk_x(self, txn, q: bytes, k: int):
+        """(keys, their ``q XOR c`` as uint64 or None): :meth:`topk` plus the XOR values it
+        already computed (<= 64-bit codes, answers found in one window)."""
+        if k <= 0 or not self.fast:
+            return self.topk(txn, q, k), None
+        return self._topk_fast(txn, q, int.from_bytes(q.ljust(8, b"\0"), "big"), k, 0)
 
     # --- fast path: codes of <= 64 bits, XOR as one uint64 --------------------------------
     def _u64(self, buf: bytes, n: int) -> np.ndarray:
         # first 8 bytes of every key as big-endian uint64, id bytes masked off
         return np.ndarray((n,), dtype=">u8", buffer=buf, strides=(self.ks,)) & self._mask
 
-    def _topk_fast(self, txn, qb: bytes, q64: int, k: int, d: int) -> np.ndarray:
+    def _topk_fast(self, txn, qb: bytes, q64: int, k: int, d: int):
+        """(keys, XOR values or None)."""
         ks = self.ks
         nbits = self.nbits
         qkey = qb + ZERO8
@@ -114,7 +122,7 @@ class LexSearcher:
             if J > nbits:
                 # only exact duplicates of q on the right (the left holds keys < q||0): the
                 # first k of them, in id order, are the answer (w >= k of them were read)
-                return np.frombuffer(rbuf, dtype=np.uint8, count=k * ks).reshape(k, ks)
+                return np.frombuffer(rbuf, dtype=np.uint8, count=k * ks).reshape(k, ks), xr[:k]
             if J == 0:
                 cR, cL = nr, nl
             else:
@@ -145,19 +153,19 @@ class LexSearcher:
                         xl = np.concatenate([xl, self._u64(more, m) ^ qn])
                 continue
             # recursion: the whole subtree q[:J], then the sibling subtrees S_{J-1}, ..., S_d
-            parts = [self._emit_fast(rbuf, lbuf, xr, xl, cR, cL, k)]
+            parts = [self._emit_fast(rbuf, lbuf, xr, xl, cR, cL, k)[0]]
             need = k - len(parts[0])
             for j in range(J - 1, d - 1, -1):
                 if need <= 0:
                     break
                 q2 = q64 ^ (1 << (63 - j))
-                sub = self._topk_fast(txn, q2.to_bytes(8, "big")[: self.nb], q2, need, j + 1)
+                sub = self._topk_fast(txn, q2.to_bytes(8, "big")[: self.nb], q2, need, j + 1)[0]
                 if len(sub):
                     parts.append(sub)
                     need -= len(sub)
-            return np.concatenate(parts)
+            return np.concatenate(parts), None
 
-    def _emit_fast(self, rbuf, lbuf, xr, xl, cR, cL, k) -> np.ndarray:
+    def _emit_fast(self, rbuf, lbuf, xr, xl, cR, cL, k):
         ks = self.ks
         R = np.frombuffer(rbuf, dtype=np.uint8, count=cR * ks).reshape(cR, ks)
         if cL == 0:
@@ -168,7 +176,8 @@ class LexSearcher:
             L = np.frombuffer(lbuf, dtype=np.uint8, count=cL * ks).reshape(cL, ks)[::-1]
             x = np.concatenate([xl[:cL][::-1], xr[:cR]])
             keys = np.concatenate([L, R])
-        return keys[np.argsort(x, kind="stable")[:k]]
+        order = np.argsort(x, kind="stable")[:k]
+        return keys[order], x[order]
 
     # --- generic path: any code length ------------------------------------------------------
     def _codes_of(self, buf: bytes, n: int) -> np.ndarray:
