@@ -195,73 +195,85 @@ class MIH:
                 self.tables = None
         return self._comb or None
 
-    def _probes(self, r: int, tabs: list[int], bases):
-        """Per radius: the flip masks of all tables concatenated, their counts, the table
-        offsets repeated and the originating table of every probe (computed once)."""
+    def _probes(self, r_lo: int, r_hi: int, bases):
+        """All probes of substring radii ``r_lo..r_hi`` (computed once): flip masks, table of
+        each probe, the table's offset in the combined CSR and the probe's radius."""
         cache = self.__dict__.setdefault("_probe_cache", {})
-        got = cache.get(r)
+        got = cache.get((r_lo, r_hi))
         if got is None:
-            fm = np.concatenate([flip_masks(self.sizes[t], r) for t in tabs])
-            cnt = np.array([math.comb(self.sizes[t], r) for t in tabs], dtype=np.int64)
-            base_rep = np.repeat(np.asarray(bases, dtype=np.uint64)[tabs], cnt)
-            origin = np.repeat(np.array(tabs, dtype=np.int8), cnt)
-            got = cache[r] = (fm, cnt, base_rep, origin)
+            fm, tab, rad = [], [], []
+            for r in range(r_lo, r_hi + 1):
+                for t in range(self.m):
+                    if r <= self.sizes[t]:
+                        f = flip_masks(self.sizes[t], r)
+                        fm.append(f)
+                        tab.append(np.full(len(f), t, dtype=np.int8))
+                        rad.append(np.full(len(f), r, dtype=np.uint8))
+            tab_a = np.concatenate(tab)
+            base_rep = np.asarray(bases, dtype=np.uint64)[tab_a] if bases is not None else None
+            got = cache[(r_lo, r_hi)] = (np.concatenate(fm), tab_a, base_rep, np.concatenate(rad))
         return got
 
-    def _step(self, q, q64, qsub, r):
-        """Items first discovered at substring radius ``r`` (any table): (positions, dists).
+    def _step(self, q, q64, qsub, r_lo: int, r_hi: int | None = None):
+        """Items first discovered at a substring radius in ``r_lo..r_hi`` (any table):
+        (positions, dists).
 
-        An item is reported once, by the first (radius, table) that finds it: kept from table i
-        iff its substring distance is > r in tables < i and >= r in tables > i."""
-        tabs = [t for t in range(self.m) if r <= self.sizes[t]]
+        An item is reported once, by the first (radius, table) that finds it: found by table i
+        at radius r, it is kept iff its substring distance is > r in tables < i and >= r in
+        tables > i (and == r in table i)."""
+        r_hi = r_lo if r_hi is None else r_hi
         comb = self._combined()
-        pos_parts, org_parts = [], []
         x = None
+        qs = np.array(qsub, dtype=np.uint64)
         if comb is not None:
             bases, offs, perm, codes_all = comb
-            fm, cnt, base_rep, origin = self._probes(r, tabs, bases)
-            vals = ((fm ^ np.repeat(np.array([qsub[t] for t in tabs], dtype=np.uint64), cnt))
-                    + base_rep).astype(np.int64)
+            fm, tab, base_rep, rad = self._probes(r_lo, r_hi, bases)
+            vals = ((fm ^ qs[tab]) + base_rep).astype(np.int64)
             lo = offs[vals].astype(np.int64)
             ln = offs[vals + 1].astype(np.int64) - lo
-            keep = ln > 0
-            if keep.any():
-                lo, ln, origin = lo[keep], ln[keep], origin[keep]
-                tot = int(ln.sum())
-                idx = np.repeat(lo - (np.cumsum(ln) - ln), ln) + np.arange(tot, dtype=np.int64)
-                pos_parts.append(perm[idx].astype(np.int64))
-                org_parts.append(np.repeat(origin, ln))
-                if codes_all is not None:
-                    x = codes_all[idx] ^ q64
+            hit = ln > 0
+            if not hit.any():
+                return np.zeros(0, np.int64), np.zeros(0, np.int32)
+            lo, ln = lo[hit], ln[hit]
+            tot = int(ln.sum())
+            idx = np.repeat(lo - (np.cumsum(ln) - ln), ln) + np.arange(tot, dtype=np.int64)
+            pos = perm[idx].astype(np.int64)
+            org = np.repeat(tab[hit], ln)
+            orr = np.repeat(rad[hit], ln)
+            if codes_all is not None:
+                x = codes_all[idx] ^ q64
         else:
-            for t in tabs:
-                pp = self._lookup(t, np.uint64(qsub[t]) ^ flip_masks(self.sizes[t], r))
-                pos_parts.append(pp)
-                org_parts.append(np.full(len(pp), t, dtype=np.int8))
-        if not pos_parts or sum(len(p) for p in pos_parts) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        pos = np.concatenate(pos_parts)
-        org = np.concatenate(org_parts)
+            fm, tab, _b, rad = self._probes(r_lo, r_hi, None)
+            pos_parts, org_parts, orr_parts = [], [], []
+            for r in range(r_lo, r_hi + 1):
+                for t in range(self.m):
+                    sel = (tab == t) & (rad == r)
+                    if not sel.any():
+                        continue
+                    pp = self._lookup(t, qs[t] ^ fm[sel])
+                    pos_parts.append(pp)
+                    org_parts.append(np.full(len(pp), t, dtype=np.int8))
+                    orr_parts.append(np.full(len(pp), r, dtype=np.uint8))
+            if not pos_parts or sum(len(p) for p in pos_parts) == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.int32)
+            pos, org, orr = np.concatenate(pos_parts), np.concatenate(org_parts), np.concatenate(orr_parts)
         if x is None and self.codes64 is not None:
             x = self.codes64[pos] ^ q64
         if x is not None:
             dist = np.bitwise_count(x).astype(np.int32)
         else:
             dist = self._full_dist(q, q64, pos)
-        if self.m == 1:
+        if self.m == 1:  # one table: an item is found at exactly one radius
             return pos, dist
-        # tables before the origin must not have found it at this radius (dt > r), tables
-        # after it must not have found it at an earlier radius (dt >= r); the origin table
-        # has dt == r
         if x is not None:  # all m substring distances at once, (n, m)
             shifts, masks, tix = self._sub_shifts()
             dt = np.bitwise_count((x[:, None] >> shifts) & masks)
-            keep = (dt >= (org[:, None] > tix) + np.uint8(r)).all(axis=1)
+            keep = (dt >= (org[:, None] > tix) + orr[:, None]).all(axis=1)
             return pos[keep], dist[keep]
         keep = np.ones(len(pos), dtype=bool)
         for t in range(self.m):
-            dt = np.bitwise_count(self._subvals(t, pos) ^ np.uint64(qsub[t]))
-            keep &= dt >= (org > t) + np.uint8(r)
+            dt = np.bitwise_count(self._subvals(t, pos) ^ qs[t])
+            keep &= dt >= (org > t) + orr
         return pos[keep], dist[keep]
 
     def _sub_shifts(self):
@@ -298,12 +310,15 @@ class MIH:
         hist = np.zeros(self.nbits + 2, dtype=np.int64)
         P, D = [], []
         cost = 0
-        for r in range(max(self.sizes) + 1):
+        rmax = max(self.sizes)
+        # radii 0 and 1 in one step (most answers need both), then one radius per step
+        stages = [(0, min(1, rmax))] + [(r, r) for r in range(2, rmax + 1)]
+        for r_lo, r_hi in stages:
             cost += self.STEP_COST + self.PROBE_COST * sum(
-                math.comb(s, r) for s in self.sizes if r <= s)
+                math.comb(s, r) for r in range(r_lo, r_hi + 1) for s in self.sizes if r <= s)
             if budget is not None and cost > budget:
                 return None
-            pos, dist = self._step(q, q64, qsub, r)
+            pos, dist = self._step(q, q64, qsub, r_lo, r_hi)
             cost += self.CANDIDATE_COST * len(pos)
             if keep is not None and len(pos):
                 sel = keep(pos)
@@ -312,7 +327,7 @@ class MIH:
                 P.append(pos)
                 D.append(dist)
                 hist += np.bincount(dist, minlength=self.nbits + 2)[: self.nbits + 2]
-            guaranteed = self.m * (r + 1) - 1  # every item with distance <= this has been seen
+            guaranteed = self.m * (r_hi + 1) - 1  # every item with distance <= this has been seen
             if hist[: min(guaranteed, self.nbits) + 1].sum() >= k:
                 pos = np.concatenate(P)
                 dist = np.concatenate(D)
@@ -338,14 +353,8 @@ class MIH:
                    for r in range(min(rr, max(self.sizes)) + 1))
         if budget is not None and cost > budget:
             return None
-        P, D = [], []
-        for r in range(min(rr, max(self.sizes)) + 1):
-            pos, dist = self._step(q, q64, qsub, r)
-            sel = dist <= radius
-            if keep is not None and len(pos):
-                sel &= keep(pos)
-            P.append(pos[sel])
-            D.append(dist[sel])
-        if not P:
-            return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        return np.concatenate(P), np.concatenate(D)
+        pos, dist = self._step(q, q64, qsub, 0, min(rr, max(self.sizes)))  # all radii, one step
+        sel = dist <= radius
+        if keep is not None and len(pos):
+            sel &= keep(pos)
+        return pos[sel], dist[sel]
