@@ -237,11 +237,15 @@ class MIH:
             lo, ln = lo[hit], ln[hit]
             tot = int(ln.sum())
             idx = np.repeat(lo - (np.cumsum(ln) - ln), ln) + np.arange(tot, dtype=np.int64)
-            pos = perm[idx].astype(np.int64)
             org = np.repeat(tab[hit], ln)
             orr = np.repeat(rad[hit], ln)
-            if codes_all is not None:
+            if codes_all is not None:  # dedupe on the XOR values first, then gather the rest
                 x = codes_all[idx] ^ q64
+                if self.m > 1:
+                    keep = self._first_found(x, None, qs, org, orr)
+                    idx, x = idx[keep], x[keep]
+                return perm[idx].astype(np.int64), np.bitwise_count(x).astype(np.int32)
+            pos = perm[idx].astype(np.int64)
         else:
             fm, tab, _b, rad = self._probes(r_lo, r_hi, None)
             pos_parts, org_parts, orr_parts = [], [], []
@@ -265,24 +269,22 @@ class MIH:
             dist = self._full_dist(q, q64, pos)
         if self.m == 1:  # one table: an item is found at exactly one radius
             return pos, dist
-        if x is not None:  # all m substring distances at once, (n, m)
-            shifts, masks, tix = self._sub_shifts()
-            dt = np.bitwise_count((x[:, None] >> shifts) & masks)
-            keep = (dt >= (org[:, None] > tix) + orr[:, None]).all(axis=1)
-            return pos[keep], dist[keep]
-        keep = np.ones(len(pos), dtype=bool)
-        for t in range(self.m):
-            dt = np.bitwise_count(self._subvals(t, pos) ^ qs[t])
-            keep &= dt >= (org > t) + orr
+        keep = self._first_found(x, pos, qs, org, orr)
         return pos[keep], dist[keep]
 
-    def _sub_shifts(self):
-        got = self.__dict__.get("_shifts")
-        if got is None:
-            shifts = np.array([64 - st - sz for st, sz in zip(self.starts, self.sizes)], dtype=np.uint64)
-            masks = np.array([(1 << sz) - 1 for sz in self.sizes], dtype=np.uint64)
-            got = self._shifts = (shifts[None, :], masks[None, :], np.arange(self.m, dtype=np.int8)[None, :])
-        return got
+    def _first_found(self, x, pos, qs, org, orr) -> np.ndarray:
+        """Mask of the candidates whose (radius ``orr``, table ``org``) is their first
+        discovery: substring distance > r in earlier tables, >= r in later ones."""
+        keep = None
+        for t in range(self.m):  # (1-D per table: a broadcast (n, m) version is ~4x slower)
+            if x is not None:
+                sh = np.uint64(64 - self.starts[t] - self.sizes[t])
+                dt = np.bitwise_count((x >> sh) & np.uint64((1 << self.sizes[t]) - 1))
+            else:
+                dt = np.bitwise_count(self._subvals(t, pos) ^ qs[t])
+            c = dt >= (org > t) + orr
+            keep = c if keep is None else keep & c
+        return keep
 
     #: cost model of the ``budget`` (rough nanoseconds on one CPU core, numpy): per radius
     #: step, per enumerated bucket, per candidate checked
