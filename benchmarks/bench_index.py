@@ -171,7 +171,7 @@ def run_one(args, n: int, workdir: Path) -> dict:
         row["bare_read_p50_us"] = p50(timeit(bare, qs))
     row["hybrid_p50_us"] = p50(timeit(lambda q: r.search_hybrid(q, k), hq))
     # paging at depth
-    deep = min(args.deep, n - k)
+    deep = row["deep"] = min(args.deep, n - k)
     q0 = qs[0]
     t0 = time.perf_counter()
     cur = ""
@@ -237,7 +237,7 @@ def report(row: dict) -> str:
         f"  [target <= 1.2x]",
         f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
         f"  [target <= 2x]",
-        f"  lex page at depth {min(100_000, x['n'])}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
+        f"  lex page at depth {x['deep']}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
         f"{x['lex_offset_page_p50_us']:.0f} us",
         f"  batch Hamming (FAISS): one call {x['batch_faiss_s'] * 1e3:.0f} ms vs loop {x['loop_faiss_s'] * 1e3:.0f} ms",
     ]
