@@ -117,10 +117,11 @@ print(json.dumps({"open_ms": 1e3 * (t1 - t0), "first_ms": 1e3 * (t2 - t1), "seco
 
 
 def run_one(args, n: int, workdir: Path) -> dict:
-    from cbir.codes import CodeLayout, Codes
     from cbir.indexer import IndexWriter, build_index, open_index
     from cbir.indexer.faissidx import FaissBinary
     from cbir.indexer.rows import key_order, make_keys
+
+    from cbir.codes import CodeLayout, Codes
 
     nbits, k = args.bits, args.k
     rng = np.random.default_rng(args.seed)
@@ -208,7 +209,6 @@ def run_one(args, n: int, workdir: Path) -> dict:
     row["ham_auto_del_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k), hq))
     row["ham_mih_del_p50_us"] = p50(timeit(lambda q: r.search_hamming(q, k=k, method="mih"), hq))
     r.close()
-    del r, v, v2, fx
     gc.collect()
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -219,26 +219,26 @@ def report(row: dict) -> str:
     x = row
     lines = [
         f"N={x['n']:,} B={x['nbits']} k={x['k']} (clustered codes)",
-        f"  ingest: build_index {x['build_codes_per_s'] / 1e6:.2f} M codes/s (all: LMDB + MIH + FAISS), "
+        (f"  ingest: build_index {x['build_codes_per_s'] / 1e6:.2f} M codes/s (all: LMDB + MIH + FAISS), "
         f"LMDB part {x['lmdb_codes_per_s'] / 1e6:.2f} M/s, bare py-lmdb append {x['bare_append_codes_per_s'] / 1e6:.2f} M/s"
-        f"  [target >= 3 M/s]",
+        f"  [target >= 3 M/s]"),
         f"  disk: {x['disk_bytes_per_item']:.1f} B/item ({x['lmdb_bytes_per_item']:.1f} LMDB)",
-        f"  first Hamming query after open: {x['first_first_ms']:.1f} ms (open {x['first_open_ms']:.1f} ms, "
-        f"second query {x['first_second_ms']:.1f} ms)  [target <= 50 ms]",
-        f"  Hamming top-{x['k']} p50: auto {x['ham_auto_p50_us']:.0f} us, mih {x['ham_mih_p50_us']:.0f} us, "
+        (f"  first Hamming query after open: {x['first_first_ms']:.1f} ms (open {x['first_open_ms']:.1f} ms, "
+        f"second query {x['first_second_ms']:.1f} ms)  [target <= 50 ms]"),
+        (f"  Hamming top-{x['k']} p50: auto {x['ham_auto_p50_us']:.0f} us, mih {x['ham_mih_p50_us']:.0f} us, "
         f"FAISS flat 1 thread {x['faiss1_p50_us']:.0f} us -> {x['faiss1_p50_us'] / x['ham_auto_p50_us']:.1f}x "
-        f"(mih {x['faiss1_p50_us'] / x['ham_mih_p50_us']:.1f}x)  [target >= 50x]",
-        f"  lex top-{x['k']} p50: {x['lex_p50_us']:.0f} us vs bare cursor read {x['bare_read_p50_us']:.0f} us -> "
-        f"{x['lex_p50_us'] / x['bare_read_p50_us']:.2f}x  [target <= 3x]",
-        f"  after deleting 1 % (delete {x['delete_1pct_s']:.2f} s, replay {x['replay_s'] * 1e3:.0f} ms, "
+        f"(mih {x['faiss1_p50_us'] / x['ham_mih_p50_us']:.1f}x)  [target >= 50x]"),
+        (f"  lex top-{x['k']} p50: {x['lex_p50_us']:.0f} us vs bare cursor read {x['bare_read_p50_us']:.0f} us -> "
+        f"{x['lex_p50_us'] / x['bare_read_p50_us']:.2f}x  [target <= 3x]"),
+        (f"  after deleting 1 % (delete {x['delete_1pct_s']:.2f} s, replay {x['replay_s'] * 1e3:.0f} ms, "
         f"replayed={x['replayed']}): Hamming p50 auto {x['ham_auto_del_p50_us']:.0f} us "
         f"({x['ham_auto_del_p50_us'] / x['ham_auto_pre_p50_us']:.2f}x the {x['ham_auto_pre_p50_us']:.0f} us just "
         f"before), mih {x['ham_mih_del_p50_us']:.0f} us ({x['ham_mih_del_p50_us'] / x['ham_mih_pre_p50_us']:.2f}x)"
-        f"  [target <= 1.2x]",
-        f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
-        f"  [target <= 2x]",
-        f"  lex page at depth {x['deep']}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
-        f"{x['lex_offset_page_p50_us']:.0f} us",
+        f"  [target <= 1.2x]"),
+        (f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
+        f"  [target <= 2x]"),
+        (f"  lex page at depth {x['deep']}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
+        f"{x['lex_offset_page_p50_us']:.0f} us"),
         f"  batch Hamming (FAISS): one call {x['batch_faiss_s'] * 1e3:.0f} ms vs loop {x['loop_faiss_s'] * 1e3:.0f} ms",
     ]
     return "\n".join(lines)

@@ -13,25 +13,45 @@ are built and saved with it, so the first query after opening needs no scan.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Sequence
 
 import lmdb
 import numpy as np
-
-from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
 from cbir.indexer import publish as _publish
 from cbir.indexer.derived import Derived, latest_saved
-from cbir.indexer.env import DBS, acquire_env, data_identity, info, new_manifest, read_manifest, release_env, u64, write_manifest
+from cbir.indexer.env import (
+    DBS,
+    acquire_env,
+    data_identity,
+    info,
+    new_manifest,
+    read_manifest,
+    release_env,
+    u64,
+    write_manifest,
+)
 from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR
-from cbir.indexer.rows import (as_ids, check_codes, conf_rows, ids_bytes, key_order, label_keys,
-                               make_keys, meta_bytes, rows_bytes)
+from cbir.indexer.rows import (
+    as_ids,
+    check_codes,
+    conf_rows,
+    ids_bytes,
+    key_order,
+    label_keys,
+    make_keys,
+    meta_bytes,
+    rows_bytes,
+)
+
+from cbir.codes import CodeLayout, Codes
 
 INITIAL_MAP = 64 << 20  # map size of a temporary build environment (it grows as needed)
 PUT_CHUNK = 1 << 18
@@ -118,15 +138,14 @@ def build_index(
                 e_ = min(n, s + PUT_CHUNK)
                 if e_ <= s:
                     break
-                _put_retry(env, lambda txn: _bulk_chunk(
-                    txn, dbs, sorted_codes[s:e_], sorted_ids[s:e_], ids[byid[s:e_]],
-                    None if delta else codes.packed[byid[s:e_]], meta_b, conf_h, byid[s:e_]))
+                _put_retry(env, functools.partial(
+                    _bulk_chunk, dbs=dbs, s_codes=sorted_codes[s:e_], s_ids=sorted_ids[s:e_],
+                    id_sorted_ids=ids[byid[s:e_]], id_sorted_codes=None if delta else codes.packed[byid[s:e_]],
+                    meta_b=meta_b, conf_h=conf_h, rows=byid[s:e_]))
                 if bar is not None:
                     bar.update(e_ - s)
             for s in range(0, len(lab_keys), PUT_CHUNK):
-                part = lab_keys[s:s + PUT_CHUNK]
-                _put_retry(env, lambda txn: txn.cursor(dbs["labels"]).putmulti(
-                    zip(part, repeat(b"")), append=True))
+                _put_retry(env, functools.partial(_put_labels, dbs=dbs, keys=lab_keys[s:s + PUT_CHUNK]))
             with env.begin(write=True) as txn:
                 txn.put(b"generation", u64(1), db=dbs["info"])
                 txn.put(b"count", u64(n), db=dbs["info"])
@@ -174,6 +193,10 @@ def _put_retry(env, fn) -> None:
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _put_labels(txn, dbs, keys) -> None:
+    txn.cursor(dbs["labels"]).putmulti(zip(keys, repeat(b"")), append=True)
 
 
 def _bulk_chunk(txn, dbs, s_codes, s_ids, id_sorted_ids, id_sorted_codes, meta_b, conf_h, rows):

@@ -28,7 +28,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-
 from cbir.indexer.mih import MIH
 from cbir.indexer.rows import head64 as _head64
 from cbir.indexer.rows import make_keys, split_keys
@@ -131,7 +130,7 @@ class Derived:
 
     # construction -----------------------------------------------------------------------
     @classmethod
-    def from_txn(cls, txn, tree, nbits: int, generation: int) -> "Derived":
+    def from_txn(cls, txn, tree, nbits: int, generation: int) -> Derived:
         nb = (nbits + 7) // 8
         ks = nb + 8
         cur = txn.cursor(tree)
@@ -185,7 +184,7 @@ class Derived:
                 shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
-    def load(cls, root: Path, generation: int, nbits: int) -> "Derived | None":
+    def load(cls, root: Path, generation: int, nbits: int) -> Derived | None:
         """Memory-map the persisted generation (no scan, no copy), or None."""
         d = Path(root) / f"g{generation}"
         try:
@@ -209,7 +208,7 @@ class Derived:
         return out
 
 
-def load_or_scan(root: Path, generation: int, nbits: int, txn, tree) -> "Derived":
+def load_or_scan(root: Path, generation: int, nbits: int, txn, tree) -> Derived:
     """The newest persisted base <= ``generation`` (memory-mapped), else a scan of ``tree``."""
     g0 = latest_saved(root, generation)
     d = Derived.load(root, g0, nbits) if g0 is not None else None
@@ -338,7 +337,7 @@ class View:
             codes, ids = codes[m], ids[m]
         return np.concatenate([codes, self.add_codes]), np.concatenate([ids, self.add_ids])
 
-    def replay(self, records, nb: int, max_delta: int) -> "View | None":
+    def replay(self, records, nb: int, max_delta: int) -> View | None:
         """A new view after applying change-log ``records`` ((generation, adds, dels) with keys
         as (n, nb + 8) uint8 arrays; within a record the deletes come first), or None when the
         delta would exceed ``max_delta``. Vectorised: the last operation on each key decides."""

@@ -32,9 +32,9 @@ import uuid
 from pathlib import Path
 
 import lmdb
+from cbir.indexer.publish import FORMAT, MANIFEST
 
 from cbir.codes import CodeLayout
-from cbir.indexer.publish import FORMAT, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class Env:
                 self.dbs[name.decode()] = None
         self.write_lock = threading.Lock()
 
+    def replaced(self) -> bool:
+        """The directory now holds another data file (the index was rebuilt or compacted in
+        place); False while it is absent (mid-swap)."""
+        ident = data_identity(self.dbdir)
+        return ident != "new" and not self.key.endswith("|" + ident)
+
     @property
     def stale(self) -> bool:
         """Opened by another process (we are a fork child): must not be used."""
@@ -116,7 +122,7 @@ def acquire_env(dbdir: Path, want_write: bool, create: bool = False) -> Env:
         if not create and not (Path(dbdir) / "data.mdb").exists():
             raise FileNotFoundError(f"no LMDB environment in {dbdir}")
         writable = want_write or os.access(dbdir, os.W_OK)
-        kw = dict(subdir=True, max_dbs=len(DBS) + 2, max_readers=1024, readahead=False)
+        kw = {"subdir": True, "max_dbs": len(DBS) + 2, "max_readers": 1024, "readahead": False}
         if writable:
             size = max(WRITE_MAP, file_size(Path(dbdir) / "data.mdb") * 2)
             env = lmdb.open(str(dbdir), map_size=size, create=create, **kw)

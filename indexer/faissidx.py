@@ -84,7 +84,7 @@ class FaissBinary:
             try:
                 self._res = faiss.StandardGpuResources()
                 self.gpu = faiss.GpuIndexBinaryFlat(self._res, self.cpu)
-            except Exception as exc:
+            except (RuntimeError, AttributeError) as exc:
                 log.warning("GPU FAISS unavailable (%s); using CPU", exc)
                 self.gpu = None
 
@@ -148,7 +148,7 @@ class FaissBinary:
     def range(self, q: np.ndarray, radius: int, sel: Selector | None = None, threads: int = 1):
         if self.n == 0 or radius < 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
-        lims, D, I = self._range(np.ascontiguousarray(q, dtype=np.uint8)[None, :], radius, sel, threads)
+        _lims, D, I = self._range(np.ascontiguousarray(q, dtype=np.uint8)[None, :], radius, sel, threads)
         return I.astype(np.int64), D.astype(np.int32)
 
     def range_batch(self, Q: np.ndarray, radius: int, sel: Selector | None = None) -> list:

@@ -15,12 +15,17 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-
 from cbir.indexer.derived import View
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
-from cbir.indexer.results import (SearchResult, empty_result, hamming_result_u64, hamming_to, make_result,
-                                  order_candidates)
+from cbir.indexer.results import (
+    SearchResult,
+    empty_result,
+    hamming_result_u64,
+    hamming_to,
+    make_result,
+    order_candidates,
+)
 
 METHODS = ("auto", "mih", "faiss", "brute")
 #: hybrid buckets of at most this many rows are scanned (cheaper than any index)

@@ -9,16 +9,23 @@ walks the ranking page by page and keeps the matching ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import islice
-from typing import Iterable
 
 import numpy as np
+from cbir.indexer.lexsearch import LexSearcher
+from cbir.indexer.results import (
+    PrefixPage,
+    SearchResult,
+    empty_result,
+    make_result,
+    order_candidates,
+    prefix_len_u64,
+    xor_sort_keys,
+)
+from cbir.indexer.rows import key_order, make_keys
 
 from cbir.codes import Codes
-from cbir.indexer.lexsearch import LexSearcher
-from cbir.indexer.results import (PrefixPage, SearchResult, empty_result, make_result, order_candidates,
-                                  prefix_len_u64, xor_sort_keys)
-from cbir.indexer.rows import key_order, make_keys
 
 #: label filters selecting at most this many ids are answered by ranking exactly those ids
 FILTER_BRUTE_MAX = 65_536

@@ -123,7 +123,7 @@ class MIH:
 
     @classmethod
     def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict,
-                    codes64: np.ndarray | None = None) -> "MIH":
+                    codes64: np.ndarray | None = None) -> MIH:
         if "mihc_offs" in arrays:
             comb = (arrays["mihc_bases"], arrays["mihc_offs"], arrays["mihc_perm"],
                     arrays.get("mihc_codes"))

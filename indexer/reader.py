@@ -19,21 +19,30 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Self
 
 import lmdb
 import numpy as np
-
-from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
+from cbir.indexer import writer as _writer
 from cbir.indexer.derived import CodeLookup, Derived, View, latest_saved
-from cbir.indexer.env import _FORKED, acquire_env, data_identity, fork_error, info, read_manifest, release_env, u64
+from cbir.indexer.env import (
+    _FORKED,
+    acquire_env,
+    fork_error,
+    info,
+    read_manifest,
+    release_env,
+    u64,
+)
 from cbir.indexer.hamming import HammingModes
 from cbir.indexer.lexmodes import LexModes
 from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR
 from cbir.indexer.results import Item
-from cbir.indexer.rows import ids_bytes, item_labels, label_prefix, normalise_labels
-from cbir.indexer import writer as _writer
+from cbir.indexer.rows import item_labels, label_prefix, normalise_labels
 from cbir.indexer.writer import LOG_TOO_BIG, IndexWriter
+
+from cbir.codes import CodeLayout, Codes
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,6 @@ class IndexReader(LexModes, HammingModes):
             self._writer = IndexWriter(self.path)
             self.manifest = self._writer.manifest
             self._env = self._writer._env
-        self._identity = (self.manifest.get("index_uuid"), self._env.key)
         self._init_lex()
         self._txn = None
         self.generation = -1
@@ -107,8 +115,7 @@ class IndexReader(LexModes, HammingModes):
 
     def _replaced(self) -> bool:
         """The index was rebuilt/compacted in place (a new data file)."""
-        ident = data_identity(self.path / LMDB_DIR)
-        if ident == "new" or self._env.key.endswith("|" + ident):
+        if not self._env.replaced():
             return False  # unchanged (or mid-swap / gone: keep the snapshot we have)
         try:
             read_manifest(self.path)
@@ -184,7 +191,7 @@ class IndexReader(LexModes, HammingModes):
             self._derived = None
             self._release()
 
-    def __enter__(self) -> "IndexReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cbir.codes import Codes, _LEADING_ZEROS  # the one table of leading zeros per byte
+from cbir.codes import _LEADING_ZEROS, Codes  # the one table of leading zeros per byte
 
-__all__ = ["SearchResult", "PrefixPage", "Item", "hamming_to", "prefix_len_to", "order_candidates"]
+__all__ = ["Item", "PrefixPage", "SearchResult", "hamming_to", "order_candidates", "prefix_len_to"]
 
 
 @dataclass(frozen=True, eq=False)

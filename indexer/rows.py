@@ -36,7 +36,7 @@ def as_ids(ids, n: int | None = None) -> np.ndarray:
 
 def check_codes(codes, nbits: int) -> Codes:
     if not isinstance(codes, Codes):
-        raise ValueError(f"codes must be cbir.codes.Codes, got {type(codes).__name__}")
+        raise ValueError(f"codes must be cbir.codes.Codes, got {type(codes).__name__}")  # noqa: TRY004
     if codes.nbits != nbits:
         raise ValueError(f"codes have {codes.nbits} bits, the index has {nbits}")
     return codes

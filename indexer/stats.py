@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from cbir.codes import Codes
 from cbir.indexer.derived import View
 from cbir.indexer.env import file_size
 from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR, MANIFEST
+
+from cbir.codes import Codes
 
 
 def dir_bytes(p: Path) -> int:
@@ -71,7 +71,7 @@ def compute_coverage(v: View, nbits: int) -> dict:
     return {
         "n": int(n),
         "nbits": nbits,
-        "unique_codes": int(len(counts)),
+        "unique_codes": len(counts),
         "unique_percent": float(100.0 * len(counts) / n),
         "entropy_bits": float(-(p * np.log2(p)).sum() + 0.0),
         "max_entropy_bits": float(min(nbits, np.log2(n))),

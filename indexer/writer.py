@@ -13,19 +13,39 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Sequence
+from typing import Self
 
 import lmdb
 import numpy as np
+from cbir.indexer.derived import CodeLookup, load_or_scan
+from cbir.indexer.env import (
+    acquire_env,
+    info,
+    new_manifest,
+    read_manifest,
+    release_env,
+    u64,
+    write_manifest,
+)
+from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR, MANIFEST
+from cbir.indexer.rows import (
+    as_ids,
+    check_codes,
+    conf_rows,
+    ids_bytes,
+    item_labels,
+    key_order,
+    label_keys,
+    label_prefix,
+    make_keys,
+    meta_bytes,
+    rows_bytes,
+)
 
 from cbir.codes import CodeLayout, Codes
-from cbir.indexer.env import acquire_env, data_identity, info, new_manifest, read_manifest, release_env, u64, write_manifest
-from cbir.indexer.derived import CodeLookup, load_or_scan
-from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR, MANIFEST
-from cbir.indexer.rows import (as_ids, check_codes, conf_rows, ids_bytes, item_labels, key_order,
-                               label_keys, label_prefix, make_keys, meta_bytes, rows_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +128,7 @@ class IndexWriter:
             try:
                 txn = e.env.begin(write=True)  # waits for LMDB's writer lock
                 try:
-                    ident = data_identity(self.path / LMDB_DIR)
-                    if ident != "new" and not e.key.endswith("|" + ident):
+                    if e.replaced():
                         txn.abort()
                         return None, False
                     out = fn(txn)
@@ -307,12 +326,12 @@ class IndexWriter:
         try:
             if not self._env.stale:
                 self._env.env.sync(True)
-                if self._env.key.endswith("|" + data_identity(self.path / LMDB_DIR)):
+                if not self._env.replaced():
                     self.sync_manifest()  # (not over the manifest of an index built in its place)
         finally:
             release_env(self._env)
 
-    def __enter__(self) -> "IndexWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

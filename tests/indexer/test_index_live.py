@@ -9,16 +9,15 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
-from cbir.codes import CodeLayout, Codes
 from cbir.indexer import IndexWriter, build_index, compact_index, open_index
 from cbir.indexer import derived as derived_mod
 from cbir.indexer import writer as writer_mod
 from cbir.indexer.derived import Derived, View
-from cbir.indexer.lexmodes import FILTER_BRUTE_MAX
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cbir.codes import CodeLayout, Codes
 
 SETTINGS = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
