@@ -253,3 +253,50 @@ def test_batched_preprocess_equals_per_image_transform():
         t = im if isinstance(im, torch.Tensor) else TF.pil_to_tensor(im)
         assert torch.allclose(got[i], h.eval_transform(t), atol=1e-6), i
     assert got.shape == (6, 3, 24, 24) and h.preprocess([]).shape == (0, 3, 24, 24)
+
+
+def test_node_balance_matches_hand_computation():
+    from cbir.losses import PerClassNodeBalance
+
+    torch.manual_seed(3)
+    u = torch.randn(6, 3, dtype=torch.float64)  # depth 2: root 0, children 1 (left) and 2 (right)
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    loss = PerClassNodeBalance(min_items=1.0, decay=0.5)(u, 2, y)
+    s = torch.sigmoid(u)
+
+    def ce(a):
+        return -(0.5 * math.log(a) + 0.5 * math.log(1 - a))
+
+    per_class = []
+    for c in (0, 1):
+        idx = (y == c).nonzero()[:, 0]
+        n_c = len(idx)
+        levels = min(2, int(math.floor(math.log2(n_c))) + 1)  # 2^level <= n_c / min_items
+        root = ce(float(s[idx, 0].mean()))
+        if levels == 1:
+            per_class.append(root)
+            continue
+        reach_l, reach_r = 1 - s[idx, 0], s[idx, 0]
+        a_l = float((reach_l * s[idx, 1]).sum() / reach_l.sum())
+        a_r = float((reach_r * s[idx, 2]).sum() / reach_r.sum())
+        w_l, w_r = float(reach_l.sum() / n_c), float(reach_r.sum() / n_c)
+        per_class.append((root + 0.5 * (w_l * ce(a_l) + w_r * ce(a_r))) / 1.5)
+    assert loss.item() == pytest.approx(sum(per_class) / 2, rel=1e-9)
+    # a perfectly balanced split costs log 2; a class piled on one side costs more
+    even = torch.tensor([[5.0, 0, 0], [-5.0, 0, 0]], dtype=torch.float64)
+    assert PerClassNodeBalance(min_items=1.0)(even, 2, torch.tensor([0, 0])).item() == pytest.approx(
+        math.log(2), abs=1e-2)
+    piled = torch.tensor([[5.0, 5.0, 0], [5.0, 5.0, 0]], dtype=torch.float64)
+    assert PerClassNodeBalance(min_items=1.0)(piled, 2, torch.tensor([0, 0])).item() > 1.5
+
+
+def test_two_stage_tree_loss_uses_only_the_tree_and_adds_the_balance_term():
+    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=None, depth=3)
+    m = create_method("ddtl", spec, {"two_stage": True, "balance": 1.0})
+    m.set_stage("tree")
+    assert {id(p) for p in m.head_parameters()} == {id(p) for p in m.head.g1.parameters()}
+    f = torch.randn(6, m.backbone.feature_dim)
+    loss, logs = m.head_loss((f, f + 0.01), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert "balance" in logs and "ce" not in logs
+    loss.backward()
+    assert m.head.g2.fc.weight.grad is None and m.head.g1.weight.grad is not None

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DDTLHead", "leaf_log_probs", "greedy_path", "ClassHead", "split_depth", "forest_leaf_probs",
-           "forest_greedy_path"]
+           "forest_greedy_path", "node_slices"]
 
 
 def leaf_log_probs(node_logits: torch.Tensor, depth: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def split_depth(depth: int, max_tree_depth: int) -> list[int]:
     return [base + (1 if t < extra else 0) for t in range(n_trees)]
 
 
-def _node_slices(depths: list[int]) -> list[slice]:
+def node_slices(depths: list[int]) -> list[slice]:
     out, start = [], 0
     for d in depths:
         out.append(slice(start, start + (1 << d) - 1))
@@ -85,7 +85,7 @@ def _node_slices(depths: list[int]) -> list[slice]:
 
 def forest_leaf_probs(node_logits: torch.Tensor, depths: list[int]) -> torch.Tensor:
     """Concatenated leaf probabilities of the forest's trees: ``(N, sum_t 2^d_t)``."""
-    return torch.cat([leaf_log_probs(node_logits[:, sl], d).exp() for sl, d in zip(_node_slices(depths), depths)], 1)
+    return torch.cat([leaf_log_probs(node_logits[:, sl], d).exp() for sl, d in zip(node_slices(depths), depths)], 1)
 
 
 def forest_greedy_path(node_logits: torch.Tensor, depths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +95,7 @@ def forest_greedy_path(node_logits: torch.Tensor, depths: list[int]) -> tuple[to
     node count of the trees before it).
     """
     bits, nodes = [], []
-    for sl, d in zip(_node_slices(depths), depths):
+    for sl, d in zip(node_slices(depths), depths):
         b, nd = greedy_path(node_logits[:, sl], d)
         bits.append(b)
         nodes.append(nd + sl.start)

@@ -20,6 +20,11 @@ freezes both (stop-gradient: the class bits stay the stage-1 classifier's) and f
 in class-balanced P x K batches. The engine runs the two stages (``cbir.engine``); a warm start
 (``--init-from`` a CE checkpoint) with ``--epochs 0`` skips stage 1.
 
+Optional per-class node balance (``balance > 0``; our addition, Frosst & Hinton 2017 eq. 4 within
+each class, :class:`cbir.losses.PerClassNodeBalance`): pushes every node a class reaches to split
+that class evenly, so a class spreads over the leaves (hash coverage) even when the contrastive
+term alone leaves it piled on a few paths.
+
 Monitoring (logged per step, averaged per epoch in ``history.jsonl``): ``saturation`` = mean
 ``|2 sigma(u) - 1|`` over the nodes of the greedy paths, ``paths_per_class`` = mean over the
 batch's classes of the number of distinct greedy paths, ``path_spread`` = the same divided by the
@@ -37,9 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from cbir.codes import CodeLayout, class_bits_for
-from cbir.losses import AsymmetricLoss, PerClassNTXent, classification_loss
+from cbir.losses import AsymmetricLoss, PerClassNodeBalance, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
-from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs, split_depth
+from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs, node_slices, split_depth
 from cbir.models.methods.ce import class_code
 from cbir.models.registry import MethodSpec, register_method
 
@@ -57,10 +62,13 @@ class DDTLParams:
     max_tree_depth: int = 12  # more path bits -> a forest of trees (cbir.models.heads.split_depth)
     two_stage: bool = False  # thesis §3.3.3: representation first, then the tree on frozen features
     rep_beta: float = 0.0  # stage-1 per-class NT-Xent weight on backbone features (two_stage only)
+    balance: float = 0.0  # per-class node balance weight (Frosst & Hinton 2017 eq. 4; our addition)
+    balance_decay: float = 0.5  # its per-level weight decay^level (the paper: 0.5)
 
     def __post_init__(self):
-        if self.alpha < 0 or self.beta < 0 or self.rep_beta < 0:
-            raise ValueError("alpha, beta and rep_beta must be >= 0")
+        if self.alpha < 0 or self.beta < 0 or self.rep_beta < 0 or self.balance < 0:
+            raise ValueError("alpha, beta, rep_beta and balance must be >= 0")
+        PerClassNodeBalance(decay=self.balance_decay)  # validates balance_decay
         if self.tau <= 0:
             raise ValueError("tau must be > 0")
         if self.multilabel_loss not in ("bce", "asl"):
@@ -117,6 +125,7 @@ class DDTL(HashingMethod):
         self.params = params
         self.multilabel = spec.multilabel
         self.contrastive = PerClassNTXent(params.tau)
+        self.node_balance = PerClassNodeBalance(decay=params.balance_decay)
         self.asl = AsymmetricLoss() if params.multilabel_loss == "asl" else None
         #: "joint" (end to end, eq. 3.17), or the two-stage mode's "representation" / "tree"
         self.stage = "representation" if params.two_stage else "joint"
@@ -158,11 +167,18 @@ class DDTL(HashingMethod):
         con = self.contrastive(z[:n], z[n:], targets)
         logs = {"ntxent": float(con.detach())}
         logs.update(tree_stats(node_logits[:n], self.head.tree_depths, targets))
+        loss = self.params.beta * con
+        if self.params.balance > 0:
+            tt = torch.cat([targets, targets], 0)
+            bal = torch.stack([self.node_balance(node_logits[:, sl], d, tt)
+                               for sl, d in zip(node_slices(self.head.tree_depths), self.head.tree_depths)]).mean()
+            loss = loss + self.params.balance * bal
+            logs["balance"] = float(bal.detach())
         if self.stage == "tree":
-            return self.params.beta * con, logs
+            return loss, logs
         ce = classification_loss(class_logits, torch.cat([targets, targets], 0), self.multilabel, self.asl)
         logs["ce"] = float(ce.detach())
-        return self.params.alpha * ce + self.params.beta * con, logs
+        return self.params.alpha * ce + loss, logs
 
     @torch.no_grad()
     def monitor_features(self, feats: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -81,6 +81,14 @@ class DMUH(HashNet):
         return self.criterion(h, u, targets)
 
     @torch.no_grad()
+    def after_init(self) -> None:
+        """A warm start copied weights into the hashing net: the momentum net starts equal to it."""
+        for pm, ph in zip(self._momentum_params(), self._hash_params()):
+            pm.copy_(ph)
+        for bm, bh in zip(self.momentum_backbone.buffers(), self.backbone.buffers()):
+            bm.copy_(bh)
+
+    @torch.no_grad()
     def after_step(self) -> None:
         a = self.params.alpha
         for pm, ph in zip(self._momentum_params(), self._hash_params()):
