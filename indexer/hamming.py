@@ -166,7 +166,8 @@ class HammingModes:
     ``_codes_of``, ``ids_with_labels``."""
 
     def __init__(self) -> None:
-        self.chooser = MethodChooser()
+        self.chooser = MethodChooser()  # Hamming searches
+        self.hybrid_chooser = MethodChooser()  # hybrid (bucket-restricted) searches: their own record
 
     # one base search -------------------------------------------------------------------------
     def _base_hits(self, q, k, radius, method: str, flt: Filter):
@@ -181,19 +182,19 @@ class HammingModes:
             return rows + lo, dist
         if method in ("mih", "auto"):
             budget = None
+            chooser = self.hybrid_chooser if flt.ranged else self.chooser
             if method == "auto":
-                if not self.chooser.try_mih():
+                if not chooser.try_mih():
                     budget = -1
                 else:
-                    budget = (self.chooser.slice_budget(hi - lo) if flt.ranged
-                              else self.chooser.flat_budget(d.n))
+                    budget = chooser.slice_budget(hi - lo) if flt.ranged else chooser.flat_budget(d.n)
             res = None
             if budget != -1:
                 keep = flt.keep()
                 res = (d.mih.range(q, radius, budget, keep) if radius is not None
                        else d.mih.knn(q, k, budget, keep))
                 if method == "auto":
-                    self.chooser.record(res is None)
+                    chooser.record(res is None)
             if res is not None:
                 return _cut_k(res[0], res[1], k) if radius is not None else res
             if flt.ranged:  # hybrid over budget: scan the bucket
