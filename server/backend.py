@@ -332,7 +332,7 @@ class IndexBackend:
         ids = [int(i) for i in ids]
         with self.lock.write():
             present = [i for i in ids if self._exists(i)]
-            if must_exist and len(present) != len(set(ids)):
+            if must_exist and len(set(present)) != len(set(ids)):
                 missing = next(i for i in ids if i not in set(present))
                 raise NotFound(missing)
             if present:

@@ -91,7 +91,7 @@ def _valid_messages(rng: np.random.Generator, nbits: int, ids: list[int], image:
     ]
 
 
-def _extreme(rng: np.random.Generator, nbits: int, image: bytes) -> list[tuple[str, object]]:
+def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes) -> list[tuple[str, object]]:
     nbytes = (nbits + 7) // 8
     u32, u64 = 2**32 - 1, 2**64 - 1
     ok = pb.Code(data=bytes(nbytes), nbits=nbits)
@@ -119,6 +119,8 @@ def _extreme(rng: np.random.Generator, nbits: int, image: bytes) -> list[tuple[s
         ("Add", pb.AddRequest(items=[pb.Item(id=5, code=ok), pb.Item(id=5, code=ok)])),
         ("Add", pb.AddRequest(items=[pb.Item(id=6)])),
         ("Delete", pb.DeleteRequest(ids=[u64])),
+        ("Delete", pb.DeleteRequest(ids=[int(rng.choice(ids))] * 2, must_exist=True)),
+        ("Add", pb.AddRequest(items=[pb.Item(id=int(rng.choice(ids)), code=ok)], upsert=bool(rng.random() < 0.5))),
         ("GetCode", pb.GetCodeRequest(images=[b""] * 3)),
     ]
 
@@ -171,7 +173,7 @@ def hostile_requests(n: int, seed: int, nbits: int, ids: list[int], image: bytes
             method, msg = _valid_messages(rng, nbits, ids, image)[int(rng.integers(0, 11))]
             yield method, _mutate(rng, msg.SerializeToString()), "mutated"
         elif r < 0.80:
-            cases = _extreme(rng, nbits, image)
+            cases = _extreme(rng, nbits, ids, image)
             method, msg = cases[int(rng.integers(0, len(cases)))]
             yield method, msg.SerializeToString(), "extreme"
         elif r < 0.97:

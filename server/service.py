@@ -164,7 +164,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         def work():
             if budget is not None:
                 budget.start_work()
-            return fn(*args)
+            try:
+                return fn(*args)
+            except StopIteration as e:  # would hang the call: asyncio cannot put it into a Future
+                raise RuntimeError(f"StopIteration escaped from {getattr(fn, '__name__', fn)}: {e}") from None
 
         if self._pool is None:
             return work()
@@ -523,8 +526,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._check_count(len(request.ids), "ids")
         if any(i >= 2**63 for i in request.ids):
             raise _invalid("ids must be < 2**63")
+        ids = list(dict.fromkeys(request.ids))  # a repeated id is deleted once
         try:
-            n = await self._offload(functools.partial(backend.delete, list(request.ids), must_exist=request.must_exist))
+            n = await self._offload(functools.partial(backend.delete, ids, must_exist=request.must_exist))
         except NotFound as e:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"no item with id {e.args[0]}") from None
         except PermissionError as e:

@@ -106,6 +106,28 @@ def test_fuzz_2400_hostile_requests(served_ro, dataset, caplog, make_png):
     assert counts.get("RESOURCE_EXHAUSTED", 0) > 0 and counts.get("OK", 0) > 0
 
 
+def test_fuzz_writable_server(served, dataset, make_png):
+    """Hostile writes too: Add/Delete reach the index (so no reference answer is compared)."""
+    from cbir.server.fuzz import raw_caller as caller
+
+    bad = []
+    with grpc.insecure_channel(served.address, options=[("grpc.max_send_message_length", 64 * MiB)]) as ch:
+        for method, body, kind in hostile_requests(800, 77, NBITS, [int(i) for i in dataset[0]], make_png(2)):
+            status, detail = _status(caller(ch, method), body)
+            if status not in BAD_INPUT_OK:
+                bad.append((kind, method, status, detail[:200]))
+    assert not bad, bad[:10]
+    n = served.stub.GetStats(pb.GetStatsRequest()).count
+    assert n == served.index.count()  # server and index agree after the hostile writes
+
+
+def test_delete_repeated_id_must_exist(served, dataset):
+    i = int(dataset[0][5])
+    assert served.stub.Delete(pb.DeleteRequest(ids=[i, i], must_exist=True), timeout=10).deleted == 1
+    status, _ = _status(served.stub.Delete, pb.DeleteRequest(ids=[i, i], must_exist=True))
+    assert status == "NOT_FOUND"
+
+
 @pytest.mark.slow
 def test_fuzz_20000_hostile_requests(served_ro, dataset, caplog, make_png):
     _fuzz(served_ro, dataset, caplog, make_png(11), n=20_000, seed=1212, rss_limit_mb=200)
