@@ -335,13 +335,19 @@ class IndexReader(LexModes, HammingModes):
         return np.asarray(ids)[found], codes
 
     # labels -------------------------------------------------------------------------------------
+    @property
+    def has_label_index(self) -> bool:
+        """The index has its ``labels`` posting list (older indexes get it from their first
+        writer; until then :meth:`ids_with_labels` scans ``meta``, O(N))."""
+        return self._env.dbs.get("labels") is not None and bool(self.manifest.get("labels_db"))
+
     def ids_with_labels(self, labels) -> np.ndarray:
         """Sorted unique ids (int64) of the items carrying any of ``labels`` (metadata ``label`` /
         ``labels``, or the class name of an integer label), read from the ``labels`` posting
         list: the cost is proportional to the number of ids returned."""
         wanted = normalise_labels(labels)
         ldb = self._env.dbs.get("labels")
-        if ldb is None or not self.manifest.get("labels_db"):
+        if not self.has_label_index:
             return self._scan_labels(set(wanted))  # index older than the posting list
 
         def read(txn):

@@ -274,11 +274,12 @@ def test_index_without_posting_list_is_backfilled(tmp_path):
     del man["labels_db"]
     (tmp_path / "ix" / "manifest.json").write_text(json.dumps(man))
     with open_index(tmp_path / "ix") as r:
+        assert not r.has_label_index
         assert r.ids_with_labels("a").tolist() == [1, 3]  # meta scan
     with IndexWriter(tmp_path / "ix") as w:
         assert w.manifest["labels_db"]
     with open_index(tmp_path / "ix") as r:
-        assert r.manifest["labels_db"] and r.ids_with_labels("a").tolist() == [1, 3]
+        assert r.has_label_index and r.ids_with_labels("a").tolist() == [1, 3]
 
 
 def test_vectorised_replay_equals_sequential_semantics():
