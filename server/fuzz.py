@@ -192,10 +192,11 @@ def raw_caller(channel, method: str):
     return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (Linux ``/proc``)."""
+def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """Resident set size of a process (Linux ``/proc``); ``field`` ``RssAnon`` / ``RssFile`` for
+    its anonymous (heap) and file-backed (e.g. the LMDB map) parts."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
