@@ -47,6 +47,7 @@ class ServerOptions:
     max_batch: int = 10_000
     max_image_pixels: int = 4096 * 4096  # per image, read from the header before decoding
     max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
+    max_images_per_call: int = 256  # images of one Search/BatchSearch/Add/GetCode
     image_formats: tuple[str, ...] = SAFE_FORMATS  # never EPS/PS/PDF (cbir.data.images.NEVER_FORMATS)
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one Search/BatchSearch
     max_filter_scan: int = 50_000  # items a label-filtered search may examine
@@ -130,7 +131,7 @@ class CbirServer:
     def _limits(opts: ServerOptions) -> Limits:
         from cbir.data.images import resolve_formats
 
-        for name in ("max_k", "max_batch", "max_image_pixels", "max_request_pixels", "max_hits_per_call",
+        for name in ("max_k", "max_batch", "max_image_pixels", "max_request_pixels", "max_images_per_call", "max_hits_per_call",
                      "max_filter_scan", "encoder_step_pixels"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
@@ -140,7 +141,8 @@ class CbirServer:
         if not formats:
             raise ValueError(f"no usable image format in {opts.image_formats!r} (EPS/PS/PDF are never read)")
         return Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels,
-                      max_request_pixels=opts.max_request_pixels, image_formats=formats,
+                      max_request_pixels=opts.max_request_pixels, max_images_per_call=opts.max_images_per_call,
+                      image_formats=formats,
                       max_hits_per_call=opts.max_hits_per_call, max_filter_scan=opts.max_filter_scan,
                       max_call_cpu_s=float(opts.max_call_cpu_s),
                       max_response_bytes=int(opts.max_message_bytes))

@@ -62,6 +62,7 @@ class Limits:
     max_offset: int = 1_000_000
     max_image_pixels: int = 4096 * 4096  # larger images are refused (memory / decompression bombs)
     max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
+    max_images_per_call: int = 256  # each costs a forward pass row whatever its size
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one call
     max_filter_scan: int = 50_000  # items a label-filtered search may examine
@@ -188,6 +189,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if enc is None:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no model: query by code or id")
         lim = self.limits
+        if len(images) > lim.max_images_per_call:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{len(images)} images in one call, over the per-call limit of {lim.max_images_per_call}; "
+                           "split it into smaller calls")
         try:
             fut = enc.submit_images(images, budget.deadline, lim.max_image_pixels, names,
                                     max_total_pixels=lim.max_request_pixels, formats=lim.image_formats)

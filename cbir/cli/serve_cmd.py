@@ -58,6 +58,9 @@ def register(subparsers) -> None:
                      help="pixels (width x height) of one image (default: %(default)s = 4096x4096)")
     img.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
                      help="pixels of all the images of one call together (default: %(default)s)")
+    img.add_argument("--max-images-per-call", type=int, default=256,
+                     help="images in one call (each costs a forward pass row); more is RESOURCE_EXHAUSTED "
+                          "(default: %(default)s)")
     img.add_argument("--image-formats", default=",".join(_SAFE_FORMATS),
                      help="accepted image formats, comma-separated Pillow names; EPS/PS/PDF are never read "
                           "(default: %(default)s)")
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         max_call_cpu_s=args.max_call_cpu_s,
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
+        max_images_per_call=args.max_images_per_call,
         image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()),
         encoder_step_pixels=args.encoder_step_pixels,
         encoder_max_batch=args.encoder_batch,

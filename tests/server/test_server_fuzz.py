@@ -325,7 +325,8 @@ def test_format_allowlist_and_pixel_budgets(index, hasher, server_factory, clien
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")
     jpeg = buf.getvalue()
-    server = server_factory(index, hasher, image_formats=("PNG",), max_request_pixels=3 * 32 * 32 - 1)
+    server = server_factory(index, hasher, image_formats=("PNG",), max_request_pixels=3 * 32 * 32 - 1,
+                            max_images_per_call=4)
     stub = client_factory(server.address)
     status, detail = _status(stub.Search, pb.SearchRequest(image=eps, k=1))
     assert status == "INVALID_ARGUMENT" and "accepted formats: PNG" in detail
@@ -334,6 +335,10 @@ def test_format_allowlist_and_pixel_budgets(index, hasher, server_factory, clien
     assert len(stub.GetCode(pb.GetCodeRequest(images=[make_png(1), make_png(2)])).codes) == 2
     status, detail = _status(stub.GetCode, pb.GetCodeRequest(images=[make_png(i) for i in range(3)]))
     assert status == "INVALID_ARGUMENT" and "3072 pixels in all, over the per-request budget of 3071" in detail
+    tiny = pb.SearchRequest(image=make_png(1, size=4), k=1)
+    assert len(stub.BatchSearch(pb.BatchSearchRequest(requests=[tiny] * 4)).responses) == 4
+    status, detail = _status(stub.BatchSearch, pb.BatchSearchRequest(requests=[tiny] * 5))
+    assert status == "RESOURCE_EXHAUSTED" and "5 images in one call, over the per-call limit of 4" in detail
     status, detail = _status(stub.Search, pb.SearchRequest(image=png_bomb(60000, 60000), k=1))
     assert status == "INVALID_ARGUMENT" and "3600000000 pixels" in detail and "too large" in detail
     from cbir.server import create_server
