@@ -170,6 +170,18 @@ def main(argv=None) -> int:
               f"statuses {dict(bc)}; server RSS {rss2 / MiB:.0f} -> {rss3 / MiB:.0f} MB: growth "
               f"{(rss3 - rss2) / MiB:+.0f} MB (target <= 100 MB)", flush=True)
 
+        # the 13.2 s BatchSearch (200 x k=10000), now refused before any work
+        huge = pb.BatchSearchRequest(requests=[pb.SearchRequest(code=pb.Code(data=codes.packed[4].tobytes(),
+                                                                             nbits=nbits), k=10_000)] * 200)
+        t0 = time.perf_counter()
+        try:
+            stub.BatchSearch(huge, timeout=60)
+            status = "OK"
+        except grpc.RpcError as e:
+            status = e.code().name
+        print(f"BatchSearch 200 x k=10000 ({huge.ByteSize()} bytes): {status} in "
+              f"{(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
+
         # the 10.8 s request: a label filter that matches nothing
         for name, mode in (("HAMMING", pb.HAMMING), ("LEXICOGRAPHIC", pb.LEXICOGRAPHIC)):
             nomatch = pb.SearchRequest(code=pb.Code(data=codes.packed[4].tobytes(), nbits=nbits), k=10, mode=mode,
