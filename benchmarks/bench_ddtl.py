@@ -6,21 +6,24 @@ last 1,000 queries vs first 9,000):
 1. **Stage 1, shared**: one CE classifier (backbone + class head) trained on 90 % of the training
    set (the other 10 % is held out for selection; never the queries). This model *is* the CE-only
    baseline (4 class bits) and the start of DDTL.
-2. **Selection on the held-out 10 %**: for each ``--tau`` candidate DDTL's tree is fitted on the
-   cached features of the 90 % part (two-stage mode, thesis §3.3.3: backbone and class head frozen,
-   per-class NT-Xent on leaf probabilities of two augmented views, class-balanced P x K batches)
-   and scored with the held-out images as queries against the 90 % part: the candidate with the
-   best mean tie-aware mAP@1000 (lex, Hamming) among those reaching ``--min-unique`` % unique
-   codes on the 90 % part wins (the most unique if none does).
-3. **Final DDTL**: the tree refitted with the chosen ``tau`` on all training images (= database),
-   then both models are scored on the real protocol.
+2. **Selection on the held-out 10 %**: for each candidate (``--tau`` x ``--head-steps``) DDTL's
+   tree is fitted on the cached features of the 90 % part (two-stage mode, thesis §3.3.3: backbone
+   and class head frozen; the tree initialised by class-wise median splits with per-class node
+   offsets (``--tree-init pca``), then ``head-steps`` of per-class NT-Xent on leaf probabilities of
+   two augmented views in class-balanced P x K batches) and scored with the held-out images as
+   queries against the 90 % part: the candidate with the best mean tie-aware mAP@1000 (lex,
+   Hamming) among those reaching ``--min-unique`` % unique codes on the 90 % part wins (the most
+   unique if none does).
+3. **Final DDTL**: the tree refitted with the chosen candidate on all training images
+   (= database), then both models are scored on the real protocol.
 
 Printed per model: tie-aware mAP@1000 (lexicographic and Hamming; expected AP over all orders of
 tied items, order-independent), the id-order mAP@1000 (ties broken by database id) and mAP@all,
 unique %, average collisions (sum n^2 / N - 1), and the same two figures for uniformly random
 codes at the same N and B with the class bits as observed (``cbir.metrics.coverage.random_expectation``),
-and the ratio. Budgets are optimiser steps (stage 1: ``--ce-epochs`` x steps/epoch; stage 2:
-``--head-steps`` on cached features), so figures do not depend on machine load.
+and the ratio. Budgets are optimiser steps (stage 1: ``--ce-epochs`` x steps/epoch, shared by both
+models; stage 2: the tree alone, ``--head-steps`` on cached features; the class head is frozen, so
+DDTL's class bits are exactly the CE-only code), so figures do not depend on machine load.
 
     python benchmarks/bench_ddtl.py --out runs/bench_ddtl --threads 2
 
@@ -85,30 +88,34 @@ def run_dataset(name: str, args, out: Path) -> dict:
         print(f"[{name}] stage 1: CE {args.backbone}, {res.config['steps']} steps (batch {args.batch_size}, "
               f"{ce_epochs} epochs on {len(train_part)} images), {res.config['train_wall_s']:.0f} s", flush=True)
 
-    def ddtl(tau: float, val_fraction: float, tag: str):
+    tree = {"two_stage": True, "tree_init": args.tree_init, "class_bias": args.tree_init == "pca"}
+
+    def ddtl(tau: float, steps: int, val_fraction: float, tag: str):
         return train(TrainConfig(method="ddtl", depth=args.depth, epochs=0, init_from=ce_path, val_fraction=val_fraction,
-                                 params={"two_stage": True, "tau": tau}, head_steps=args.head_steps, head_lr=args.head_lr,
+                                 params=dict(tree, tau=tau), head_steps=steps, head_lr=args.head_lr,
                                  head_images_per_class=args.k_per_class, feature_views=args.views,
                                  out=str(out / name / tag), **common))
 
     selection = []
     for tau in args.tau:
-        r = ddtl(tau, 0.1, f"select_tau{tau:g}")
-        s = score(r.hasher, train_part, held_out)
-        selection.append({"tau": tau, **s})
-        print(f"[{name}] held-out selection tau={tau:g}: tie-aware mAP lex {s['tie_map_lex']:.4f} hamming "
-              f"{s['tie_map_hamming']:.4f}, unique {s['unique']:.2f} % of {s['n_db']} training codes, "
-              f"collisions {s['collisions']:.3f}", flush=True)
+        for steps in args.head_steps:
+            r = ddtl(tau, steps, 0.1, f"select_tau{tau:g}_steps{steps}")
+            s = score(r.hasher, train_part, held_out)
+            selection.append({"tau": tau, "head_steps": steps, **s})
+            print(f"[{name}] held-out selection tau={tau:g}, {steps} NT-Xent steps: tie-aware mAP lex "
+                  f"{s['tie_map_lex']:.4f} hamming {s['tie_map_hamming']:.4f}, unique {s['unique']:.2f} % of "
+                  f"{s['n_db']} training codes, collisions {s['collisions']:.3f}", flush=True)
     ok = [s for s in selection if s["unique"] >= args.min_unique] or [max(selection, key=lambda s: s["unique"])]
     best = max(ok, key=lambda s: (s["tie_map_lex"] + s["tie_map_hamming"]) / 2)
-    print(f"[{name}] chosen on the held-out part: tau={best['tau']:g}", flush=True)
-    final = ddtl(best["tau"], 0.0, "ddtl")
+    print(f"[{name}] chosen on the held-out part: tau={best['tau']:g}, {best['head_steps']} NT-Xent steps", flush=True)
+    final = ddtl(best["tau"], best["head_steps"], 0.0, "ddtl")
     ce_scores = score(ce, splits.database, splits.query)
     dd_scores = score(final.hasher, splits.database, splits.query)
     print(line(f"{name} CE-only 4 bits", ce_scores), flush=True)
     print(line(f"{name} DDTL 4+{args.depth} bits", dd_scores), flush=True)
     end = [r for r in final.history if r.get("end_of_stage")][-1]
     return {"dataset": name, "ce": ce_scores, "ddtl": dd_scores, "selection": selection, "tau": best["tau"],
+            "head_steps": best["head_steps"],
             "ce_config": ce_cfg, "ddtl_config": final.config, "ddtl_tree": end,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -136,10 +143,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--tau", type=float, nargs="+", default=[1.0, 0.5, 0.2], help="candidates, chosen on the held-out part")
+    ap.add_argument("--tau", type=float, nargs="+", default=[0.2], help="NT-Xent temperatures, chosen on the held-out part")
+    ap.add_argument("--head-steps", type=int, nargs="+", default=[0, 100],
+                    help="NT-Xent fine-tuning steps of the tree after its initialisation, chosen on the held-out part")
+    ap.add_argument("--tree-init", default="pca", choices=["pca", "random"],
+                    help="pca: class-wise median splits + per-class node offsets (cbir.models.heads.fit_pca_median_tree); "
+                         "random: the thesis' gradient-only fit")
     ap.add_argument("--min-unique", type=float, default=75.0)
-    ap.add_argument("--head-steps", type=int, default=1000)
-    ap.add_argument("--head-lr", type=float, default=1e-2)
+    ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--k-per-class", type=int, default=51, help="images per class in the tree-fitting batches")
     ap.add_argument("--views", type=int, default=4, help="augmented views cached per image")
     ap.add_argument("--threads", type=int, default=2)

@@ -211,18 +211,24 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
     for phase in phases:
         if phase is not None:
             method.set_stage(phase)
+        before = getattr(method, "before_head_fit", None)
+        if before is not None:
+            with torch.no_grad():
+                info = before(cache.features[0].to(device), cache.targets(np.arange(len(cache))).to(device))
+            if info:
+                history.append({"stage": f"head:{phase or method.method_name}", **info})
         params = method.head_parameters()
         if not params or cfg.head_steps == 0:
-            continue
-        opt = _optimizer(dataclasses.replace(cfg, lr=cfg.head_lr, optimizer="adam"), params)
+            params = []
+        opt = _optimizer(dataclasses.replace(cfg, lr=cfg.head_lr, optimizer="adam"), params) if params else None
         sampler = ClassBalancedBatchSampler(cache.labels, p, cfg.head_images_per_class,
-                                            num_batches=cfg.head_steps, seed=cfg.seed + 17)
+                                            num_batches=max(1, cfg.head_steps), seed=cfg.seed + 17)
         rng = np.random.Generator(np.random.PCG64([cfg.seed, 23]))
         method.train()
         method.backbone.eval()
         sums: dict[str, float] = {}
         nb = 0
-        for i, rows in enumerate(sampler):
+        for i, rows in enumerate(sampler if params else []):
             for g in opt.param_groups:
                 g["lr"] = cfg.head_lr * _lr_factor(cfg, i / cfg.head_steps, i)
             feats = cache.batch(rows, method.head_two_views, rng)
@@ -243,7 +249,7 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
                            wall_s=round(time.perf_counter() - t0, 2))
                 history.append(rec)
                 sums, nb = {}, 0
-        steps_run += cfg.head_steps
+        steps_run += cfg.head_steps if params else 0
         method.eval()
         monitor = getattr(method, "monitor_features", None)
         rec = {"stage": f"head:{phase or method.method_name}", "end_of_stage": True}

@@ -300,3 +300,26 @@ def test_two_stage_tree_loss_uses_only_the_tree_and_adds_the_balance_term():
     assert "balance" in logs and "ce" not in logs
     loss.backward()
     assert m.head.g2.fc.weight.grad is None and m.head.g1.weight.grad is not None
+
+
+def test_pca_median_tree_splits_every_class_in_half_at_every_node():
+    from cbir.models.heads import DDTLHead, fit_pca_median_tree, greedy_path
+
+    torch.manual_seed(0)
+    head = DDTLHead(8, 3, depth=3, class_bias=True)
+    feats = torch.randn(96, 8) * torch.linspace(3, 0.5, 8)
+    cls = head.g2(feats).argmax(1)
+    info = fit_pca_median_tree(head, feats)
+    assert info["nodes"] == 7
+    _, node_logits = head(feats)
+    bits, _ = greedy_path(node_logits, 3)
+    for c in torch.unique(cls):
+        b = bits[cls == c]
+        n = len(b)
+        assert abs(int(b[:, 0].sum()) - n // 2) <= 1  # the root halves the class
+        leaves = (b.long() * torch.tensor([4, 2, 1])).sum(1)
+        assert torch.bincount(leaves, minlength=8).max() <= -(-n // 8) + 1  # near-even leaves
+    # without per-class offsets the root splits all items at their median instead
+    head2 = DDTLHead(8, 3, depth=3)
+    fit_pca_median_tree(head2, feats)
+    assert abs(int(greedy_path(head2(feats)[1], 3)[0][:, 0].sum()) - 48) <= 1

@@ -47,26 +47,31 @@ class PerClassNodeBalance(nn.Module):
         if node_logits.ndim != 2 or node_logits.shape[1] != n_nodes:
             raise ValueError(f"expected (n, {n_nodes}) node logits for depth {depth}, got {tuple(node_logits.shape)}")
         cls = group_ids(targets)
-        right = F.logsigmoid(node_logits)
-        left = right - node_logits
-        n = node_logits.shape[0]
-        # log reach probabilities of every node, level by level (heap order)
-        reach = [node_logits.new_zeros(n, 1)]
-        for level in range(depth - 1):
+        classes, counts = torch.unique(cls, return_counts=True)
+        levels_of = [min(depth, int(math.floor(math.log2(max(int(nc) / self.min_items, 1.0)))) + 1)
+                     for nc in counts.tolist()]
+        top = max(levels_of)
+        used = node_logits[:, : (1 << top) - 1]  # only the levels some class can estimate
+        right = F.logsigmoid(used)
+        left = right - used
+        sig = torch.sigmoid(used)
+        n = used.shape[0]
+        # log reach probabilities of the used nodes, level by level (heap order)
+        reach = [used.new_zeros(n, 1)]
+        for level in range(top - 1):
             sl = slice((1 << level) - 1, (1 << (level + 1)) - 1)
             r = reach[-1]
             reach.append(torch.stack([r + left[:, sl], r + right[:, sl]], dim=2).reshape(n, -1))
+        reach_p = torch.cat(reach, 1).exp()  # (n, used nodes)
         losses = []
-        for c in torch.unique(cls):
+        for c, levels in zip(classes, levels_of):
             m = cls == c
-            nc = int(m.sum())
-            levels = min(depth, int(math.floor(math.log2(max(nc / self.min_items, 1.0)))) + 1)
+            pr, sg = reach_p[m], sig[m]
             total, wsum = 0.0, 0.0
             for level in range(levels):
                 sl = slice((1 << level) - 1, (1 << (level + 1)) - 1)
-                pr = reach[level][m].exp()  # (nc, 2^level)
-                mass = pr.sum(0)
-                alpha = ((pr * torch.sigmoid(node_logits[m][:, sl])).sum(0) / mass.clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
+                mass = pr[:, sl].sum(0)
+                alpha = ((pr[:, sl] * sg[:, sl]).sum(0) / mass.clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
                 w = mass / mass.sum()  # a node's share of the class at that level
                 ce = -(0.5 * alpha.log() + 0.5 * (1 - alpha).log())
                 total = total + self.decay**level * (w * ce).sum()

@@ -116,16 +116,97 @@ class ClassHead(nn.Module):
 
 
 class DDTLHead(nn.Module):
-    """Class logits ``g2`` and node logits ``g1`` of a forest of ``tree_depths`` (module docstring)."""
+    """Class logits ``g2`` and node logits ``g1`` of a forest of ``tree_depths`` (module docstring).
 
-    def __init__(self, in_dim: int, num_classes: int, depth: int, max_tree_depth: int = 12):
+    ``class_bias=True`` (single-label only; our extension) adds a learned per-class offset to every
+    node logit, selected by the *predicted* class (argmax of ``g2``, the class bits of the code):
+    ``u = g1(f) + b[argmax g2(f)]``. One tree then holds a threshold per class at every node, so a
+    node can split each class that reaches it in half (see ``fit_pca_median_tree``).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, depth: int, max_tree_depth: int = 12,
+                 class_bias: bool = False):
         super().__init__()
         if not 1 <= depth <= 256:
             raise ValueError(f"path depth must be in 1..256 bits, got {depth}")
         self.depth = depth
         self.tree_depths = split_depth(depth, max_tree_depth)
         self.g2 = ClassHead(in_dim, num_classes)
-        self.g1 = nn.Linear(in_dim, sum((1 << d) - 1 for d in self.tree_depths))
+        n_nodes = sum((1 << d) - 1 for d in self.tree_depths)
+        self.g1 = nn.Linear(in_dim, n_nodes)
+        self.class_bias = nn.Parameter(torch.zeros(num_classes, n_nodes)) if class_bias else None
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.g2(feat), self.g1(feat)
+        class_logits = self.g2(feat)
+        node_logits = self.g1(feat)
+        if self.class_bias is not None:
+            node_logits = node_logits + self.class_bias[class_logits.detach().argmax(1)]
+        return class_logits, node_logits
+
+
+@torch.no_grad()
+def fit_pca_median_tree(head: DDTLHead, feats: torch.Tensor, sharpness: float = 4.0) -> dict:
+    """Initialise ``head``'s trees by class-wise median splits along within-class principal directions.
+
+    Top-down over the training features ``feats`` (``(N, F)``, eval view), with ``c`` the
+    predicted class of each item: at every node, ``w`` = the leading eigenvector of the pooled
+    within-class covariance of the items that reach it (the parent's ``w`` when fewer than two items
+    do), and, with ``head.class_bias``, the bias of class ``c`` = minus the median of ``w . x`` over
+    the items of class ``c`` at the node, so that each class splits in half at each node it reaches
+    (CrPCA's repeated median split, thesis §3.3.1, done within each class); without
+    ``class_bias`` the bias is the median over all items at the node. ``w`` is scaled by
+    ``sharpness / std(w . x)`` so the node probabilities are saturated. Returns counts for the log.
+    """
+    if feats.ndim != 2 or feats.shape[1] != head.g1.in_features:
+        raise ValueError(f"expected (N, {head.g1.in_features}) features, got {tuple(feats.shape)}")
+    x = feats.double()
+    cls = head.g2(feats).argmax(1)
+    weight = torch.zeros_like(head.g1.weight, dtype=torch.float64)
+    bias = torch.zeros(head.g1.out_features, dtype=torch.float64)
+    cbias = None if head.class_bias is None else torch.zeros_like(head.class_bias, dtype=torch.float64)
+    fitted = 0
+    for sl, d in zip(node_slices(head.tree_depths), head.tree_depths):
+        node = torch.zeros(len(x), dtype=torch.long)  # heap index within this tree
+        parent_w = None
+        ws: dict[int, torch.Tensor] = {}
+        for level in range(d):
+            first = (1 << level) - 1
+            for j in range(first, 2 * first + 1):
+                m = node == j
+                xs, cs = x[m], cls[m]
+                pw = ws.get((j - 1) // 2, parent_w) if j else None
+                if len(xs) >= 2:
+                    centred = xs.clone()
+                    for c in torch.unique(cs):
+                        mc = cs == c
+                        centred[mc] -= xs[mc].mean(0)
+                    cov = centred.t() @ centred / len(xs)
+                    w = torch.linalg.eigh(cov).eigenvectors[:, -1]
+                    if pw is not None and float(w @ pw) < 0:
+                        w = -w  # keep a stable orientation down the tree
+                    fitted += 1
+                elif pw is not None:
+                    w = pw
+                else:
+                    w = torch.linalg.eigh(torch.cov(x.t())).eigenvectors[:, -1]
+                ws[j] = w
+                proj = xs @ w
+                scale = sharpness / float(proj.std()) if len(xs) >= 2 and float(proj.std()) > 0 else sharpness
+                weight[sl.start + j] = w * scale
+                if len(xs):
+                    bias[sl.start + j] = -float(proj.median()) * scale
+                if cbias is not None:
+                    cbias[:, sl.start + j] = bias[sl.start + j]
+                    for c in torch.unique(cs):
+                        pc = proj[cs == c]
+                        cbias[c, sl.start + j] = -float(pc.median()) * scale
+                    cbias[:, sl.start + j] -= bias[sl.start + j]  # g1's bias holds the shared part
+            u = (x * weight[sl.start + node]).sum(1) + bias[sl.start + node]
+            if cbias is not None:
+                u = u + cbias[cls, sl.start + node]
+            node = 2 * node + 1 + (u > 0).long()
+    head.g1.weight.copy_(weight.to(head.g1.weight.dtype))
+    head.g1.bias.copy_(bias.to(head.g1.bias.dtype))
+    if cbias is not None:
+        head.class_bias.copy_(cbias.to(head.class_bias.dtype))
+    return {"nodes_fitted": fitted, "nodes": int(head.g1.out_features)}

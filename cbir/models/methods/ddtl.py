@@ -25,6 +25,12 @@ each class, :class:`cbir.losses.PerClassNodeBalance`): pushes every node a class
 that class evenly, so a class spreads over the leaves (hash coverage) even when the contrastive
 term alone leaves it piled on a few paths.
 
+Tree initialisation ``tree_init="pca"`` with ``class_bias=True`` (our addition for the two-stage
+mode): before the tree stage's gradient steps the tree is set by class-wise median splits along
+within-class principal directions of the cached features
+(:func:`cbir.models.heads.fit_pca_median_tree`, CrPCA's split rule applied within each class),
+so every class starts evenly spread over the leaves; the NT-Xent steps then fine-tune it.
+
 Monitoring (logged per step, averaged per epoch in ``history.jsonl``): ``saturation`` = mean
 ``|2 sigma(u) - 1|`` over the nodes of the greedy paths, ``paths_per_class`` = mean over the
 batch's classes of the number of distinct greedy paths, ``path_spread`` = the same divided by the
@@ -44,7 +50,8 @@ import torch
 from cbir.codes import CodeLayout, class_bits_for
 from cbir.losses import AsymmetricLoss, PerClassNodeBalance, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
-from cbir.models.heads import DDTLHead, forest_greedy_path, forest_leaf_probs, node_slices, split_depth
+from cbir.models.heads import (DDTLHead, fit_pca_median_tree, forest_greedy_path, forest_leaf_probs, node_slices,
+                               split_depth)
 from cbir.models.methods.ce import class_code
 from cbir.models.registry import MethodSpec, register_method
 
@@ -64,11 +71,15 @@ class DDTLParams:
     rep_beta: float = 0.0  # stage-1 per-class NT-Xent weight on backbone features (two_stage only)
     balance: float = 0.0  # per-class node balance weight (Frosst & Hinton 2017 eq. 4; our addition)
     balance_decay: float = 0.5  # its per-level weight decay^level (the paper: 0.5)
+    class_bias: bool = False  # per-class node offsets chosen by the predicted class (cbir.models.heads.DDTLHead)
+    tree_init: str = "random"  # "random" or "pca": class-wise median splits on cached features (two-stage tree stage)
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0 or self.rep_beta < 0 or self.balance < 0:
             raise ValueError("alpha, beta, rep_beta and balance must be >= 0")
         PerClassNodeBalance(decay=self.balance_decay)  # validates balance_decay
+        if self.tree_init not in ("random", "pca"):
+            raise ValueError("tree_init must be 'random' or 'pca'")
         if self.tau <= 0:
             raise ValueError("tau must be > 0")
         if self.multilabel_loss not in ("bce", "asl"):
@@ -121,7 +132,10 @@ class DDTL(HashingMethod):
         layout = CodeLayout(nbits=cbits + depth, class_bits=cbits, depth=depth, multilabel=spec.multilabel,
                             class_names=spec.class_names, method="ddtl")
         super().__init__(spec.make_backbone(), layout)
-        self.head = DDTLHead(self.backbone.feature_dim, spec.num_classes, depth, params.max_tree_depth)
+        if params.class_bias and spec.multilabel:
+            raise ValueError("class_bias needs single-label data (one predicted class per image); drop it")
+        self.head = DDTLHead(self.backbone.feature_dim, spec.num_classes, depth, params.max_tree_depth,
+                             class_bias=params.class_bias)
         self.params = params
         self.multilabel = spec.multilabel
         self.contrastive = PerClassNTXent(params.tau)
@@ -145,8 +159,14 @@ class DDTL(HashingMethod):
 
     def head_parameters(self) -> list:
         if self.stage == "tree":  # stop-gradient: the class head stays the stage-1 classifier
-            return list(self.head.g1.parameters())
+            return list(self.head.g1.parameters()) + ([self.head.class_bias] if self.head.class_bias is not None else [])
         return super().head_parameters()
+
+    def before_head_fit(self, feats: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Tree stage: with ``tree_init="pca"`` start from class-wise median splits of the features."""
+        if self.stage == "tree" and self.params.tree_init == "pca":
+            return {"tree_init": "pca", **fit_pca_median_tree(self.head, feats)}
+        return {}
 
     def head_loss(self, feats, targets):
         if self.stage == "representation":
@@ -183,7 +203,7 @@ class DDTL(HashingMethod):
     @torch.no_grad()
     def monitor_features(self, feats: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Tree statistics over a whole feature set (e.g. the cached training set)."""
-        return tree_stats(self.head.g1(feats), self.head.tree_depths, targets)
+        return tree_stats(self.head(feats)[1], self.head.tree_depths, targets)
 
     def encode(self, images):
         class_logits, node_logits = self.head(self.backbone(images))
