@@ -188,10 +188,30 @@ def test_cbam_shapes_and_attention_range():
     assert block(x).shape == x.shape
     assert stacked_cbam(16, 3, 4)(x).shape == x.shape
     m = create_method("hegh", SPEC)
-    post = m.backbone.post_stage[1]
+    post = m.backbone.post_stage[0]  # default: after the first stage (the paper: early)
     assert len(post) == 3 and all(isinstance(b, CBAM) for b in post)
+    assert isinstance(create_method("hegh", SPEC, {"cbam_stage": 1}).backbone.post_stage[1][0], CBAM)
+    with pytest.raises(ValueError, match="cbam_stage"):
+        create_method("hegh", SPEC, {"cbam_stage": 5})
     bits, conf = m.eval().encode(torch.randn(3, 3, 16, 16))
     assert bits.shape == (3, 8) and bits.dtype == torch.bool and bool(((conf >= 0) & (conf <= 1)).all())
+
+
+def test_hegh_gamma_is_zero_until_the_classifier_reaches_the_stated_accuracy():
+    torch.manual_seed(0)
+    m = create_method("hegh", SPEC, {"gamma_after_acc": 0.6, "acc_momentum": 0.0})
+    x, y = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with torch.no_grad():
+        m.head.fc.weight.zero_()
+        m.head.fc.bias.copy_(torch.tensor([5.0] + [0.0] * (m.head.fc.out_features - 1)))  # always class 0: 25 %
+    _, logs = m.training_loss(x, y)
+    assert logs["hard_on"] == 0.0 and m.criterion.gamma == 0.0
+    with torch.no_grad():  # now the classifier is right on every batch item: switch on, and stay on
+        m.head.fc.weight.zero_()
+        m.head.fc.bias.zero_()
+    m.head.forward = lambda f: torch.nn.functional.one_hot(y, m.head.fc.out_features).float() * 10
+    _, logs = m.training_loss(x, y)
+    assert logs["hard_on"] == 1.0 and m.criterion.gamma == 1.0
 
 
 # --------------------------------------------------------------------------------------------

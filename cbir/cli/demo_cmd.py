@@ -10,8 +10,9 @@ the id-order mAP@k and the hash coverage beside what uniformly random codes woul
 What it trains by default (about a minute on two CPU cores): DDTL in its two-stage mode
 (thesis §3.3.3) on a small backbone (``convnet``, width 16): stage 1 trains backbone + class head
 with cross-entropy for ``--epochs``; stage 2 freezes them, caches the training-set features of
-the eval view and ``--feature-views`` augmented views, and fits the decision tree on those
-features with the per-class NT-Xent in class-balanced batches (``--head-steps``). Every training
+the eval view and ``--feature-views`` augmented views, sets the tree by class-wise median splits
+(``tree_init=pca``, ``class_bias=true``) and fine-tunes it with the per-class NT-Xent in
+class-balanced batches (``--head-steps``). Every training
 flag of ``cbir train`` applies (e.g. ``--init-from`` a CE model and ``--epochs 0`` to skip stage 1).
 """
 
@@ -22,7 +23,10 @@ import time
 from pathlib import Path
 
 DEMO_EPOCHS = 12
-DEMO_HEAD_STEPS = 400
+DEMO_HEAD_STEPS = 100
+#: DDTL defaults of the demo (any --param overrides them): the two-stage mode with the tree
+#: initialised by class-wise median splits (cbir.models.heads.fit_pca_median_tree)
+DEMO_DDTL_PARAMS = {"two_stage": True, "tree_init": "pca", "class_bias": True, "tau": 0.2}
 
 
 def run(args) -> int:
@@ -43,8 +47,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     cfg = config_from_args(args, out=str(out / "model"))
-    if cfg.method == "ddtl" and "two_stage" not in cfg.params:
-        cfg.params["two_stage"] = True
+    if cfg.method == "ddtl":
+        for key, value in DEMO_DDTL_PARAMS.items():
+            cfg.params.setdefault(key, value)
     print(f"[1/5] training {cfg.method} ({_describe(cfg)}) on {cfg.dataset} -> {cfg.out}")
     result = train(cfg)
     hasher = result.hasher
@@ -115,8 +120,9 @@ def _describe(cfg) -> str:
     if cfg.init_from:
         parts.append(f"warm start {cfg.init_from}")
     if cfg.params.get("two_stage"):
-        parts.append(f"two-stage: CE {cfg.epochs} epochs, then the tree on cached features ({cfg.feature_views} "
-                     f"augmented views, {cfg.head_steps} steps)")
+        init = "class-wise median splits, then " if cfg.params.get("tree_init") == "pca" else ""
+        parts.append(f"two-stage: CE {cfg.epochs} epochs, then the tree on cached features ({init}{cfg.head_steps} "
+                     f"per-class NT-Xent steps on {cfg.feature_views} augmented views)")
     elif cfg.freeze_backbone:
         parts.append(f"frozen backbone, head fitted on cached features ({cfg.head_steps} steps)")
     else:

@@ -78,7 +78,9 @@ class DMUH(HashNet):
 
     def training_loss(self, images, targets):
         h, u = self.uncertainty(images)
-        return self.criterion(h, u, targets)
+        loss, logs = self.criterion(h, u, targets)
+        logs["bit_uncertainty"] = float(u.detach().mean())  # mean |h - m| over bits and images
+        return loss, logs
 
     @torch.no_grad()
     def after_init(self) -> None:
