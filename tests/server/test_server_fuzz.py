@@ -213,6 +213,8 @@ class _NoPostingList:
     """The real index, seen as one without a label posting list (an index of an older format):
     the server then filters by scanning the ranking and reading metadata."""
 
+    has_label_index = False
+
     def __init__(self, reader) -> None:
         self._reader = reader
 
