@@ -1,31 +1,30 @@
 #!/usr/bin/env python
-"""Method benchmark (issue 3): every hasher on the shared CIFAR-10 subset protocol.
+"""Method benchmark (issues 3, 10): every hasher on the shared CIFAR-10 subset protocol, fairly.
 
 Protocol: ``load_dataset("cifar10-subset")`` — 4,660 training images, which are also the
 database, and 846 queries (relevance = same class); see ``../shared/datasets/README.md``.
-Every (method, bits) run trains through the one engine (``cbir.engine.train``) for at most
-``--epochs`` epochs *and* at most ``--time-budget`` seconds of wall time
-(``TrainConfig.time_budget_s``: the cosine schedule follows whichever ends first; the
-post-training fit in ``finalize`` — CrPCA/ITQ/LSH projections, DMUH bit order — comes on top),
-then encodes the query and database sets and reports mAP@1000 in lexicographic and Hamming
-order, mAP over the whole database (Hamming order), and the database coverage (entropy of the
-code distribution, unique-code percentage, average collision count = sum_c n_c^2 / N - 1).
+
+Fairness (issue 10): every (method, bits, seed) run starts from **one shared warm start** — a CE
+classifier (backbone + class head) trained once on the training set (``--warm-epochs``, or
+``--init-from`` an existing ``model.pt``), as the papers start from pretrained backbones — and
+gets **the same number of optimiser steps** (``--steps``, batch ``--batch-size``: the same images
+seen; ``TrainConfig.max_steps``, the cosine schedule follows it), not the same wall time. Each
+configuration runs for every ``--seeds`` value; the table reports mean ± std (population std over
+seeds) of tie-aware mAP@k (lex, Hamming), id-order mAP@k, unique % and average collisions. A claim
+"A > B" is printed as holding only when the mean difference exceeds one std (the larger of the two).
 
 A method is given as ``name`` or ``name:key=value,key=value`` (hyper-parameters, as
 ``cbir train --param``), e.g. ``hegh:gamma=0``. ``ce`` has a fixed code length (class bits
-only) and is run once whatever ``--bits`` says. Results go to ``<out>/results.json`` and
-``<out>/results.md`` (rewritten after every run, so an interrupted grid keeps what finished),
-with the issue's target comparisons checked at the end of the markdown.
+only) and is run once per seed whatever ``--bits`` says. Results go to ``<out>/results.json`` and
+``<out>/results.md`` (rewritten after every configuration).
 
-Full grid (slow: 9 methods x 4 bit lengths x the budget; run on an otherwise idle machine)::
+Full grid (slow: 9 methods x 4 bit lengths x 3 seeds x the steps)::
 
-    python benchmarks/bench_methods.py --time-budget 300
+    python benchmarks/bench_methods.py --steps 300 --seeds 0 1 2
 
 Quick check::
 
-    python benchmarks/bench_methods.py --methods dmuh regu --bits 12 --time-budget 20
-
-Re-measure some rows of an existing table (e.g. after a disturbed run) with ``--merge``.
+    python benchmarks/bench_methods.py --methods dmuh regu --bits 12 --steps 20 --warm-epochs 1
 """
 
 from __future__ import annotations
@@ -52,15 +51,15 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-def run_one(label: str, name: str, params: dict, bits: int | None, splits, args) -> dict:
+def run_one(label: str, name: str, params: dict, bits: int | None, seed: int, splits, args) -> dict:
     from cbir.engine import TrainConfig, train
     from cbir.evaluate import encode_protocol, retrieval_summary
 
     safe = label.replace(":", "_").replace("=", "").replace(",", "_")
     cfg = TrainConfig(method=name, dataset="cifar10-subset", backbone=args.backbone, bits=bits, params=dict(params),
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, time_budget_s=args.time_budget,
-                      seed=args.seed, threads=args.threads, out=str(Path(args.out) / "runs" / f"{safe}-{bits}"),
-                      progress=args.progress)
+                      epochs=10**6, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      init_from=args.init_from, seed=seed, threads=args.threads,
+                      out=str(Path(args.out) / "runs" / f"{safe}-{bits}-s{seed}"), progress=args.progress)
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -69,19 +68,33 @@ def run_one(label: str, name: str, params: dict, bits: int | None, splits, args)
     k = summ["k"]
     cov = summ["coverage"]
     return {
-        "method": label, "name": name, "params": params, "bits": res.hasher.layout.nbits,
-        "requested_bits": bits, "steps": res.config["steps"], "epochs_run": len(res.history),
-        "time_budget_hit": res.config["time_budget_hit"], "train_wall_s": round(train_s, 1),
-        "encode_s": round(enc.encode_s, 1),
-        f"map@{k}_lex": summ[f"map@{k}_lex"], f"map@{k}_hamming": summ[f"map@{k}_hamming"],
-        "map@all_hamming": summ["map@all_hamming"],
-        "entropy_bits": cov["entropy_bits"], "unique_percent": cov["unique_percent"],
-        "average_collision_count": cov["average_collision_count"], "largest_bucket": cov["largest_bucket"],
-        "checkpoint": str(res.checkpoint), "content_hash": res.hasher.content_hash,
-        "final_loss": res.history[-1]["loss"] if res.history else None,
-        # CrPCA: only the tree bits carry information (bits past max_depth are constant 0)
-        "informative_bits": (res.hasher.method.tree.depth if name == "crpca" else res.hasher.layout.nbits),
+        "method": label, "name": name, "params": params, "bits": res.hasher.layout.nbits, "seed": seed,
+        "requested_bits": bits, "steps": res.config["steps"], "train_wall_s": round(train_s, 1),
+        "tie_lex": summ[f"tie_map@{k}_lex"], "tie_hamming": summ[f"tie_map@{k}_hamming"],
+        "id_lex": summ[f"map@{k}_lex"], "id_hamming": summ[f"map@{k}_hamming"],
+        "unique_percent": cov["unique_percent"], "average_collision_count": cov["average_collision_count"],
+        "random_unique_percent": cov["random_unique_percent"], "content_hash": res.hasher.content_hash,
     }
+
+
+METRICS = ("tie_lex", "tie_hamming", "id_lex", "id_hamming", "unique_percent", "average_collision_count")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (method, bits): mean and std over seeds of every metric."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["bits"]), []).append(r)
+    out = []
+    for (method, bits), rs in groups.items():
+        agg = {"method": method, "bits": bits, "seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"]}
+        for m in METRICS:
+            v = np.array([r[m] for r in rs], dtype=np.float64)
+            agg[m], agg[m + "_std"] = float(v.mean()), float(v.std())
+        out.append(agg)
+    return out
 
 
 def _find(rows, method, bits):
@@ -91,49 +104,41 @@ def _find(rows, method, bits):
     return None
 
 
-def target_checks(rows: list[dict], k: int) -> list[str]:
-    key = f"map@{k}_hamming"
+def target_checks(agg: list[dict]) -> list[str]:
     out = []
     for better, worse, what in (("dmuh", "regu", "DMUH > Regu"), ("hegh", "hegh:gamma=0", "HEGH gamma=1 > gamma=0")):
-        for bits in sorted({r["bits"] for r in rows}):
-            a, b = _find(rows, better, bits), _find(rows, worse, bits)
-            if a and b:
-                ok = a[key] > b[key]
-                out.append(f"- {what} at {bits} bits ({key}): {a[key]:.4f} vs {b[key]:.4f} -> "
-                           f"{'holds' if ok else 'DOES NOT HOLD'}")
-    for bits in sorted({r["bits"] for r in rows}):
-        here = [r for r in rows if r["bits"] == bits]
-        d = _find(here, "ddtl", bits)
-        if d and len(here) > 1:
-            best = max(here, key=lambda r: (r["unique_percent"], -r["average_collision_count"]))
-            ok = best["method"] == "ddtl"
-            out.append(f"- DDTL best coverage at {bits} bits: DDTL unique {d['unique_percent']:.2f}% / collisions "
-                       f"{d['average_collision_count']:.2f}; best {best['method']} {best['unique_percent']:.2f}% / "
-                       f"{best['average_collision_count']:.2f} -> {'holds' if ok else 'DOES NOT HOLD'}")
+        for bits in sorted({r["bits"] for r in agg}):
+            a, b = _find(agg, better, bits), _find(agg, worse, bits)
+            if not (a and b):
+                continue
+            for key in ("tie_hamming", "tie_lex"):
+                diff = a[key] - b[key]
+                sd = max(a[key + "_std"], b[key + "_std"])
+                verdict = "holds" if diff > sd else ("reversed" if -diff > sd else "within one std: no claim")
+                out.append(f"- {what} at {bits} bits ({key}): {a[key]:.4f} ± {a[key + '_std']:.4f} vs "
+                           f"{b[key]:.4f} ± {b[key + '_std']:.4f} -> {verdict}")
     return out
 
 
 def write_reports(rows: list[dict], meta: dict, out: Path, k: int) -> None:
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    agg = aggregate(rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows, "aggregate": agg}, indent=2))
     lines = [
         "# Method benchmark: cifar10-subset (846 queries vs 4,660 database)", "",
-        f"Backbone `{meta['backbone']}`, batch {meta['batch_size']}, lr {meta['lr']}, at most {meta['epochs']} epochs "
-        f"and {meta['time_budget_s']} s training wall time per run (cosine schedule over the budget), seed "
-        f"{meta['seed']}, {meta['torch_threads']} torch threads on {meta['machine']}. `train s` is the wall time of "
-        "`cbir.engine.train` (data loading, training up to the budget, and the post-hoc `finalize` fit); `steps` "
-        "the optimiser steps it fitted in. CrPCA codes carry at most `max_depth` (12) informative bits; "
-        "longer CrPCA codes are padded with constant bits.", "",
-        f"| method | bits | steps | train s | mAP@{k} lex | mAP@{k} Hamming | mAP@all | entropy (bits) | unique % "
-        "| avg collisions |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Backbone `{meta['backbone']}` warm-started from `{meta['init_from']}`, {meta['steps']} optimiser steps of "
+        f"batch {meta['batch_size']} per run, lr {meta['lr']}, seeds {meta['seeds']}, {meta['torch_threads']} torch "
+        f"threads on {meta['machine']}. Mean ± std over seeds.", "",
+        f"| method | bits | steps | tie mAP@{k} lex | tie mAP@{k} Hamming | id mAP@{k} lex | id mAP@{k} Hamming "
+        "| unique % | avg collisions |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['bits']} | {r['steps']} | {r['train_wall_s']:.0f} | {r[f'map@{k}_lex']:.4f} "
-                     f"| {r[f'map@{k}_hamming']:.4f} | {r['map@all_hamming']:.4f} | {r['entropy_bits']:.2f} "
-                     f"| {r['unique_percent']:.2f} | {r['average_collision_count']:.2f} |")
-    checks = target_checks(rows, k)
+    for r in agg:
+        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_std']:.4f}" if "percent" not in m and "collision" not in m
+                           else f"{r[m]:.2f} ± {r[m + '_std']:.2f}" for m in METRICS)
+        lines.append(f"| {r['method']} | {r['bits']} | {r['steps']} | {cells} |")
+    checks = target_checks(agg)
     if checks:
-        lines += ["", "## Targets (issue 3)", "", *checks]
+        lines += ["", "## Claims (a difference counts only beyond one std)", "", *checks]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -141,18 +146,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="name or name:key=value,... (default: all)")
     ap.add_argument("--bits", nargs="+", type=int, default=DEFAULT_BITS)
-    ap.add_argument("--time-budget", type=float, default=300.0, help="training wall-time budget per run, seconds")
-    ap.add_argument("--epochs", type=int, default=50, help="epoch cap per run (the time budget usually ends first)")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per run, equal for every method")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--init-from", default=None, help="shared warm start (a CE model.pt); default: train one once")
+    ap.add_argument("--warm-epochs", type=int, default=30, help="epochs of the shared CE warm start when trained here")
     ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--out", default="benchmarks/results/methods")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows already in <out>/results.json, replacing those this run re-measures")
     args = ap.parse_args(argv)
 
     from cbir.data import load_dataset, shared_datasets_dir
@@ -170,33 +174,36 @@ def main(argv=None) -> int:
         resolve_params(name, params)  # fail fast on bad hyper-parameters
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.init_from is None:
+        from cbir.engine import TrainConfig, train
+
+        print(f"[bench] shared warm start: CE {args.backbone}, {args.warm_epochs} epochs ...", flush=True)
+        warm = train(TrainConfig(method="ce", dataset="cifar10-subset", backbone=args.backbone, epochs=args.warm_epochs,
+                                 batch_size=args.batch_size, lr=2e-3, seed=0, threads=args.threads,
+                                 out=str(out / "warm_ce"), progress=args.progress))
+        args.init_from = str(warm.checkpoint)
     splits = load_dataset("cifar10-subset")
     meta = {"dataset": "cifar10-subset", "queries": len(splits.query), "database": len(splits.database),
-            "backbone": args.backbone, "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
-            "time_budget_s": args.time_budget, "seed": args.seed, "k": args.k,
+            "backbone": args.backbone, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
+            "seeds": args.seeds, "init_from": args.init_from, "k": args.k,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "argv": sys.argv[1:]}
     rows: list[dict] = []
-    if args.merge and (out / "results.json").is_file():
-        rows = json.loads((out / "results.json").read_text())["results"]
+    kk = min(args.k, len(splits.database))
     for label, name, params in methods:
         for bits in ([None] if name == "ce" else args.bits):
-            print(f"[bench] {label} bits={bits} ...", flush=True)
-            row = run_one(label, name, params, bits, splits, args)
-            same = [i for i, r in enumerate(rows) if (r["method"], r["requested_bits"]) == (label, bits)]
-            if same:
-                rows[same[0]] = row  # re-measured: keep its place in the table
-            else:
+            for seed in args.seeds:
+                row = run_one(label, name, params, bits, seed, splits, args)
                 rows.append(row)
-            kk = min(args.k, len(splits.database))
-            print(f"[bench] {label} {row['bits']} bits: mAP@{kk} lex {row[f'map@{kk}_lex']:.4f} hamming "
-                  f"{row[f'map@{kk}_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
-                  f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)", flush=True)
+                print(f"[bench] {label} {row['bits']} bits seed {seed}: tie-aware mAP@{kk} lex {row['tie_lex']:.4f} "
+                      f"hamming {row['tie_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
+                      f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)", flush=True)
             write_reports(rows, meta, out, kk)
+    for line in target_checks(aggregate(rows)):
+        print(line)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 

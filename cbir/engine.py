@@ -73,6 +73,7 @@ class TrainConfig:
     warmup_steps: int = 0
     time_budget_s: float | None = None
     max_steps_per_epoch: int | None = None
+    max_steps: int | None = None  # stop the image stage after this many optimiser steps (the cosine follows it)
     aug_strength: float = 1.0
     sampler: str = "auto"  # auto | balanced | random (see the module docstring)
     classes_per_batch: int | None = None  # P of balanced batches (default batch_size // K)
@@ -115,6 +116,8 @@ class TrainConfig:
             raise ValueError("bits must be > 0")
         if self.depth is not None and self.depth <= 0:
             raise ValueError("depth must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1 (or None)")
         if self.sampler not in ("auto", "balanced", "random"):
             raise ValueError("sampler must be auto, balanced or random")
         if self.head_steps < 0 or self.head_lr <= 0:
@@ -329,6 +332,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
 
     start_epoch, step, elapsed_before, history = 0, 0, 0.0, []
     state_path = out / "train_state.pt"
@@ -357,7 +362,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             for i, batch in enumerate(train_loader):
-                if i >= steps_per_epoch:
+                if i >= steps_per_epoch or step >= total_steps:
                     break
                 elapsed = time.perf_counter() - t0
                 progress = step / total_steps
@@ -397,6 +402,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "history": history, "rng": torch.get_rng_state()}, state_path)
             if budget_hit:
                 log.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, step)
+                break
+            if step >= total_steps:
                 break
 
     # Head stage on cached features (frozen backbone; DDTL's two-stage tree fit).

@@ -63,6 +63,8 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
                    help="augmentation strength of the cached views (default: --aug-strength)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    o.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                   help="stop after this many optimiser steps (an equal-steps budget; the cosine schedule follows it)")
     o.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     o.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
     o.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
@@ -93,7 +95,7 @@ def config_from_args(args, **overrides):
         input_norm=args.input_norm, freeze_backbone=args.freeze_backbone, head_steps=args.head_steps,
         head_lr=args.head_lr, head_classes_per_batch=args.head_classes_per_batch,
         head_images_per_class=args.head_images_per_class, feature_views=args.feature_views,
-        feature_aug_strength=args.feature_aug_strength,
+        feature_aug_strength=args.feature_aug_strength, max_steps=args.max_steps,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)
