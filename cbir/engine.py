@@ -423,7 +423,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         tc = time.perf_counter()
         cache = build_feature_cache(method.backbone, train_set, fit_tf,
                                     train_transform(image_size, flip=splits.flip_ok, strength=strength),
-                                    cfg.feature_views, device, seed=cfg.seed, num_workers=cfg.num_workers,
+                                    cfg.feature_views if (cfg.head_steps > 0 and phases) else 0, device,
+                                    seed=cfg.seed, num_workers=cfg.num_workers,
                                     skip_log=skip_log)
         log.info("cached %d x %d features of %d images in %.1f s", cache.features.shape[0], cache.features.shape[2],
                  len(cache), time.perf_counter() - tc)

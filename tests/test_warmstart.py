@@ -103,7 +103,7 @@ def test_frozen_backbone_fits_the_head_on_cached_features(tmp_path, ce_run):
     # LSH/ITQ fit their projection on the cached eval-view features
     res = train(TrainConfig(method="itq", bits=8, epochs=0, init_from=str(ce_dir), freeze_backbone=True,
                             head_steps=0, feature_views=1, out=str(tmp_path / "itq"), **TINY))
-    assert res.hasher.nbits == 8 and res.config["feature_cache"]["views"] == 1
+    assert res.hasher.nbits == 8 and res.config["feature_cache"]["views"] == 0  # no head steps: eval view only
 
 
 def test_two_stage_ddtl_keeps_the_ce_class_bits_and_fits_the_tree(tmp_path, ce_run):
