@@ -67,6 +67,7 @@ from cbir.indexer.build import build_index, compact_index
 from cbir.indexer.env import FORMAT_VERSION, read_manifest
 from cbir.indexer.reader import IndexReader, open_index
 from cbir.indexer.results import Item, PrefixPage, SearchResult
+from cbir.indexer.sharded import ShardedReader, build_sharded_index
 from cbir.indexer.writer import IndexWriter
 
 __all__ = [
@@ -76,7 +77,9 @@ __all__ = [
     "Item",
     "PrefixPage",
     "SearchResult",
+    "ShardedReader",
     "build_index",
+    "build_sharded_index",
     "compact_index",
     "open_index",
     "read_manifest",

@@ -32,6 +32,7 @@ from cbir.indexer.env import (
     acquire_env,
     data_identity,
     info,
+    is_sharded,
     new_manifest,
     read_manifest,
     release_env,
@@ -229,6 +230,10 @@ def compact_index(path) -> dict:
     """
     path = Path(path).absolute()
     man = read_manifest(path)
+    if is_sharded(man):
+        from cbir.indexer.sharded import compact_sharded
+
+        return compact_sharded(path)
     e = acquire_env(path / LMDB_DIR, want_write=True)
     tmp = _tmp_dir(path)
     try:

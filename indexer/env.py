@@ -185,6 +185,11 @@ def read_manifest(path) -> dict:
     return m
 
 
+def is_sharded(manifest: dict) -> bool:
+    """The manifest is that of a sharded index (:mod:`cbir.indexer.sharded`)."""
+    return manifest.get("shards") is not None
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
     tmp = Path(path) / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:

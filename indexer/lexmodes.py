@@ -57,6 +57,15 @@ def _after_anchor(perm: np.ndarray, anchor: int) -> np.ndarray:
     return perm[at + 1:]
 
 
+def uncertain_order(q: np.ndarray, codes: np.ndarray, ids: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Permutation sorting candidates in the order of uncertainty-aware probing: ``q XOR c``
+    with the wildcard bits ``flips`` ((w, nb) one-bit masks) ignored, then the full
+    lexicographic order (``q XOR c``, then id)."""
+    mask = np.full(q.shape[0], 0xFF, dtype=np.uint8)
+    mask ^= flips.sum(axis=0).astype(np.uint8)  # flips are distinct bits
+    return np.lexsort([np.asarray(ids, dtype=np.int64)] + xor_sort_keys(q, codes) + xor_sort_keys(q & mask, codes & mask))
+
+
 class LexModes:
     """Mixin: needs ``nbits``, ``nb``, ``_env``, ``_count``, ``_with_txn``, ``_query``,
     ``_queries``, ``_codes_of``, ``ids_with_labels``."""
@@ -181,18 +190,25 @@ class LexModes:
                                 None if conf is None else np.asarray(conf)[i], conf_threshold,
                                 probe_budget, labels=labels) for i in range(len(Q))]
 
-    def _search_lex_uncertain(self, q, need, offset, conf, thr, budget) -> SearchResult:
+    def wildcard_flips(self, conf, thr: float, budget: int) -> np.ndarray:
+        """(w, nb) uint8 one-bit masks of the query bits uncertainty-aware probing treats as
+        wildcards: up to ``log2(budget)`` least-confident bits with ``conf < thr``."""
         conf = np.asarray(conf, dtype=np.float32).reshape(-1)
         if conf.shape[0] != self.nbits:
             raise ValueError(f"conf must have {self.nbits} entries")
         low = np.flatnonzero(conf < thr)
         w = min(len(low), max(0, int(np.log2(max(1, budget)))))
-        if w == 0:
-            return self._keys_result(q, self._lex_keys(q, need, None)[offset:], "lex")
         wild = low[np.argsort(conf[low], kind="stable")[:w]]
         flips = np.zeros((w, self.nb), dtype=np.uint8)
         for j, b in enumerate(wild):
             flips[j, b // 8] = 0x80 >> (b % 8)
+        return flips
+
+    def _search_lex_uncertain(self, q, need, offset, conf, thr, budget) -> SearchResult:
+        flips = self.wildcard_flips(conf, thr, budget)
+        w = len(flips)
+        if w == 0:
+            return self._keys_result(q, self._lex_keys(q, need, None)[offset:], "lex")
 
         def probe_all(txn):
             out = []
@@ -208,10 +224,7 @@ class LexModes:
         allkeys = self._with_txn(probe_all)
         keys = np.unique(np.concatenate(allkeys), axis=0) if allkeys else np.zeros((0, self.nb + 8), np.uint8)
         codes, ids = keys[:, : self.nb], np.ascontiguousarray(keys[:, self.nb:]).view(">i8").reshape(-1)
-        mask = np.full(self.nb, 0xFF, dtype=np.uint8)
-        mask ^= flips.sum(axis=0).astype(np.uint8)  # flips are distinct bits
-        mkeys = xor_sort_keys(q & mask, codes & mask)
-        perm = np.lexsort([ids] + xor_sort_keys(q, codes) + mkeys)[offset:need]
+        perm = uncertain_order(q, codes, ids, flips)[offset:need]
         return make_result(q, codes[perm], ids[perm], self.nbits, "lex")
 
     # prefix ------------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ A build writes a complete index into a temporary sibling directory and then *pub
 the user's ``--out`` path. What may be replaced there is decided here, once:
 
 * nothing there, or an empty directory: the temporary directory is renamed onto it;
-* a cbir index and nothing else (:func:`foreign_entries` is empty): the two directories are
+* a cbir index (plain or sharded) and nothing else (:func:`foreign_entries` is empty): the two directories are
   exchanged atomically (``renameat2(RENAME_EXCHANGE)``, so there is no moment in which the
   path is absent; a plain two-rename swap where the kernel or file system lacks it) and the
   old index, now in the temporary directory, is removed;
 * anything else (a folder of photos, a file, an index with the user's own files in it):
   refused with :class:`OutputExistsError` unless ``force``; with ``force`` only the entries a
-  cbir index consists of (``manifest.json``, ``lmdb/``, ``derived/``) are replaced, the
+  cbir index consists of (``manifest.json``, ``lmdb/``, ``derived/``, ``shards/``) are replaced, the
   manifest last, and every other file stays where it was.
 """
 
@@ -29,12 +29,16 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 LMDB_DIR = "lmdb"
 DERIVED_DIR = "derived"
+#: a sharded index (:mod:`cbir.indexer.sharded`): ``shards/<NNNN>/``, each a complete index
+SHARDS_DIR = "shards"
 FORMAT = "cbir-index"
 #: the top-level entries of an index (manifest.json last: it marks a complete index)
-INDEX_ENTRIES = (LMDB_DIR, DERIVED_DIR, MANIFEST)
+INDEX_ENTRIES = (LMDB_DIR, DERIVED_DIR, SHARDS_DIR, MANIFEST)
 _LMDB_FILES = {"data.mdb", "lock.mdb"}
 _DERIVED_RE = re.compile(r"^(g\d+|\.tmp-\d+-[0-9a-f]+)$")
 _MANIFEST_TMP_RE = re.compile(r"^\.manifest\.json\.[0-9a-f]+$")
+#: a shard directory, or cbir's temporary/old name of one (build_index inside a sharded build)
+_SHARD_RE = re.compile(r"^(\d{4}|\.\d{4}\.(tmp|old)-\d+-[0-9a-f]+)$")
 
 
 class OutputExistsError(FileExistsError):
@@ -45,7 +49,8 @@ def foreign_entries(path: Path) -> list[str]:
     """Entries under the directory ``path`` that are not part of a cbir index (relative paths).
 
     An index is ``manifest.json`` (format ``cbir-index``), ``lmdb/{data,lock}.mdb`` and
-    ``derived/g<N>`` (plus cbir's own temporary names). Empty list = only index contents.
+    ``derived/g<N>`` (plus cbir's own temporary names); a sharded index is ``manifest.json``
+    and ``shards/<NNNN>/``, each of them an index. Empty list = only index contents.
     """
     out: list[str] = []
     for e in sorted(os.listdir(path)):
@@ -57,6 +62,13 @@ def foreign_entries(path: Path) -> list[str]:
             out += [f"{e}/{x}" for x in sorted(os.listdir(p)) if x not in _LMDB_FILES]
         elif e == DERIVED_DIR and p.is_dir() and not p.is_symlink():
             out += [f"{e}/{x}" for x in sorted(os.listdir(p)) if not _DERIVED_RE.match(x)]
+        elif e == SHARDS_DIR and p.is_dir() and not p.is_symlink():
+            for x in sorted(os.listdir(p)):
+                sp = p / x
+                if _SHARD_RE.match(x) and sp.is_dir() and not sp.is_symlink():
+                    out += [f"{e}/{x}/{y}" for y in foreign_entries(sp)]
+                else:
+                    out.append(f"{e}/{x}")
         elif not _MANIFEST_TMP_RE.match(e):
             out.append(e)
     return out
@@ -98,7 +110,7 @@ def check_output(out: Path, force: bool = False) -> str:
         raise OutputExistsError(
             f"--out {out} exists and is not a cbir index (it holds {shown}); cbir only replaces "
             "its own indexes. Choose a new or empty directory, or pass --force to write the "
-            "index into it (only manifest.json, lmdb/ and derived/ are then replaced; every "
+            "index into it (only manifest.json, lmdb/, derived/ and shards/ are then replaced; every "
             "other file stays)")
     blocked = [f for f in foreign if "/" in f or f in INDEX_ENTRIES]
     if blocked:

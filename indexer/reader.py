@@ -31,6 +31,7 @@ from cbir.indexer.env import (
     acquire_env,
     fork_error,
     info,
+    is_sharded,
     read_manifest,
     release_env,
     u64,
@@ -76,6 +77,9 @@ class IndexReader(LexModes, HammingModes):
     # opening / snapshots ----------------------------------------------------------------------
     def _open(self) -> None:
         self.manifest = read_manifest(self.path)
+        if is_sharded(self.manifest):
+            raise ValueError(f"{self.path} is a sharded index: open it with "
+                             "cbir.indexer.open_index (a ShardedReader)")
         self.layout = CodeLayout.from_dict(self.manifest["layout"])
         self.nbits = self.layout.nbits
         self.nb = (self.nbits + 7) // 8
@@ -419,6 +423,14 @@ class IndexReader(LexModes, HammingModes):
         return n
 
 
-def open_index(path, readonly: bool = True) -> IndexReader:
-    """Open the index directory ``path`` (see :class:`IndexReader`)."""
+def open_index(path, readonly: bool = True):
+    """Open the index directory ``path``: an :class:`IndexReader`, or for a sharded index
+    (:mod:`cbir.indexer.sharded`, read-only: ``readonly=False`` is a ValueError) a
+    :class:`~cbir.indexer.sharded.ShardedReader` with the same search API."""
+    from cbir.indexer import sharded
+
+    if is_sharded(read_manifest(path)):
+        if not readonly:
+            raise ValueError(f"{path} {sharded.READ_ONLY}")
+        return sharded.ShardedReader(path)
     return IndexReader(path, readonly=readonly)

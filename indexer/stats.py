@@ -56,9 +56,13 @@ def _coverage(v: View, nbits: int) -> dict:
 
 
 def compute_coverage(v: View, nbits: int) -> dict:
+    return packed_coverage(v.materialize()[0], nbits)
+
+
+def packed_coverage(packed: np.ndarray, nbits: int) -> dict:
+    """Coverage figures of the packed codes ``packed`` (n, nb)."""
     from cbir.metrics import coverage as cov
 
-    packed, _ids = v.materialize()
     n = len(packed)
     codes = Codes(np.ascontiguousarray(packed), nbits)
     if n * nbits <= (1 << 26):

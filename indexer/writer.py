@@ -24,6 +24,7 @@ from cbir.indexer.derived import CodeLookup, load_or_scan
 from cbir.indexer.env import (
     acquire_env,
     info,
+    is_sharded,
     new_manifest,
     read_manifest,
     release_env,
@@ -70,6 +71,10 @@ class IndexWriter:
         self.path = Path(path)
         if (self.path / MANIFEST).exists():
             self.manifest = read_manifest(self.path)
+            if is_sharded(self.manifest):
+                from cbir.indexer.sharded import READ_ONLY
+
+                raise ValueError(f"{self.path} {READ_ONLY}")
             stored = CodeLayout.from_dict(self.manifest["layout"])
             if layout is not None and layout.nbits != stored.nbits:
                 raise ValueError(f"index has {stored.nbits}-bit codes, writer given {layout.nbits}")

@@ -8,6 +8,11 @@ interrupted build leaves the previous index (or none); rerunning is a clean rest
 no partial resume). ``--out`` must be new, empty or an existing cbir index: cbir refuses to
 replace anything else (a folder of photos, a file) and never deletes a file it did not write.
 
+``--shards S`` (a power of two) splits the collection by its leading ``log2 S`` code bits into
+S complete LMDB indexes under ``DIR/shards/`` with one top-level manifest
+(:mod:`cbir.indexer.sharded`); ``open_index`` answers every search on it exactly. Sharded
+indexes are read-only (rebuild to change them).
+
 ``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
 ``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
 entropy, bucket-size histogram) -- the same dict the server's Stats call returns.
@@ -53,6 +58,10 @@ def register(subparsers) -> None:
     b.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default: %(default)s)")
     b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
     b.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
+    b.add_argument("--shards", type=int, default=1,
+                   help="split the index by its leading code bits into this many LMDB indexes "
+                        "(a power of two; each shard a complete index; read-only; default: "
+                        "%(default)s = one plain index)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=run_build)
 
@@ -119,16 +128,21 @@ def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> l
 
 def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: int = 128,
                      workers: int = 0, device: str = "auto", progress: bool = True,
-                     extra_params: dict | None = None, force: bool = False) -> dict:
-    """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``."""
+                     extra_params: dict | None = None, force: bool = False, shards: int = 1) -> dict:
+    """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``
+    (``shards`` > 1: a sharded index, :func:`cbir.indexer.build_sharded_index`)."""
     from cbir.data import SkipLog
-    from cbir.indexer import build_index
+    from cbir.indexer import build_sharded_index
     from cbir.indexer.publish import check_output
     from cbir.models.hasher import Hasher
 
     check_output(out, force)  # refuse a bad --out before minutes of encoding
 
     hasher = Hasher.load(model, device=device, batch_size=batch_size)
+    if shards > 1:
+        from cbir.indexer.sharded import shard_bits_for
+
+        shard_bits_for(shards, hasher.nbits)  # a bad --shards fails before the encoding
     skip = SkipLog()
     t0 = time.perf_counter()
     codes, conf, idx = hasher.encode_imageset(imageset, batch_size=batch_size, num_workers=workers,
@@ -142,9 +156,9 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
               "resume": "none (an interrupted build restarts from scratch)"}
     params.update(extra_params or {})
     t1 = time.perf_counter()
-    path = build_index(out, idx, codes, meta, conf=conf, layout=hasher.layout,
-                       model_hash=hasher.content_hash, build_params=params, progress=progress,
-                       force=force)
+    path = build_sharded_index(out, idx, codes, shards, meta, conf=conf, layout=hasher.layout,
+                               model_hash=hasher.content_hash, build_params=params,
+                               progress=progress, force=force)
     return {"path": str(path), "count": int(len(idx)), "skipped": skip.count,
             "skipped_items": skip.items, "encode_s": t_enc, "write_s": time.perf_counter() - t1,
             "nbits": hasher.nbits, "model_hash": hasher.content_hash}
@@ -153,6 +167,8 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
 def run_build(args) -> int:
     if args.batch_size <= 0 or args.workers < 0:
         raise ValueError("--batch-size must be > 0 and --workers >= 0")
+    if args.shards < 1:
+        raise ValueError("--shards must be >= 1 (a power of two; 1 = one plain index)")
     from cbir.indexer.publish import OutputExistsError, check_output, inside
 
     src_dir = args.images if args.images is not None else Path(args.dataset)
@@ -172,10 +188,11 @@ def run_build(args) -> int:
         source = f"{args.dataset}:{args.split}"
     res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
                            args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                           force=args.force)
+                           force=args.force, shards=args.shards)
     # each unreadable image was already reported (path and reason) as it was met
     print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
-          f"{res['nbits']}-bit codes into {res['path']} "
+          f"{res['nbits']}-bit codes into {res['path']}"
+          + (f" ({args.shards} shards)" if args.shards > 1 else "") + " "
           f"(encode {res['encode_s']:.1f} s, write {res['write_s']:.1f} s)")
     return 0
 
@@ -189,6 +206,8 @@ def _fmt_stats(st: dict) -> str:
         f" method {lay.get('method') or '-'})",
         f"model hash   {st['model_hash'] or '-'}",
         f"generation   {st['generation']}",
+        *([(f"shards       {len(st['shards'])} by the leading {st['shard_bits']} bits, items "
+            + " ".join(str(x["count"]) for x in st["shards"]))] if st.get("shards") else []),
         f"disk         {st['disk_bytes']} bytes"
         + (f" ({st['disk_bytes_per_item']:.1f} per item)" if st.get("disk_bytes_per_item") else ""),
     ]

@@ -102,3 +102,31 @@ def test_index_compact(tmp_path, capsys):
     with open_index(tmp_path / "ix") as r:
         assert r.count() == 500 and r.get(499).meta == {"p": "x" * 100}
     assert main(["index", "compact", str(tmp_path / "nothing")]) == 2
+
+
+def test_index_build_sharded(tmp_path, model_path, capsys):
+    """--shards 4: the same items and codes as a plain build, split by their leading bits."""
+    _images(tmp_path / "imgs")
+    base = ["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
+            "--batch-size", "4", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--out", str(tmp_path / "sh"), "--shards", "4"]) == 0
+    assert "(4 shards)" in capsys.readouterr().out
+    with open_index(tmp_path / "plain") as a, open_index(tmp_path / "sh") as b:
+        assert type(b).__name__ == "ShardedReader" and b.count() == a.count() == 12
+        pa, pb = a.search_prefix("", 100), b.search_prefix("", 100)
+        assert np.array_equal(pa.ids, pb.ids) and pa.codes == pb.codes
+        for i in pa.ids[:3]:
+            assert b.get(int(i)).meta == a.get(int(i)).meta
+        q = pa.codes[5:6]
+        assert np.array_equal(a.search_lex(q, 12).ids, b.search_lex(q, 12).ids)
+        assert np.array_equal(a.search_hamming(q, k=12).ids, b.search_hamming(q, k=12).ids)
+        assert b.manifest["build"]["skipped"] == 1 and b.model_hash == a.model_hash
+    assert main(["index", "stats", str(tmp_path / "sh"), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["count"] == 12 and len(st["shards"]) == 4 and st["coverage"]["n"] == 12
+    assert main(["index", "stats", str(tmp_path / "sh")]) == 0
+    assert "shards       4 by the leading 2 bits" in capsys.readouterr().out
+    assert main(["index", "compact", str(tmp_path / "sh")]) == 0
+    assert main(base + ["--out", str(tmp_path / "bad"), "--shards", "3"]) == 2
+    assert "power of two" in capsys.readouterr().err and not (tmp_path / "bad").exists()
