@@ -13,6 +13,11 @@ S complete LMDB indexes under ``DIR/shards/`` with one top-level manifest
 (:mod:`cbir.indexer.sharded`); ``open_index`` answers every search on it exactly. Sharded
 indexes are read-only (rebuild to change them).
 
+``--engine ray`` (``pip install -e ".[distributed]"``): Ray Data reads and decodes the files
+in parallel tasks and encodes them with ``map_batches`` on an actor pool (GPU actors when CUDA
+is available) in the same batches as the local path, so the codes are the same byte for byte
+(:mod:`cbir.distributed.ray_encode`); the index is then written by one sorted append pass.
+
 ``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
 ``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
 entropy, bucket-size histogram) -- the same dict the server's Stats call returns.
@@ -56,7 +61,13 @@ def register(subparsers) -> None:
                         "source): only manifest.json, lmdb/ and derived/ are written there, every "
                         "other file stays")
     b.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default: %(default)s)")
-    b.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+    b.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes; with --engine ray: encoder actors (0 = one per "
+                        "GPU, else half the CPUs) (default: %(default)s)")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (and --workers DataLoader workers); ray: Ray Data reads "
+                        "the files in parallel tasks and encodes on actors (GPU actors when CUDA is "
+                        "available), needs pip install -e \".[distributed]\" (default: %(default)s)")
     b.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
     b.add_argument("--shards", type=int, default=1,
                    help="split the index by its leading code bits into this many LMDB indexes "
@@ -128,7 +139,8 @@ def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> l
 
 def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: int = 128,
                      workers: int = 0, device: str = "auto", progress: bool = True,
-                     extra_params: dict | None = None, force: bool = False, shards: int = 1) -> dict:
+                     extra_params: dict | None = None, force: bool = False, shards: int = 1,
+                     engine: str = "local") -> dict:
     """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``
     (``shards`` > 1: a sharded index, :func:`cbir.indexer.build_sharded_index`)."""
     from cbir.data import SkipLog
@@ -145,13 +157,22 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
         shard_bits_for(shards, hasher.nbits)  # a bad --shards fails before the encoding
     skip = SkipLog()
     t0 = time.perf_counter()
-    codes, conf, idx = hasher.encode_imageset(imageset, batch_size=batch_size, num_workers=workers,
-                                              progress=progress, skip_log=skip, desc="index: encode")
+    if engine == "ray":  # same batches, same model: the same codes (cbir.distributed.ray_encode)
+        from cbir.distributed.ray_encode import encode_with_ray
+
+        codes, conf, idx = encode_with_ray(model, imageset, batch_size, actors=workers, device=device,
+                                           skip_log=skip, progress=progress)
+    elif engine == "local":
+        codes, conf, idx = hasher.encode_imageset(imageset, batch_size=batch_size, num_workers=workers,
+                                                  progress=progress, skip_log=skip, desc="index: encode")
+    else:
+        raise ValueError(f"unknown engine {engine!r}: use local or ray")
     t_enc = time.perf_counter() - t0
     order = np.argsort(idx, kind="stable")
     codes, conf, idx = codes[order] if len(codes) else codes, conf[order], idx[order]
     meta = _metadata(imageset, idx, source, hasher.layout.class_names)
     params = {"model": str(model), "source": source, "batch_size": batch_size, "workers": workers,
+              "engine": engine,
               "images": len(imageset), "skipped": skip.count, "encode_seconds": round(t_enc, 3),
               "resume": "none (an interrupted build restarts from scratch)"}
     params.update(extra_params or {})
@@ -177,6 +198,10 @@ def run_build(args) -> int:
                                 "files would mix with your images. Choose an --out outside it "
                                 "(or pass --force)")
     check_output(args.out, args.force)
+    if args.engine == "ray":
+        from cbir.distributed.ray_encode import require_ray
+
+        require_ray()  # a clear error (how to install it) before any work
     if args.images is not None:
         imageset = _image_folder(args.images)
         source = str(args.images)
@@ -188,7 +213,7 @@ def run_build(args) -> int:
         source = f"{args.dataset}:{args.split}"
     res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
                            args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                           force=args.force, shards=args.shards)
+                           force=args.force, shards=args.shards, engine=args.engine)
     # each unreadable image was already reported (path and reason) as it was met
     print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
           f"{res['nbits']}-bit codes into {res['path']}"
