@@ -15,7 +15,7 @@ Modules: ``env`` (environment cache, fork and reader-table rules, manifest), ``r
 layouts, validation, item labels), ``writer``, ``build`` (bulk build, compaction),
 ``reader`` (snapshot), ``lexmodes`` / ``hamming`` (search modes; the MIH-vs-FAISS choice is
 ``hamming.AutoPolicy``), ``derived``, ``mih``, ``faissidx``, ``lexsearch``, ``stats``,
-``publish`` (atomic swaps that never delete a user's files).
+``publish`` (atomic swaps that never delete a user's files), ``sharded`` (sharded indexes).
 
 Public API
 ----------
@@ -23,7 +23,12 @@ Public API
 build_params=None, overwrite=True, progress=False) -> pathlib.Path``
     Atomic bulk build (temp dir + rename; an interrupted build leaves the old index or none).
 ``compact_index(path) -> dict``: LMDB copy without free pages, swapped in atomically.
-``open_index(path, readonly=True) -> IndexReader`` (same as ``IndexReader(path, readonly)``)
+``build_sharded_index(out_dir, ids, codes, shards, meta=None, conf=None, layout=None, ...)``
+    S (a power of two) complete indexes split by the leading log2 S code bits under one
+    manifest, published atomically; ``shards=1`` is ``build_index``.
+``open_index(path, readonly=True) -> IndexReader`` (same as ``IndexReader(path, readonly)``),
+    or for a sharded index a read-only ``ShardedReader`` with the same search API whose
+    results equal one index over the collection (``readonly=False``: ValueError).
 ``IndexWriter(path, layout=None, model_hash="", build_params=None, create=True)``
     ``add(ids, codes, meta=None, conf=None) -> int``, ``upsert(...) -> int``,
     ``delete(ids) -> int``, ``update_meta(ids, meta) -> int``, ``count() -> int``,

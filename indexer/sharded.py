@@ -29,6 +29,7 @@ the collection by rebuilding (``cbir index build --shards S``; the swap is atomi
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 from typing import Self
@@ -128,10 +129,7 @@ def build_sharded_index(out_dir, ids, codes: Codes, shards: int, meta=None, conf
         _publish.fsync_dir(tmp)
         _publish.publish(tmp, out, _publish.check_output(out, force))
     except BaseException:
-        if tmp.exists() and not _publish.foreign_entries(tmp):
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # cbir's own temporary directory
         raise
     return out
 

@@ -84,9 +84,13 @@ def _read_chunks(batch: dict, ref, batch_size: int) -> dict:
 class _Encoder:
     """Ray actor: the checkpoint loaded once; each chunk encoded as one batch."""
 
-    def __init__(self, model_path: str, device: str, batch_size: int) -> None:
+    def __init__(self, model_path: str, device: str, batch_size: int, threads: int) -> None:
+        import torch
+
         from cbir.models.hasher import Hasher
 
+        if threads > 0:  # Ray pins an actor's OMP threads to its CPU request (1)
+            torch.set_num_threads(threads)
         self.hasher = Hasher.load(model_path, device=device, batch_size=batch_size)
 
     def __call__(self, batch: dict) -> dict:
@@ -109,13 +113,15 @@ class _Encoder:
 
 
 def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0,
-                    device: str = "auto", skip_log=None, progress: bool = False):
+                    device: str = "auto", skip_log=None, progress: bool = False,
+                    threads: int = 0):
     """Encode every readable image of ``imageset`` with the checkpoint ``model_path`` on Ray.
 
     Returns ``(Codes, conf float32 (N, B), indices int64)`` in index order, as
     :meth:`Hasher.encode_imageset`. ``actors``: encoder actors (0: one per GPU when CUDA is
-    available, else half the cluster's CPUs, at least 1; the other CPUs read). Unreadable
-    images go to ``skip_log`` (reported once each, path and reason).
+    available, else half the cluster's CPUs, at least 1; the other CPUs read). ``threads``:
+    torch threads per CPU actor (0: the cluster's CPUs / actors, since the read tasks mostly
+    wait on files). Unreadable images go to ``skip_log`` (reported once each, path and reason).
     """
     import torch
 
@@ -136,9 +142,11 @@ def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0
     try:
         gpu = torch.cuda.is_available() and device in ("auto", "cuda") \
             and ray.cluster_resources().get("GPU", 0) >= 1
+        ncpu = int(ray.cluster_resources().get("CPU", 2))
         if actors <= 0:
-            actors = int(ray.cluster_resources().get("GPU", 1)) if gpu else \
-                max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+            actors = int(ray.cluster_resources().get("GPU", 1)) if gpu else max(1, ncpu // 2)
+        if threads <= 0:
+            threads = 0 if gpu else max(1, ncpu // actors)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = bool(progress)
@@ -150,7 +158,7 @@ def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0
         ds = ds.map_batches(_read_chunks, fn_args=(ref[0], int(batch_size)), batch_size=1,
                             batch_format="numpy", num_cpus=0.5)
         ds = ds.map_batches(_Encoder, fn_constructor_args=(str(model_path), "cuda" if gpu else "cpu",
-                                                           int(batch_size)),
+                                                           int(batch_size), int(threads)),
                             batch_size=1, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
