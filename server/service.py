@@ -327,7 +327,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     def _filtered(self, backend, query, mode, k, r, radius, labels, budget):
         """Search with a label filter: page through the ranking until k matches (bounded)."""
-        if hasattr(backend.reader, "ids_with_labels"):  # cbir.indexer: its label posting list
+        if getattr(backend.reader, "has_label_index", False):  # cbir.indexer: its label posting list
             return self._filtered_by_index(backend, query, mode, k, r, radius, sorted(labels))
         class_names = backend.layout.class_names if backend.layout is not None else ()
         want = k + r.offset
