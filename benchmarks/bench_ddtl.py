@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet20")
     ap.add_argument("--ce-epochs", type=int, default=40, help="stage-1 CE epochs on cifar10-subset")
-    ap.add_argument("--mnist-ce-epochs", type=int, default=4, help="stage-1 CE epochs on MNIST")
+    ap.add_argument("--mnist-ce-epochs", type=int, default=8, help="stage-1 CE epochs on MNIST")
     ap.add_argument("--ce-from", default=None, help="reuse this CE model.pt as stage 1 on cifar10-subset")
     ap.add_argument("--mnist-ce-from", default=None, help="reuse this CE model.pt as stage 1 on MNIST")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--k-per-class", type=int, default=51, help="images per class in the tree-fitting batches")
     ap.add_argument("--views", type=int, default=4, help="augmented views cached per image")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument("--out", default="runs/bench_ddtl")

@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)")
     ap.add_argument("--out", default="benchmarks/results/methods")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
     args = ap.parse_args(argv)
