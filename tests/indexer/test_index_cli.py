@@ -130,3 +130,13 @@ def test_index_build_sharded(tmp_path, model_path, capsys):
     assert main(["index", "compact", str(tmp_path / "sh")]) == 0
     assert main(base + ["--out", str(tmp_path / "bad"), "--shards", "3"]) == 2
     assert "power of two" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_index_build_engine_ray_without_ray(tmp_path, model_path, capsys, monkeypatch):
+    """Without Ray installed, --engine ray is one clear error saying how to install it."""
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
+    _images(tmp_path / "imgs", 1)
+    rc = main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
+               "--out", str(tmp_path / "ix"), "--engine", "ray", "--no-progress"])
+    assert rc == 2 and 'pip install -e ".[distributed]"' in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists()
