@@ -292,17 +292,13 @@ def connect(
     max_message_bytes: int = 16 * MiB,
     server_name: str | None = None,
 ) -> tuple[grpc.Channel, pb_grpc.SearchServiceStub]:
-    """A client channel and stub (bearer token and TLS optional)."""
-    options = [
-        ("grpc.max_receive_message_length", int(max_message_bytes)),
-        ("grpc.max_send_message_length", int(max_message_bytes)),
-    ]
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    if tls or tls_ca is not None:
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options)
-    else:
-        channel = grpc.insecure_channel(address, options)
+    """A raw channel and stub (bearer token and TLS optional), for tests and tools that want
+    protobuf messages; the channel is :class:`cbir.client.CbirClient`'s. Prefer the client."""
+    from cbir.client import CbirClient
+
+    client = CbirClient(address, token="", tls=tls, tls_ca=tls_ca, server_name=server_name,
+                        max_message_bytes=max_message_bytes)
+    channel = client.channel
     if token:
         channel = grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))
     return channel, pb_grpc.SearchServiceStub(channel)

@@ -15,69 +15,75 @@ from cbir.codes import Codes
 # searchers for --address (the gRPC server) and --index
 # ============================================================================================
 class GrpcSearcher:
-    """A :class:`cbir.metrics.Searcher` over a running ``cbir serve``: each chunk of queries is
-    one ``BatchSearch`` call of code queries (``Search`` semantics per request) in ``order``.
+    """A :class:`cbir.metrics.Searcher` over a running ``cbir serve``, a thin adapter over
+    :class:`cbir.client.CbirClient`: each chunk of queries is one ``BatchSearch`` of code queries
+    in ``order``. A chunk the server refuses with RESOURCE_EXHAUSTED (its ``--max-hits-per-call``
+    / ``--max-call-cpu-s`` limits) is halved and retried, down to one query per call.
 
-    Returns the servers's item ids (pass ``db_ids`` to the metric functions to map them to
-    database rows); rows are padded with ``-1``.
+    Returns the server's item ids (pass ``db_ids`` to the metric functions to map them to
+    database rows); rows are padded with ``-1``. Server errors are ``ValueError``s naming the
+    address and status.
     """
 
     def __init__(self, address: str, order: str = "lex", token: str | None = None,
-                 timeout: float = 120.0, max_batch: int = 256):
+                 timeout: float = 120.0, max_batch: int = 256, client=None):
         self.address = address
         self.order = order
         self.token = token
         self.timeout = timeout
         self.max_batch = max_batch
-        self._channel = None
-        self._stub = None
+        self._client = client
         self.calls = 0
+        self.halvings = 0  # chunks halved after RESOURCE_EXHAUSTED
         self.wall_s = 0.0
 
-    def _connect(self):
-        if self._stub is None:
-            from cbir.server import connect
+    @property
+    def client(self):
+        if self._client is None:
+            from cbir.client import CbirClient
 
-            self._channel, self._stub = connect(self.address, token=self.token, max_message_bytes=64 << 20)
-        return self._stub
+            self._client = CbirClient(self.address, token=self.token, timeout=self.timeout)
+        return self._client
 
-    def _call(self, method, request):
-        import grpc
-
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") and exc.code() else "ERROR"
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise ValueError(f"server at {self.address}: {code}: {details}") from None
+    def _fail(self, exc) -> ValueError:
+        return ValueError(f"server at {self.address}: {exc.code}: {exc.details}")
 
     def stats(self):
-        from cbir.v1 import search_pb2 as pb
+        from cbir.client import CbirError
 
-        return self._call(self._connect().GetStats, pb.GetStatsRequest())
+        try:
+            return self.client.stats()
+        except CbirError as exc:
+            raise self._fail(exc) from None
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = self._stub = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def search(self, query: Codes, k: int) -> np.ndarray:
-        from cbir.v1 import search_pb2 as pb
+        from cbir.client import CbirError, ResourceExhausted, ids_matrix
 
-        stub = self._connect()
-        mode = pb.HAMMING if self.order == "hamming" else pb.LEXICOGRAPHIC
+        mode = "hamming" if self.order == "hamming" else "lex"
         out = np.full((len(query), int(k)), -1, dtype=np.int64)
         t0 = time.perf_counter()
-        step = max(1, min(self.max_batch, 200_000 // max(1, int(k))))  # keep responses ~< 4 MB
-        for s in range(0, len(query), step):
-            reqs = [pb.SearchRequest(code=pb.Code(data=query.packed[i].tobytes(), nbits=query.nbits),
-                                     k=int(k), mode=mode)
-                    for i in range(s, min(s + step, len(query)))]
-            resp = self._call(stub.BatchSearch, pb.BatchSearchRequest(requests=reqs))
+        step = max(1, min(self.max_batch, 200_000 // max(1, int(k))))  # the server's default hit limit
+        s = 0
+        while s < len(query):
+            e = min(s + step, len(query))
+            try:
+                res = self.client.batch_search(query[s:e], k=int(k), mode=mode)
+            except ResourceExhausted as exc:
+                if step == 1:
+                    raise self._fail(exc) from None
+                step = max(1, (e - s) // 2)
+                self.halvings += 1
+                continue
+            except CbirError as exc:
+                raise self._fail(exc) from None
             self.calls += 1
-            for j, r in enumerate(resp.responses):
-                ids = [h.id for h in r.hits][: int(k)]
-                out[s + j, : len(ids)] = ids
+            out[s:e] = ids_matrix(res, int(k))
+            s = e
         self.wall_s += time.perf_counter() - t0
         return out
 

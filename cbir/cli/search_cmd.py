@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,18 +42,23 @@ def _code_str(data: bytes, nbits: int) -> str:
     return data.hex()
 
 
-def format_table(resp, nbits: int) -> str:
+def _labels_str(meta: dict) -> str:
+    labels = meta.get("labels", meta.get("label", ""))
+    if hasattr(labels, "__iter__") and not isinstance(labels, str):
+        return ",".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in labels)
+    if isinstance(labels, float) and labels.is_integer():
+        return str(int(labels))
+    return str(labels)
+
+
+def format_table(res) -> str:
+    """A :class:`cbir.client.SearchResult` as a text table."""
     rows = [("rank", "id", "hamming", "prefix", "code", "labels", "source")]
-    for h in resp.hits:
-        meta = dict(h.metadata.items()) if h.HasField("metadata") else {}
-        labels = meta.get("labels", meta.get("label", ""))
-        if hasattr(labels, "__iter__") and not isinstance(labels, str):
-            labels = ",".join(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in labels)
-        elif isinstance(labels, float) and labels.is_integer():
-            labels = str(int(labels))
-        code = _code_str(h.code.data, h.code.nbits) if h.HasField("code") else ""
-        rows.append((str(h.rank), str(h.id), str(h.hamming_distance), str(h.common_prefix_length), code,
-                     str(labels), str(meta.get("source", meta.get("path", "")))))
+    for j in range(len(res)):
+        meta = res.metadata[j] if res.metadata else {}
+        code = _code_str(res.codes.packed[j].tobytes(), res.codes.nbits) if res.codes is not None else ""
+        rows.append((str(int(res.rank[j])), str(int(res.ids[j])), str(int(res.hamming[j])), str(int(res.prefix[j])),
+                     code, _labels_str(meta), str(meta.get("source", meta.get("path", "")))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     keep = [i for i in range(len(widths)) if i < 4 or any(r[i] for r in rows[1:])]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in keep).rstrip() for r in rows]
@@ -62,11 +66,18 @@ def format_table(resp, nbits: int) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    import grpc
+def as_json(res) -> dict:
+    hits = [{"rank": int(res.rank[j]), "id": int(res.ids[j]), "hamming_distance": int(res.hamming[j]),
+             "common_prefix_length": int(res.prefix[j]),
+             **({"code": res.codes.packed[j].tobytes().hex()} if res.codes is not None else {}),
+             **({"metadata": res.metadata[j]} if res.metadata else {})} for j in range(len(res))]
+    q = res.query_code
+    return {"query_code": {"hex": q.packed[0].tobytes().hex(), "nbits": q.nbits} if q is not None else None,
+            "hits": hits, "next_cursor": res.next_cursor.decode(errors="replace")}
 
-    from cbir.server import connect
-    from cbir.v1 import search_pb2 as pb
+
+def run(args: argparse.Namespace) -> int:
+    from cbir.client import CbirClient, CbirError
 
     if args.k < 1:
         print(f"cbir search: error: -k must be >= 1 (the number of hits to return), got {args.k}", file=sys.stderr)
@@ -74,45 +85,35 @@ def run(args: argparse.Namespace) -> int:
     if args.offset < 0:
         print(f"cbir search: error: --offset must be >= 0, got {args.offset}", file=sys.stderr)
         return 2
-    token = args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None
-    tls_ca = args.tls_ca.read_bytes() if args.tls_ca else None
-    channel, stub = connect(args.address, token=token, tls_ca=tls_ca, tls=args.tls, server_name=args.server_name)
-    mode = {"lex": pb.LEXICOGRAPHIC, "hamming": pb.HAMMING, "hybrid": pb.HYBRID, "prefix": pb.PREFIX}[args.mode]
-    req = pb.SearchRequest(k=args.k, offset=args.offset, mode=mode, prefix_bits=args.prefix_bits,
-                           label_filter=args.label, return_codes=True, return_metadata=True,
-                           cursor=args.cursor.encode())
-    if args.radius is not None:
-        req.radius = args.radius
-    try:
-        if args.image is not None:
-            req.image = args.image.read_bytes()
-        elif args.id is not None:
-            req.id = args.id
-        else:
-            try:
-                data = bytes.fromhex(args.code)
-            except ValueError:
-                raise ValueError(f"--code must be hex, got {args.code!r}") from None
-            nbits = args.nbits
-            if nbits is None:
-                nbits = stub.GetStats(pb.GetStatsRequest(), timeout=args.timeout).layout.nbits
-            req.code.data, req.code.nbits = data, nbits
-        t0 = time.perf_counter()
-        resp = stub.Search(req, timeout=args.timeout)
-        ms = (time.perf_counter() - t0) * 1e3
-    except grpc.RpcError as e:
-        print(f"cbir search: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    finally:
-        channel.close()
+    query: dict = {}
+    if args.image is not None:
+        query["image"] = args.image.read_bytes()
+    elif args.id is not None:
+        query["id"] = args.id
+    else:
+        try:
+            query["code"] = bytes.fromhex(args.code)
+        except ValueError:
+            raise ValueError(f"--code must be hex, got {args.code!r}") from None
+    with CbirClient(args.address, token=args.token, tls=args.tls, tls_ca=args.tls_ca,
+                    server_name=args.server_name, timeout=args.timeout) as client:
+        try:
+            if "code" in query:
+                query["nbits"] = args.nbits if args.nbits is not None else client.stats().nbits
+            t0 = time.perf_counter()
+            res = client.search(**query, k=args.k, offset=args.offset, mode=args.mode, prefix_bits=args.prefix_bits,
+                                radius=args.radius, labels=args.label, return_codes=True, return_metadata=True,
+                                cursor=args.cursor)
+            ms = (time.perf_counter() - t0) * 1e3
+        except CbirError as e:
+            print(f"cbir search: {e.code}: {e.details}", file=sys.stderr)
+            return 1
     if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(as_json(res), indent=2))
         return 0
-    q = resp.query_code
-    print(f"query code: {_code_str(q.data, q.nbits)} ({q.nbits} bits)")
-    print(format_table(resp, q.nbits))
-    extra = f"; next page: --cursor {resp.next_cursor.decode(errors='replace')}" if resp.next_cursor else ""
-    print(f"{len(resp.hits)} hits ({args.mode}) in {ms:.1f} ms{extra}")
+    q = res.query_code
+    print(f"query code: {_code_str(q.packed[0].tobytes(), q.nbits)} ({q.nbits} bits)")
+    print(format_table(res))
+    extra = f"; next page: --cursor {res.next_cursor.decode(errors='replace')}" if res.next_cursor else ""
+    print(f"{len(res)} hits ({args.mode}) in {ms:.1f} ms{extra}")
     return 0

@@ -185,3 +185,21 @@ def test_client_imports_no_torch():
                           "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bench_searcher_halves_chunks_on_resource_exhausted(index, server_factory, dataset):
+    from cbir.bench import GrpcSearcher
+
+    _, codes, _ = dataset
+    server = server_factory(index, None, max_hits_per_call=50)
+    s = GrpcSearcher(server.address, order="hamming")
+    try:
+        got = s.search(codes[:20], 10)  # 20 x 10 hits > 50: 20 -> 10 -> 5 queries per call
+        want = np.stack([np.asarray(index.search_hamming(codes[j : j + 1], 10).ids) for j in range(20)])
+        assert (got == want).all()
+        assert s.halvings == 2 and s.calls == 4
+        assert s.stats().count == 300
+        with pytest.raises(ValueError, match="RESOURCE_EXHAUSTED"):  # one query over the limit
+            s.search(codes[:2], 51)
+    finally:
+        s.close()
