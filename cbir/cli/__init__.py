@@ -2,6 +2,10 @@
 
 Each command lives in its own module exposing ``register(subparsers)``; the module adds its
 parser and sets ``func`` (called with the parsed namespace, returns an exit code).
+
+Start-up is lazy: :data:`COMMANDS` is a static table of command names, their modules and a
+one-line help, so ``cbir --help`` imports no command module and ``cbir <command>`` imports only
+that command's module (``cbir search`` and ``cbir --help`` never import torch).
 """
 
 from __future__ import annotations
@@ -11,19 +15,31 @@ import importlib
 import logging
 import sys
 
-# Modules defining sub-commands, in the order they are listed by --help.
-COMMAND_MODULES = [
-    "cbir.cli.train_cmd",
-    "cbir.cli.demo_cmd",
-    "cbir.cli.serve_cmd",
-    "cbir.cli.search_cmd",
-    "cbir.cli.bench_cmd",
-    "cbir.cli.index_cmd",
-    "cbir.cli.export_cmd",
+# (command, module defining it, one-line help for `cbir --help`), in the order --help lists them.
+COMMANDS = [
+    ("train", "cbir.cli.train_cmd", "train a hashing model"),
+    ("demo", "cbir.cli.demo_cmd", "train, encode, search and score on an embedded dataset"),
+    ("serve", "cbir.cli.serve_cmd", "serve an index over gRPC (cbir.v1.SearchService, health, reflection)"),
+    ("search", "cbir.cli.search_cmd", "query a cbir gRPC server"),
+    ("bench", "cbir.cli.bench_cmd", "retrieval / coverage / robustness report of a model (or compare models)"),
+    ("index", "cbir.cli.index_cmd", "build an on-disk index / print index statistics"),
+    ("export", "cbir.cli.export_cmd", "export a trained hasher (TorchScript / ONNX)"),
 ]
+COMMAND_MODULES = [module for _, module, _ in COMMANDS]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first argument that is not an option), if any."""
+    names = {name for name, _, _ in COMMANDS}
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in names else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The parser; only the command chosen in ``argv`` (every command with ``full``) gets its real
+    sub-parser, built by importing its module; the others are listed by name and help alone."""
     parser = argparse.ArgumentParser(
         prog="cbir",
         description="Content-based image retrieval with deep, ordered binary hash codes.",
@@ -31,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    chosen = _chosen_command(list(sys.argv[1:] if argv is None else argv))
+    for name, module, help_ in COMMANDS:
+        if full or name == chosen:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
     return parser
 
 
@@ -43,7 +63,8 @@ def _prog(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,
