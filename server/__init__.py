@@ -14,20 +14,21 @@ Stubs: ``cbir.v1.search_pb2`` / ``cbir.v1.search_pb2_grpc`` (regenerate with
 ``python -m cbir.server.gen_proto``).
 """
 
-from .app import CbirServer, ServerOptions, connect, create_server, serve_in_process
-from .backend import IndexBackend, open_backend
-from .encoder import MicroBatchEncoder
-from .service import Limits, SearchServicer
+import importlib
 
-__all__ = [
-    "CbirServer",
-    "ServerOptions",
-    "create_server",
-    "serve_in_process",
-    "connect",
-    "IndexBackend",
-    "open_backend",
-    "MicroBatchEncoder",
-    "Limits",
-    "SearchServicer",
-]
+# Exports are imported on first use, so ``cbir.server.multiproc`` (the --processes supervisor)
+# can be imported without grpc, the indexer or torch.
+_EXPORTS = {
+    "CbirServer": "app", "ServerOptions": "app", "connect": "app", "create_server": "app",
+    "serve_in_process": "app", "IndexBackend": "backend", "open_backend": "backend",
+    "MicroBatchEncoder": "encoder", "Limits": "service", "SearchServicer": "service",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

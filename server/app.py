@@ -151,12 +151,11 @@ class CbirServer:
         """Build, bind and start the aio server on the loop thread; returns (server, port, why)."""
         opts = self.options
         interceptors = [TokenAuthInterceptor(opts.token)] if opts.token else []
-        grpc_options = [
-            ("grpc.max_receive_message_length", int(opts.max_message_bytes)),
-            ("grpc.max_send_message_length", int(opts.max_message_bytes)),
-            ("grpc.so_reuseport", 0),  # never share a port with another server
-            *opts.extra_grpc_options,
-        ]
+        grpc_options = list({**{  # extra options override these (--processes sets grpc.so_reuseport=1)
+            "grpc.max_receive_message_length": int(opts.max_message_bytes),
+            "grpc.max_send_message_length": int(opts.max_message_bytes),
+            "grpc.so_reuseport": 0,  # never share a port with another server, unless asked
+        }, **dict(opts.extra_grpc_options)}.items())
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options,
                                  maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
         server.add_generic_rpc_handlers((self.servicer.generic_handler(),))  # raw bytes in: see guard.py

@@ -171,6 +171,7 @@ class IndexBackend:
     def __init__(self, reader, writer=None, *, close=None, lock_reads: bool = False) -> None:
         self.reader = reader
         self.writer = writer
+        self.read_only_reason = "index is open read-only"  # the status detail of a refused write
         self.lock = RWLock()
         self._read = self.lock.read() if lock_reads else _Guard(_noop, _noop)
         self._close = close
@@ -312,7 +313,7 @@ class IndexBackend:
     def add(self, ids: Sequence[int], codes: Codes, metas: Sequence[dict | None], upsert: bool,
             conf: np.ndarray | None = None) -> int:
         if self.writer is None:
-            raise PermissionError("index is open read-only")
+            raise PermissionError(self.read_only_reason)
         ids = np.asarray(ids, dtype=np.int64)
         with self.lock.write():
             if not upsert:
@@ -328,7 +329,7 @@ class IndexBackend:
 
     def delete(self, ids: Sequence[int], must_exist: bool) -> int:
         if self.writer is None:
-            raise PermissionError("index is open read-only")
+            raise PermissionError(self.read_only_reason)
         ids = [int(i) for i in ids]
         with self.lock.write():
             present = [i for i in ids if self._exists(i)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import logging
 import time
 from dataclasses import dataclass
@@ -471,6 +472,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
         return await self._offload(run, budget=budget)
 
+    @staticmethod
+    def _check_writable(backend) -> None:
+        if not backend.writable:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, backend.read_only_reason)
+
     @_rpc(pb.AddRequest)
     async def Add(self, request, context):
         backend = self._ready()
@@ -504,6 +510,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 metas.append(from_struct(it.metadata) if it.HasField("metadata") else {})
             except ValueError as e:
                 raise _invalid(f"item {i} (id {it.id}): {e}") from None
+        self._check_writable(backend)  # before any image is encoded
         conf = None
         if img_data:
             names = [f"item {i} (id {items[i].id})" for i in img_idx]
@@ -531,6 +538,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._check_count(len(request.ids), "ids")
         if any(i >= 2**63 for i in request.ids):
             raise _invalid("ids must be < 2**63")
+        self._check_writable(backend)
         ids = list(dict.fromkeys(request.ids))  # a repeated id is deleted once
         try:
             n = await self._offload(functools.partial(backend.delete, ids, must_exist=request.must_exist))
@@ -564,7 +572,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             unique_percent=num("unique_percent", "unique_pct", "unique"),
             average_collisions=num("average_collisions", "avg_collisions", "average_collision_count"),
             prefix_entropy=[float(v) for v in prefix if isinstance(v, (int, float))],
-            details=to_struct(st),
+            details=to_struct({**st, "server": {"pid": os.getpid(), "writable": backend.writable}}),
         )
 
     @_rpc(pb.GetCodeRequest)

@@ -28,6 +28,10 @@ def register(subparsers) -> None:
                    help="model checkpoint used to encode image queries (without it: code/id queries only)")
     p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to bind (default: %(default)s; port 0 = any free)")
     p.add_argument("--read-only", action="store_true", help="open the index read-only (Add/Delete fail)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port (SO_REUSEPORT), each with its own index handle, "
+                        "model and event loop; with more than 1 the index is served read-only and Add/Delete "
+                        "are FAILED_PRECONDITION (default: %(default)s)")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
@@ -108,15 +112,11 @@ def _limit_malloc_arenas(n: int) -> bool:
         return False
 
 
-def run(args: argparse.Namespace) -> int:
-    from cbir.server import CbirServer, ServerOptions, open_backend
+def _options(args: argparse.Namespace, extra_grpc_options=()):
+    from cbir.server import ServerOptions
 
-    _limit_malloc_arenas(args.malloc_arenas)
-
-    if args.no_access_log:
-        logging.getLogger("cbir.server.rpc").setLevel(logging.WARNING)
     token = args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None
-    opts = ServerOptions(
+    return ServerOptions(
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
         max_k=args.max_k,
         max_batch=args.max_batch,
@@ -138,10 +138,31 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=_read(args.tls_cert, "TLS certificate"),
         tls_key=_read(args.tls_key, "TLS key"),
         insecure=args.insecure,
+        extra_grpc_options=list(extra_grpc_options),
     )
-    if not args.index.is_dir():
-        raise FileNotFoundError(f"no index directory at {args.index} (build one with `cbir index build`)")
 
+
+def _load_hasher(args: argparse.Namespace):
+    if args.model is None:
+        return None
+    from cbir.models.hasher import Hasher
+
+    if args.torch_threads is not None:
+        import torch
+
+        if args.torch_threads < 1:
+            raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+        torch.set_num_threads(args.torch_threads)
+    return Hasher.load(args.model, device=args.device)
+
+
+def _serve(args: argparse.Namespace, address: str, opts, *, writable: bool, read_only_reason: str | None = None,
+           on_ready=None) -> int:
+    """Run one server until SIGTERM/SIGINT, then drain. ``on_ready(info)`` instead of printing
+    (a ``--processes`` worker reports to its parent)."""
+    from cbir.server import CbirServer, open_backend
+
+    say = (lambda msg: None) if on_ready else (lambda msg: print(msg, flush=True))
     stop = threading.Event()
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -149,43 +170,81 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     try:
-        server = CbirServer(args.address, opts)  # health NOT_SERVING while loading
+        server = CbirServer(address, opts)  # health NOT_SERVING while loading
     except OSError as exc:
         print(f"cbir serve: error: {exc}", file=sys.stderr)
         return 2
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        print(f"cbir serve: listening on {server.address} (loading...)", flush=True)
-        backend = open_backend(args.index, writable=not args.read_only)
-        hasher = None
-        if args.model is not None:
-            from cbir.models.hasher import Hasher
-
-            if args.torch_threads is not None:
-                import torch
-
-                if args.torch_threads < 1:
-                    raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
-                torch.set_num_threads(args.torch_threads)
-            hasher = Hasher.load(args.model, device=args.device)
+        say(f"cbir serve: listening on {server.address} (loading...)")
+        backend = open_backend(args.index, writable=writable)  # after the fork in a worker
+        if read_only_reason:
+            backend.read_only_reason = read_only_reason
         try:
+            hasher = _load_hasher(args)
             server.attach(backend, hasher, owns_backend=True)
         except BaseException:
             backend.close()
             raise
-        print(
-            f"cbir serve: SERVING {backend.count()} items ({backend.nbits}-bit codes) on {server.address}"
-            f"{'' if hasher else ' [no model: code/id queries only]'}",
-            flush=True,
-        )
+        info = {"pid": os.getpid(), "count": int(backend.count()), "nbits": backend.nbits, "model": hasher is not None}
+        say(f"cbir serve: SERVING {info['count']} items ({backend.nbits}-bit codes) on {server.address}"
+            f"{'' if hasher else ' [no model: code/id queries only]'}")
+        if on_ready:
+            on_ready(info)
         while not stop.wait(0.5):
             pass
     finally:
         server.stop(grace=args.grace, drain_delay=args.drain_delay)
         for s, h in old.items():
             signal.signal(s, h)
-    print("cbir serve: stopped", flush=True)
+    say("cbir serve: stopped")
     return 0
+
+
+def _worker(args: argparse.Namespace, address: str, index: int, ready) -> int:  # noqa: ARG001
+    reason = (f"writes are refused: this server runs {args.processes} read-only processes "
+              "(cbir serve --processes); send Add/Delete to a single-process cbir serve of the index")
+    opts = _options(args, [("grpc.so_reuseport", 1)])
+    return _serve(args, address, opts, writable=False, read_only_reason=reason, on_ready=ready)
+
+
+def run(args: argparse.Namespace) -> int:
+    _limit_malloc_arenas(args.malloc_arenas)
+    if args.no_access_log:
+        logging.getLogger("cbir.server.rpc").setLevel(logging.WARNING)
+    if not args.index.is_dir():
+        raise FileNotFoundError(f"no index directory at {args.index} (build one with `cbir index build`)")
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes == 1:
+        return _serve(args, args.address, _options(args), writable=not args.read_only)
+    from cbir.server.multiproc import reserve_port, run_workers
+    from cbir.server.security import check_bind_policy
+
+    _options(args)  # the TLS files are readable before any worker starts
+    check_bind_policy(args.address, args.tls_cert is not None, args.token if args.token is not None
+                      else os.environ.get("CBIR_TOKEN") or None, args.insecure)
+    try:
+        reserved = reserve_port(args.address)
+        address = reserved.__enter__()
+    except OSError as exc:
+        print(f"cbir serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(f"cbir serve: listening on {address} with {args.processes} processes (loading...)", flush=True)
+
+        def ready(infos) -> None:
+            i0 = infos[0]
+            print(f"cbir serve: SERVING {i0['count']} items ({i0['nbits']}-bit codes) on {address} "
+                  f"[{len(infos)} processes, pids {','.join(str(i['pid']) for i in infos)}; read-only]"
+                  f"{'' if i0['model'] else ' [no model: code/id queries only]'}", flush=True)
+
+        code = run_workers(args.processes, _worker, args, address, grace=args.grace, on_ready=ready)
+    finally:
+        reserved.__exit__(None, None, None)
+    if code == 0:
+        print("cbir serve: stopped", flush=True)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
