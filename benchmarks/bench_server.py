@@ -1,7 +1,10 @@
 """Bounded loopback load benchmark of the cbir gRPC server (issue 5).
 
-One run, in this order, against one ``cbir serve`` subprocess on 127.0.0.1 (a real server
-process, so client and server do not share a GIL):
+One run, in this order, against ``cbir serve --processes N`` subprocesses on 127.0.0.1 (real
+server processes, so client and server do not share a GIL), for every N of ``--processes``
+(default 1,2). When the machine has at least 2 cores, this process (the client) is pinned to
+``--client-cores`` and the server to the others (``os.sched_setaffinity``), so the server is
+what is measured; the client opens ``--channels`` connections so SO_REUSEPORT spreads them:
 
 1. empty-RPC ceiling: ``Ping`` at 1, 4 and 16 calls in flight;
 2. ``Search`` by code, LEXICOGRAPHIC and HAMMING (k = 10) at N items (default 10^6), with 1, 4
@@ -18,6 +21,7 @@ is ``--model`` or an untrained DDTL (random weights: same cost as a trained one)
 
     python benchmarks/bench_server.py --n 1000000
     python benchmarks/bench_server.py --n 100000 --requests 2000 --duration 5
+    python benchmarks/bench_server.py --n 200000 --processes 1,2 --image-concurrency ""
 """
 
 from __future__ import annotations
@@ -75,9 +79,11 @@ def png(seed: int) -> bytes:
 
 
 def load(call, requests: list, concurrency: int, max_requests: int, duration: float, timeout: float = 30.0):
+    calls = call if isinstance(call, (list, tuple)) else [call]
     """Closed loop with ``concurrency`` calls in flight, driven by completion callbacks of the
     client's future API (no client thread per call, so the client spends its one core on gRPC,
-    not on GIL hand-offs); stops after ``max_requests`` calls or ``duration`` seconds.
+    not on GIL hand-offs), round-robin over ``call`` (one or a list: several channels); stops after
+    ``max_requests`` calls or ``duration`` seconds.
     Returns (completed, errors, elapsed_s, latencies_s)."""
     lock = threading.Lock()
     finished = threading.Event()
@@ -88,7 +94,7 @@ def load(call, requests: list, concurrency: int, max_requests: int, duration: fl
 
     def issue(i: int) -> None:
         t0 = time.perf_counter()
-        fut = call.future(requests[i % len(requests)], timeout=timeout)
+        fut = calls[i % len(calls)].future(requests[i % len(requests)], timeout=timeout)
         fut.add_done_callback(lambda f, t0=t0: done(f, t0))
 
     def done(fut, t0: float) -> None:
@@ -149,15 +155,17 @@ def raw_inference(hasher, batch: int, seconds: float, windows: int = 3) -> float
     return best
 
 
-def start_server(index_dir: Path, model_path: Path, args, log_path: Path):
+def start_server(index_dir: Path, model_path: Path, args, log_path: Path, processes: int = 1,
+                 cores: set | None = None):
     cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model_path),
            "--address", "127.0.0.1:0", "--no-access-log", "--grace", "5", "--workers", str(args.workers),
            "--inline-modes", args.inline_modes,
            *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else []),
            "--encoder-batch", str(args.encoder_batch), "--encoder-wait-ms", str(args.encoder_wait_ms),
-           "--device", "cpu", "--read-only"]
+           "--device", "cpu", "--read-only", "--processes", str(processes)]
     logf = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True)
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, preexec_fn=pin)
     end = time.monotonic() + 300
     address = None
     while time.monotonic() < end:
@@ -191,18 +199,27 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder-batch", type=int, default=64)
     ap.add_argument("--encoder-wait-ms", type=float, default=2.0)
     ap.add_argument("--concurrency", default="1,4,16", help="code-search levels (default: %(default)s)")
-    ap.add_argument("--image-concurrency", default="16,64", help="image-search levels (default: %(default)s)")
+    ap.add_argument("--image-concurrency", default="16,64",
+                    help="image-search levels, run for the first --processes value; \"\" skips them (default: %(default)s)")
     ap.add_argument("--workdir", default=None, help="where to build the index (default: a temp dir)")
+    ap.add_argument("--processes", default="1,2", help="cbir serve --processes values to measure (default: %(default)s)")
+    ap.add_argument("--channels", type=int, default=4,
+                    help="client channels (connections) the calls are spread over (default: %(default)s)")
+    ap.add_argument("--client-cores", default=None,
+                    help="cores for this client process, e.g. 0 (default: the last usable core; the server "
+                         "gets the others; no pinning on fewer than 2 cores)")
     args = ap.parse_args(argv)
 
-    import grpc  # noqa: F401
+    import grpc
 
     from cbir.indexer import build_index
-    from cbir.server import connect
     from cbir.v1 import search_pb2 as pb
+    from cbir.v1 import search_pb2_grpc as pb_grpc
 
+    client_cores, server_cores = pin_cores(args.client_cores)
     levels = [int(c) for c in args.concurrency.split(",")]
-    img_levels = [int(c) for c in args.image_concurrency.split(",")]
+    img_levels = [int(c) for c in args.image_concurrency.split(",") if c.strip()]
+    nprocs = [int(c) for c in args.processes.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="bench_server_", dir=args.workdir)
     work = Path(tmp.name)
     hasher = make_model(args)
@@ -213,67 +230,102 @@ def main(argv=None) -> int:
     index_dir = build_index(work / "index", np.arange(args.n, dtype=np.int64), codes, layout=hasher.layout,
                             model_hash=hasher.content_hash)
     print(f"index: N={args.n:,} codes of {nbits} bits built in {time.perf_counter() - t0:.1f}s; "
-          f"model {hasher.method_name}/{hasher.spec.backbone}; cpu cores={os.cpu_count()}", flush=True)
-
-    proc, address, logf = start_server(index_dir, model_path, args, work / "server.log")
-    channel, stub = connect(address)
-    results = {}
-    try:
-        rng = np.random.default_rng(1)
-        qcodes = [codes[int(i)] for i in rng.integers(0, args.n, 256)]
-        lex_reqs = [pb.SearchRequest(code=pb.Code(data=q.packed[0].tobytes(), nbits=nbits), k=args.k) for q in qcodes]
-        ham_reqs = [pb.SearchRequest(code=r.code, k=args.k, mode=pb.HAMMING) for r in lex_reqs]
-        ping_reqs = [pb.PingRequest()]
-        img_reqs = [pb.SearchRequest(image=png(i), k=args.k) for i in range(64)]
-        for r in lex_reqs[:20] + ham_reqs[:20] + img_reqs[:4]:  # warm-up
-            stub.Search(r, timeout=60)
-        print(f"\n{'level':<22} {'c':>3}  {'calls':>7}  {'err':>4}  {'QPS':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
-        # Ping and the code searches are interleaved in --rounds short windows per level, so a
-        # drifting background load hits every kind alike (the ratios are what the targets need).
-        kinds = (("ping", "Ping (empty RPC)", stub.Ping, ping_reqs),
-                 ("lex", "Search code LEX", stub.Search, lex_reqs),
-                 ("hamming", "Search code HAM", stub.Search, ham_reqs))
-        R = max(1, args.rounds)
-        for c in levels:
-            acc = {key: [0, 0, 0.0, []] for key, *_ in kinds}
-            for _ in range(R):
-                for key, _, call, reqs in kinds:
-                    n, err, el, lat = load(call, reqs, c, -(-args.requests // R), args.duration / R)
-                    a = acc[key]
-                    a[0] += n; a[1] += err; a[2] += el; a[3].append(lat)  # noqa: E702
-            for key, label, *_ in kinds:
-                n, err, el, lats = acc[key]
-                results[(key, c)] = fmt_row(label, c, (n, err, el, np.concatenate(lats)))
-        # raw model throughput interleaved with the image levels (server idle meanwhile)
-        raws = [raw_inference(hasher, args.encoder_batch, min(4.0, args.duration))]
-        for c in img_levels:
-            results[("image", c)] = fmt_row("Search image", c,
-                                            load(stub.Search, img_reqs, c, args.image_requests, args.duration))
-            raws.append(raw_inference(hasher, args.encoder_batch, min(4.0, args.duration)))
-    finally:
-        channel.close()
-        proc.send_signal(signal.SIGTERM)
+          f"model {hasher.method_name}/{hasher.spec.backbone}; cpu cores={os.cpu_count()}; "
+          + (f"client pinned to cores {sorted(client_cores)}, server to {sorted(server_cores)}"
+             if server_cores else "not pinned (fewer than 2 usable cores)"), flush=True)
+    rng = np.random.default_rng(1)
+    qcodes = [codes[int(i)] for i in rng.integers(0, args.n, 256)]
+    lex_reqs = [pb.SearchRequest(code=pb.Code(data=q.packed[0].tobytes(), nbits=nbits), k=args.k) for q in qcodes]
+    ham_reqs = [pb.SearchRequest(code=r.code, k=args.k, mode=pb.HAMMING) for r in lex_reqs]
+    ping_reqs = [pb.PingRequest()]
+    img_reqs = [pb.SearchRequest(image=png(i), k=args.k) for i in range(64)]
+    results, raws = {}, []
+    for P in nprocs:
+        proc, address, logf = start_server(index_dir, model_path, args, work / f"server{P}.log", P, server_cores)
+        # one connection per channel (no shared subchannel pool): SO_REUSEPORT spreads connections
+        channels = [grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1), ("bench.ch", j)])
+                    for j in range(max(1, args.channels))]
+        stubs = [pb_grpc.SearchServiceStub(ch) for ch in channels]
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        logf.close()
-    raw = float(np.mean(raws))
-    print(f"\nraw batched inference (Hasher.encode on float batches of {args.encoder_batch}, this process, "
-          f"server idle), around the image levels: {' / '.join(f'{r:.0f}' for r in raws)}; mean {raw:.0f} images/s")
+            for st in stubs:
+                for r in lex_reqs[:10] + ham_reqs[:10] + (img_reqs[:2] if img_levels else []):  # warm-up
+                    st.Search(r, timeout=60)
+            print(f"\n--processes {P} ({len(stubs)} client channels)")
+            print(f"{'level':<22} {'c':>3}  {'calls':>7}  {'err':>4}  {'QPS':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
+            # Ping and the code searches are interleaved in --rounds short windows per level, so a
+            # drifting background load hits every kind alike (the ratios are what the targets need).
+            kinds = (("ping", "Ping (empty RPC)", [s.Ping for s in stubs], ping_reqs),
+                     ("lex", "Search code LEX", [s.Search for s in stubs], lex_reqs),
+                     ("hamming", "Search code HAM", [s.Search for s in stubs], ham_reqs))
+            R = max(1, args.rounds)
+            for c in levels:
+                acc = {key: [0, 0, 0.0, []] for key, *_ in kinds}
+                for _ in range(R):
+                    for key, _, call, reqs in kinds:
+                        n, err, el, lat = load(call, reqs, c, -(-args.requests // R), args.duration / R)
+                        a = acc[key]
+                        a[0] += n; a[1] += err; a[2] += el; a[3].append(lat)  # noqa: E702
+                for key, label, *_ in kinds:
+                    n, err, el, lats = acc[key]
+                    results[(P, key, c)] = fmt_row(label, c, (n, err, el, np.concatenate(lats)))
+            if P == nprocs[0] and img_levels:
+                # raw model throughput interleaved with the image levels (server idle meanwhile)
+                raws.append(raw_inference(hasher, args.encoder_batch, min(4.0, args.duration)))
+                for c in img_levels:
+                    results[(P, "image", c)] = fmt_row("Search image", c, load(
+                        [s.Search for s in stubs], img_reqs, c, args.image_requests, args.duration))
+                    raws.append(raw_inference(hasher, args.encoder_batch, min(4.0, args.duration)))
+        finally:
+            for ch in channels:
+                ch.close()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            logf.close()
     top = max(levels)
-    ping = results[("ping", top)][1]
-    for name in ("lex", "hamming"):
-        _, qps, _, p99 = results[(name, top)]
-        ok = "meets" if qps >= 0.8 * ping and p99 <= 5.0 else "misses"
-        print(f"Search code {name:<8} @{top}: {qps / ping:.2f} x Ping QPS, p99 {p99:.2f} ms "
-              f"({ok} target >= 0.80 x and <= 5 ms)")
-    best_img = max(results[("image", c)][1] for c in img_levels)
-    ok = "meets" if best_img >= 0.8 * raw else "misses"
-    print(f"Search image best {best_img:.0f} QPS = {best_img / raw:.2f} x raw inference ({ok} target >= 0.80 x)")
+    print()
+    for P in nprocs:
+        ping = results[(P, "ping", top)][1]
+        print(f"--processes {P}: Ping @{top} {ping:.0f} QPS")
+        for name in ("lex", "hamming"):
+            _, qps, _, p99 = results[(P, name, top)]
+            ok = "meets" if qps >= 0.8 * ping and p99 <= 5.0 else "misses"
+            print(f"  Search code {name:<8} @{top}: {qps:.0f} QPS = {qps / ping:.2f} x Ping QPS, p99 {p99:.2f} ms "
+                  f"({ok} target >= 0.80 x and <= 5 ms)")
+    if len(nprocs) > 1:
+        a, b = nprocs[0], nprocs[-1]
+        for name in ("ping", "lex", "hamming"):
+            r = results[(b, name, top)][1] / max(1e-9, results[(a, name, top)][1])
+            tgt = "" if name == "ping" else f" ({'meets' if r >= 1.6 else 'misses'} target >= 1.6 x)"
+            print(f"{name:<8} @{top}: --processes {b} = {r:.2f} x --processes {a}{tgt}")
+    if raws:
+        raw = float(np.mean(raws))
+        print(f"\nraw batched inference (Hasher.encode on float batches of {args.encoder_batch}, this process, "
+              f"server idle), around the image levels: {' / '.join(f'{r:.0f}' for r in raws)}; mean {raw:.0f} images/s")
+        best_img = max(results[(nprocs[0], "image", c)][1] for c in img_levels)
+        ok = "meets" if best_img >= 0.8 * raw else "misses"
+        print(f"Search image best {best_img:.0f} QPS = {best_img / raw:.2f} x raw inference ({ok} target >= 0.80 x)")
     tmp.cleanup()
     return 0
+
+
+def pin_cores(spec: str | None) -> tuple[set, set]:
+    """Pin this process (the client) to ``spec`` (e.g. "0" or "0,1"; default: the last usable
+    core) and return (client cores, server cores = the others); no pinning below 2 cores."""
+    if not hasattr(os, "sched_setaffinity"):
+        return set(), set()
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return set(usable), set()
+    client = {int(c) for c in spec.split(",")} if spec else {usable[-1]}
+    server = set(usable) - client
+    if not server:
+        return set(usable), set()
+    os.sched_setaffinity(0, client)
+    return client, server
 
 
 if __name__ == "__main__":
