@@ -195,10 +195,10 @@ class Codes:
 
     def permute_bits(self, order: Sequence[int]) -> "Codes":
         """New codes whose bit ``j`` is this code's bit ``order[j]``."""
-        order = np.asarray(order, dtype=np.int64)
-        if sorted(order.tolist()) != list(range(self.nbits)):
+        perm = np.asarray(order, dtype=np.int64)
+        if sorted(perm.tolist()) != list(range(self.nbits)):
             raise ValueError(f"order must be a permutation of 0..{self.nbits - 1}")
-        return Codes.from_bits(self.to_bits()[:, order])
+        return Codes.from_bits(self.to_bits()[:, perm])
 
     def as_uint64(self) -> np.ndarray:
         """Codes of at most 64 bits as big-endian unsigned integers, left-aligned (pad bits 0).

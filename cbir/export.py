@@ -20,11 +20,15 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cbir.data.transforms import MEAN, STD
+
+if TYPE_CHECKING:
+    from cbir.models.base import HashingMethod
 
 __all__ = ["EncoderGraph", "export_hasher", "FORMATS"]
 
@@ -34,7 +38,10 @@ FORMATS = ("torchscript", "onnx")
 class EncoderGraph(nn.Module):
     """uint8 images -> (bits uint8, conf float32): the hasher's encode with its normalisation."""
 
-    def __init__(self, method: nn.Module) -> None:
+    mean: torch.Tensor  # buffers (register_buffer)
+    std: torch.Tensor
+
+    def __init__(self, method: HashingMethod) -> None:
         super().__init__()
         self.method = method
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0)

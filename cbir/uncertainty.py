@@ -131,7 +131,7 @@ def class_decision(member_logits: np.ndarray, tau: float = DEFAULT_TAU, margin: 
     pos = dec > 0
     best = conf.max(axis=1)
     near = conf >= (best - margin)[:, None]
-    pset = np.where(pos.any(axis=1)[:, None], pos, near)
+    pset = np.where(np.asarray(pos.any(axis=1))[:, None], pos, near)
     srt = np.sort(conf, axis=1)
     gap = srt[:, -1] - srt[:, -2] if conf.shape[1] > 1 else np.full(len(conf), np.inf)
     return ClassDecision(confidence=conf, decision=dec, prediction_set=pset,

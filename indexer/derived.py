@@ -281,7 +281,7 @@ class View:
         self.add_codes = np.zeros((0, nb), np.uint8) if add_codes is None else add_codes
         self.add_ids = np.zeros(0, np.int64) if add_ids is None else add_ids
         self.n = base.n - len(self.deleted) + len(self.add_ids)
-        self._alive_mask = None
+        self._alive_mask: np.ndarray | None = None
         self._selector = None
         self._lock = threading.Lock()
 

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import uuid
+from typing import Any
 from pathlib import Path
 
 import lmdb
@@ -74,7 +75,7 @@ class Env:
         self.writable = writable
         self.dbdir = Path(dbdir)
         self.pid = os.getpid()
-        self.dbs = {}
+        self.dbs: dict[str, Any] = {}  # name -> lmdb sub-db handle, None when absent (read-only)
         for name in DBS:
             try:
                 self.dbs[name.decode()] = env.open_db(name, create=writable)
@@ -122,7 +123,7 @@ def acquire_env(dbdir: Path, want_write: bool, create: bool = False) -> Env:
         if not create and not (Path(dbdir) / "data.mdb").exists():
             raise FileNotFoundError(f"no LMDB environment in {dbdir}")
         writable = want_write or os.access(dbdir, os.W_OK)
-        kw = {"subdir": True, "max_dbs": len(DBS) + 2, "max_readers": 1024, "readahead": False}
+        kw: dict[str, Any] = {"subdir": True, "max_dbs": len(DBS) + 2, "max_readers": 1024, "readahead": False}
         if writable:
             size = max(WRITE_MAP, file_size(Path(dbdir) / "data.mdb") * 2)
             env = lmdb.open(str(dbdir), map_size=size, create=create, **kw)

@@ -72,6 +72,8 @@ class FaissBinary:
         if path is not None:
             self.cpu = faiss.read_index_binary(str(path), faiss.IO_FLAG_MMAP)
             self.n, self.nb = self.cpu.ntotal, self.cpu.d // 8
+        elif codes is None:
+            raise ValueError("FaissBinary needs codes or a path")
         else:
             self.n, self.nb = codes.shape
             self.cpu = faiss.IndexBinaryFlat(8 * self.nb)
@@ -128,7 +130,8 @@ class FaissBinary:
         if self.gpu is not None and sel is None and k2 > GPU_MAX_K:  # pragma: no cover
             k2 = max(k, GPU_MAX_K) if k <= GPU_MAX_K else k2
         D, I = self._search(Q, k2, sel, threads)
-        out, redo, radii = [None] * nq, [], []
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * nq
+        redo, radii = [], []
         for i in range(nq):
             d, ii = D[i].astype(np.int32), I[i].astype(np.int64)
             dk = int(d[k - 1])
@@ -145,7 +148,8 @@ class FaissBinary:
     def knn(self, q: np.ndarray, k: int, sel: Selector | None = None):
         return self.knn_batch(q[None, :], k, sel, threads=1)[0]
 
-    def range(self, q: np.ndarray, radius: int, sel: Selector | None = None, threads: int = 1):
+    def range(self, q: np.ndarray, radius: int, sel: Selector | None = None,
+              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         if self.n == 0 or radius < 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
         _lims, D, I = self._range(np.ascontiguousarray(q, dtype=np.uint8)[None, :], radius, sel, threads)

@@ -18,6 +18,7 @@ import numpy as np
 from cbir.indexer.derived import View
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
+from cbir.indexer.readerbase import ReaderAttrs
 from cbir.indexer.results import (
     SearchResult,
     empty_result,
@@ -161,7 +162,7 @@ def _brute(q, codes: np.ndarray, mask, k, radius):
     return _cut_k(rows, dist[rows], k)
 
 
-class HammingModes:
+class HammingModes(ReaderAttrs):
     """Mixin: needs ``nbits``, ``nb``, ``layout``, ``derived()``, ``_query``, ``_queries``,
     ``_codes_of``, ``ids_with_labels``."""
 
@@ -202,7 +203,8 @@ class HammingModes:
                 return rows + lo, dist
         sel = flt.selector()
         if radius is not None:
-            return _cut_k(*d.faiss.range(q, radius, sel), k)
+            pos, dist = d.faiss.range(q, radius, sel)
+            return _cut_k(pos, dist, k)
         return d.faiss.knn(q, k, sel)
 
     def _finish(self, q, flt: Filter, pos, dist, k, radius, prefix_bits: int = 0) -> SearchResult:

@@ -14,6 +14,7 @@ from itertools import islice
 
 import numpy as np
 from cbir.indexer.lexsearch import LexSearcher
+from cbir.indexer.readerbase import ReaderAttrs
 from cbir.indexer.results import (
     PrefixPage,
     SearchResult,
@@ -66,12 +67,12 @@ def uncertain_order(q: np.ndarray, codes: np.ndarray, ids: np.ndarray, flips: np
     return np.lexsort([np.asarray(ids, dtype=np.int64)] + xor_sort_keys(q, codes) + xor_sort_keys(q & mask, codes & mask))
 
 
-class LexModes:
+class LexModes(ReaderAttrs):
     """Mixin: needs ``nbits``, ``nb``, ``_env``, ``_count``, ``_with_txn``, ``_query``,
     ``_queries``, ``_codes_of``, ``ids_with_labels``."""
 
     def _init_lex(self) -> None:
-        self._lex = LexSearcher(self.nbits, self._env.dbs["tree"])
+        self._lex = LexSearcher(self.nbits, self._live_env.dbs["tree"])
 
     def _keys_result(self, q: np.ndarray, keys: np.ndarray, order: str, cursor: bool = False,
                      k: int | None = None, x: np.ndarray | None = None) -> SearchResult:
@@ -168,7 +169,8 @@ class LexModes:
             perm = perm[offset:need]
             keys = make_keys(codes[perm], ids[perm])
             return self._keys_result(q, keys, "lex", paged, k)
-        got, page = [], max(256, 2 * need)
+        got: list[np.ndarray] = []
+        page = max(256, 2 * need)
         while sum(len(g) for g in got) < need:  # broad filter: walk the ranking
             keys = self._lex_keys(q, page, ckey)
             if len(keys) == 0:
@@ -249,7 +251,7 @@ class LexModes:
         ks = self.nb + 8
 
         def read(txn):
-            cur = txn.cursor(self._env.dbs["tree"])
+            cur = txn.cursor(self._live_env.dbs["tree"])
             return b"".join(islice(cur.iternext(values=False), limit + 1)) if cur.set_range(start) else b""
 
         keys = np.frombuffer(self._with_txn(read), dtype=np.uint8).reshape(-1, ks)

@@ -267,7 +267,7 @@ class LexSearcher:
         parts = []
         cur = txn.cursor(self.tree)
         if cur.set_range(ckey):
-            same = []
+            same: list[bytes] = []
             for key in cur.iternext(values=False):
                 if key == ckey:
                     continue

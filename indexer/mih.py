@@ -275,7 +275,7 @@ class MIH:
     def _first_found(self, x, pos, qs, org, orr) -> np.ndarray:
         """Mask of the candidates whose (radius ``orr``, table ``org``) is their first
         discovery: substring distance > r in earlier tables, >= r in later ones."""
-        keep = None
+        keep: np.ndarray | None = None
         for t in range(self.m):  # (1-D per table: a broadcast (n, m) version is ~4x slower)
             if x is not None:
                 sh = np.uint64(64 - self.starts[t] - self.sizes[t])
@@ -284,6 +284,7 @@ class MIH:
                 dt = np.bitwise_count(self._subvals(t, pos) ^ qs[t])
             c = dt >= (org > t) + orr
             keep = c if keep is None else keep & c
+        assert keep is not None  # self.m >= 2 here (one table returns before)
         return keep
 
     #: cost model of the ``budget`` (rough nanoseconds on one CPU core, numpy): per radius

@@ -28,6 +28,7 @@ from cbir.indexer import writer as _writer
 from cbir.indexer.derived import CodeLookup, Derived, View, latest_saved
 from cbir.indexer.env import (
     _FORKED,
+    Env,
     acquire_env,
     fork_error,
     info,
@@ -68,9 +69,9 @@ class IndexReader(LexModes, HammingModes):
         self._lock = threading.RLock()  # the snapshot (read transaction)
         self._build_lock = threading.Lock()  # one rebuild of the derived structures at a time
         self._closed = False
-        self._txn = None
-        self._writer = None
-        self._env = None
+        self._txn: lmdb.Transaction | None = None
+        self._writer: IndexWriter | None = None
+        self._env: Env | None = None
         self._open()
         HammingModes.__init__(self)
 
@@ -119,7 +120,7 @@ class IndexReader(LexModes, HammingModes):
 
     def _replaced(self) -> bool:
         """The index was rebuilt/compacted in place (a new data file)."""
-        if not self._env.replaced():
+        if not self._live_env.replaced():
             return False  # unchanged (or mid-swap / gone: keep the snapshot we have)
         try:
             read_manifest(self.path)
@@ -137,13 +138,13 @@ class IndexReader(LexModes, HammingModes):
                 self._release()
                 self._open()
                 return True
-            env = self._env.env
+            env = self._live_env.env
             try:
                 txn = env.begin(buffers=False)
             except lmdb.MapResizedError:
                 env.set_mapsize(0)
                 txn = env.begin(buffers=False)
-            gen = info(txn, self._env, b"generation")
+            gen = info(txn, self._live_env, b"generation")
             old, self._txn = self._txn, txn
             if old is not None:
                 try:
@@ -153,7 +154,7 @@ class IndexReader(LexModes, HammingModes):
             changed = gen != self.generation
             if changed:
                 self.generation = gen
-                self._count = info(txn, self._env, b"count")
+                self._count = info(txn, self._live_env, b"count")
                 self._stats = None  # derived structures catch up lazily (see derived())
             return changed
 
@@ -177,12 +178,12 @@ class IndexReader(LexModes, HammingModes):
         """A second read transaction on generation ``gen`` (for work off the snapshot lock), or
         None when the newest committed generation is already another one."""
         with self._lock:
-            env = self._env.env
+            env = self._live_env.env
         try:
             txn = env.begin(buffers=False)
         except lmdb.Error:
             return None
-        if info(txn, self._env, b"generation") != gen:
+        if info(txn, self._live_env, b"generation") != gen:
             txn.abort()
             return None
         return txn
@@ -238,14 +239,14 @@ class IndexReader(LexModes, HammingModes):
             v = None
             g0 = latest_saved(root, gen)
             base = Derived.load(root, g0, self.nbits) if g0 is not None else None
-            if base is not None:
+            if base is not None and g0 is not None:
                 v = View(base, g0)
         if v is not None and v.generation < gen:
             recs = self._with_txn(lambda txn: self._read_log(txn, v.generation + 1, gen))
             max_delta = max(self.DELTA_MIN, int(self.DELTA_FRACTION * v.base.n))
             v = v.replay(recs, self.nb, max_delta) if recs is not None else None
         if v is None:
-            tree = self._env.dbs["tree"]
+            tree = self._live_env.dbs["tree"]
             twin = self._twin_txn(gen)
             if twin is not None:  # scan off the snapshot lock
                 try:
@@ -264,7 +265,7 @@ class IndexReader(LexModes, HammingModes):
         one is missing (pruned) or was too large to log."""
         if g2 - g1 + 1 > _writer.LOG_KEEP:
             return None
-        db, ks = self._env.dbs["log"], self.nb + 8
+        db, ks = self._live_env.dbs["log"], self.nb + 8
         out = []
         for g in range(g1, g2 + 1):
             rec = txn.get(u64(g), db=db)
@@ -305,7 +306,7 @@ class IndexReader(LexModes, HammingModes):
         if int(id) < 0:
             return None
         idb = u64(int(id))
-        dbs = self._env.dbs
+        dbs = self._live_env.dbs
         look = self._code_lookup()
 
         def read(txn):
@@ -328,9 +329,9 @@ class IndexReader(LexModes, HammingModes):
         """``txn -> CodeLookup``. For a "delta" codes db any base will do (the tree key decides),
         so the current view is used as it is, even while a newer one is being built."""
         if self.manifest.get("codes_db") != "delta":
-            return lambda txn: CodeLookup(txn, self._env.dbs, self.nb)
+            return lambda txn: CodeLookup(txn, self._live_env.dbs, self.nb)
         v = self._derived or self.derived()
-        return lambda txn: CodeLookup(txn, self._env.dbs, self.nb, lambda: v.base)
+        return lambda txn: CodeLookup(txn, self._live_env.dbs, self.nb, lambda: v.base)
 
     def _codes_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids that exist, their packed codes (n, nb)) for sorted int64 ``ids``."""
@@ -343,14 +344,14 @@ class IndexReader(LexModes, HammingModes):
     def has_label_index(self) -> bool:
         """The index has its ``labels`` posting list (older indexes get it from their first
         writer; until then :meth:`ids_with_labels` scans ``meta``, O(N))."""
-        return self._env.dbs.get("labels") is not None and bool(self.manifest.get("labels_db"))
+        return self._live_env.dbs.get("labels") is not None and bool(self.manifest.get("labels_db"))
 
     def ids_with_labels(self, labels) -> np.ndarray:
         """Sorted unique ids (int64) of the items carrying any of ``labels`` (metadata ``label`` /
         ``labels``, or the class name of an integer label), read from the ``labels`` posting
         list: the cost is proportional to the number of ids returned."""
         wanted = normalise_labels(labels)
-        ldb = self._env.dbs.get("labels")
+        ldb = self._live_env.dbs.get("labels")
         if not self.has_label_index:
             return self._scan_labels(set(wanted))  # index older than the posting list
 
@@ -377,7 +378,7 @@ class IndexReader(LexModes, HammingModes):
         return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
 
     def _scan_labels(self, wanted: set[str]) -> np.ndarray:
-        mdb = self._env.dbs["meta"]
+        mdb = self._live_env.dbs["meta"]
 
         def read(txn):
             return [int.from_bytes(k, "big") for k, mb in txn.cursor(mdb).iternext()

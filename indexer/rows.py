@@ -93,7 +93,7 @@ def meta_bytes(meta, n: int) -> list[bytes | None] | None:
     meta = list(meta)
     if len(meta) != n:
         raise ValueError(f"got {len(meta)} metadata entries for {n} codes")
-    out = []
+    out: list[bytes | None] = []
     for m in meta:
         if m is None:
             out.append(None)

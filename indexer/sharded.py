@@ -325,7 +325,7 @@ class ShardedReader:
             n = r.count()
             if n == 0:
                 continue
-            ck = ckey.hex() if j == cshard else None
+            ck = ckey.hex() if j == cshard and ckey is not None else None
             if ck is None and labels is None:  # whole shard: its count says what offset skips
                 if n <= off:
                     off -= n
@@ -377,7 +377,7 @@ class ShardedReader:
             r = shards[j]
             if r.count() == 0:
                 continue
-            page = r.search_prefix(prefix, rem + 1, ckey.hex() if j == cshard else None, labels)
+            page = r.search_prefix(prefix, rem + 1, ckey.hex() if j == cshard and ckey is not None else None, labels)
             if len(page) > rem:  # the page is full; its next item is where the next one starts
                 nxt = _key_hex(page.codes.packed, page.ids, rem)
                 ids.append(page.ids[:rem])

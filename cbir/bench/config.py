@@ -116,11 +116,11 @@ def _whole_source(src: str, root, image_size: int):
         parts.insert(1, sp.database)
     labels = np.concatenate([p.labels for p in parts])
     if all(p.in_memory for p in parts):
-        return ImageSet(labels, sp.class_names, images=torch.cat([p.images for p in parts]),
+        return ImageSet(labels, sp.class_names, images=torch.cat([p.images for p in parts if p.images is not None]),
                         multilabel=sp.multilabel, name=Path(src).stem or src)
     if any(p.in_memory for p in parts):  # pragma: no cover - sources are all-files or all-memory
         raise ValueError(f"{src}: mixed in-memory and file-backed splits")
-    paths = [x for p in parts for x in p.paths]
+    paths = [x for p in parts for x in (p.paths or [])]  # all file-backed here
     return ImageSet(labels, sp.class_names, paths=paths, multilabel=sp.multilabel,
                     name=Path(src).stem or src)
 
@@ -152,7 +152,10 @@ def load_bench_data(cfg: BenchConfig, image_size: int, model_dataset: str | None
     ``--queries``/``--database``; neither: the model's training dataset), apply the limits."""
     from cbir.data import load_dataset
 
+    source: dict[str, Any]
     if cfg.queries is not None:
+        if cfg.database is None:
+            raise ValueError("--queries and --database go together (each a whole source)")
         q_full = _whole_source(cfg.queries, cfg.data_root, image_size)
         d_full = _whole_source(cfg.database, cfg.data_root, image_size)
         vocab = list(q_full.class_names) + [c for c in d_full.class_names if c not in q_full.class_names]

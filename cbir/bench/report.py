@@ -169,6 +169,7 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
     server = None
     if cfg.address:
         if db_item_ids is None:
+            assert data.database_positions is not None  # load_bench_data always sets it
             db_item_ids = data.database_positions[db_idx]
         server = _server_figures(cfg, hasher, q_codes, ql, dl, db_item_ids, ks, ret)
         t = lap("server", t)
@@ -247,7 +248,7 @@ def _server_figures(cfg, hasher, q_codes, ql, dl, db_ids, ks, ret) -> dict:
                                      f"not {hasher.content_hash[:12]}; its figures would not be comparable")
                 if int(st.count) != n:
                     log.warning("server holds %d items, the benchmark database %d", st.count, n)
-            fig = {
+            fig: dict[str, Any] = {
                 "map_at_k": M.mean_average_precision(q_codes, ql, None, dl, kk, searcher=s, db_ids=db_ids),
                 "precision_at_k": [_f(v) for v in M.precision_at_k(q_codes, ql, None, dl, ks, searcher=s,
                                                                     db_ids=db_ids)],

@@ -494,10 +494,10 @@ def precision_at_k(
     The denominator is always ``k`` (an empty slot, e.g. when ``k > N`` or a backend returns
     fewer items, counts as not relevant). One search with ``max(ks)`` serves every ``k``.
     """
-    ks, ql, _, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
-    total = np.zeros(len(ks))
+    kv, ql, _, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
+    total = np.zeros(len(kv))
     for _, got in chunks:
-        total += (got / ks[None, :]).sum(axis=0)
+        total += (got / kv[None, :]).sum(axis=0)
     return total / len(ql)
 
 
@@ -533,9 +533,9 @@ def recall_at_k(
     ``R`` is the number of relevant items in the whole database; a query with ``R = 0`` scores 0
     and still counts.
     """
-    ks, ql, dl, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
+    kv, ql, dl, chunks = _hits_at_ks(query_codes, query_labels, db_codes, db_labels, ks, searcher, order, db_ids)
     n_rel = relevant_counts(ql, dl).astype(np.float64)
-    total = np.zeros(len(ks))
+    total = np.zeros(len(kv))
     for sl, got in chunks:
         r = n_rel[sl, None]
         total += np.divide(got, r, out=np.zeros_like(got), where=r > 0).sum(axis=0)
