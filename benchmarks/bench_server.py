@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     print(f"index: N={args.n:,} codes of {nbits} bits built in {time.perf_counter() - t0:.1f}s; "
           f"model {hasher.method_name}/{hasher.spec.backbone}; cpu cores={os.cpu_count()}; "
           + (f"client pinned to cores {sorted(client_cores)}, server to {sorted(server_cores)}"
-             if server_cores else "not pinned (fewer than 2 usable cores)"), flush=True)
+             if server_cores else "not pinned (fewer than 2 usable cores, or --client-cores took them all)"),
+          flush=True)
     rng = np.random.default_rng(1)
     qcodes = [codes[int(i)] for i in rng.integers(0, args.n, 256)]
     lex_reqs = [pb.SearchRequest(code=pb.Code(data=q.packed[0].tobytes(), nbits=nbits), k=args.k) for q in qcodes]

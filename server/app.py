@@ -21,10 +21,9 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cbir.data.images import SAFE_FORMATS
 from cbir.v1 import search_pb2 as pb
 from cbir.v1 import search_pb2_grpc as pb_grpc
-
-from cbir.data.images import SAFE_FORMATS
 
 from .backend import IndexBackend, open_backend
 from .encoder import MicroBatchEncoder

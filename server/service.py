@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass
 

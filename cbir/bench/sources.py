@@ -11,6 +11,7 @@ import numpy as np
 from cbir.bench.robustness import encode_raw, raw_images
 from cbir.codes import Codes
 
+
 # ============================================================================================
 # searchers for --address (the gRPC server) and --index
 # ============================================================================================

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     from cbir.server.multiproc import reserve_port, run_workers
     from cbir.server.security import check_bind_policy
 
-    _options(args)  # the TLS files are readable before any worker starts
+    _read(args.tls_cert, "TLS certificate"), _read(args.tls_key, "TLS key")  # readable before any worker starts
     check_bind_policy(args.address, args.tls_cert is not None, args.token if args.token is not None
                       else os.environ.get("CBIR_TOKEN") or None, args.insecure)
     try:

@@ -38,6 +38,9 @@ def test_two_processes_share_one_port(index_dir, dataset):
         assert "[2 processes" in line and "read-only" in line
         pids = {int(p) for p in line.split("pids ", 1)[1].split(";")[0].split(",")}
         assert len(pids) == 2 and os.getpid() not in pids
+        with open(f"/proc/{proc.pid}/maps") as f:  # the parent forked before loading torch or LMDB
+            maps = f.read()
+        assert "libtorch" not in maps and "/lmdb/" not in maps
         seen, clients = set(), []
         try:
             for j in range(64):  # each channel is its own connection: the kernel spreads them
