@@ -24,6 +24,8 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
 from cbir.indexer import publish as _publish
 from cbir.indexer.derived import Derived, latest_saved
@@ -51,8 +53,6 @@ from cbir.indexer.rows import (
     meta_bytes,
     rows_bytes,
 )
-
-from cbir.codes import CodeLayout, Codes
 
 INITIAL_MAP = 64 << 20  # map size of a temporary build environment (it grows as needed)
 PUT_CHUNK = 1 << 18

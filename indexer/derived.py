@@ -28,6 +28,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+
 from cbir.indexer.mih import MIH
 from cbir.indexer.rows import head64 as _head64
 from cbir.indexer.rows import make_keys, split_keys

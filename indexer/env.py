@@ -29,13 +29,13 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import lmdb
-from cbir.indexer.publish import FORMAT, MANIFEST
 
 from cbir.codes import CodeLayout
+from cbir.indexer.publish import FORMAT, MANIFEST
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from itertools import islice
 
 import numpy as np
+
+from cbir.codes import Codes
 from cbir.indexer.lexsearch import LexSearcher
 from cbir.indexer.readerbase import ReaderAttrs
 from cbir.indexer.results import (
@@ -25,8 +27,6 @@ from cbir.indexer.results import (
     xor_sort_keys,
 )
 from cbir.indexer.rows import key_order, make_keys
-
-from cbir.codes import Codes
 
 #: label filters selecting at most this many ids are answered by ranking exactly those ids
 FILTER_BRUTE_MAX = 65_536

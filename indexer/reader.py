@@ -23,6 +23,8 @@ from typing import Self
 
 import lmdb
 import numpy as np
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
 from cbir.indexer import writer as _writer
 from cbir.indexer.derived import CodeLookup, Derived, View, latest_saved
@@ -43,8 +45,6 @@ from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR
 from cbir.indexer.results import Item
 from cbir.indexer.rows import item_labels, label_prefix, normalise_labels
 from cbir.indexer.writer import LOG_TOO_BIG, IndexWriter
-
-from cbir.codes import CodeLayout, Codes
 
 log = logging.getLogger(__name__)
 

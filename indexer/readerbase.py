@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
-    from cbir.indexer.derived import View
-    from cbir.indexer.env import Env
 
     from cbir.codes import CodeLayout
+    from cbir.indexer.derived import View
+    from cbir.indexer.env import Env
 
 T = TypeVar("T")
 

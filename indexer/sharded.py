@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer import publish as _publish
 from cbir.indexer.build import _pid_alive, _tmp_dir, build_index
 from cbir.indexer.env import is_sharded, new_manifest, read_manifest, write_manifest
@@ -50,8 +52,6 @@ from cbir.indexer.results import (
 )
 from cbir.indexer.rows import as_ids, check_codes, head64, make_keys
 from cbir.indexer.stats import dir_bytes, packed_coverage
-
-from cbir.codes import CodeLayout, Codes
 
 READ_ONLY = ("is a sharded index, which is read-only: a write that moves an item between shards "
              "cannot be one transaction. Open it with open_index(path) (readonly) and change the "

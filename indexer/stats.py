@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from cbir.codes import Codes
 from cbir.indexer.derived import View
 from cbir.indexer.env import file_size
 from cbir.indexer.publish import DERIVED_DIR, LMDB_DIR, MANIFEST
-
-from cbir.codes import Codes
 
 
 def dir_bytes(p: Path) -> int:

@@ -20,6 +20,8 @@ from typing import Self
 
 import lmdb
 import numpy as np
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer.derived import CodeLookup, load_or_scan
 from cbir.indexer.env import (
     acquire_env,
@@ -45,8 +47,6 @@ from cbir.indexer.rows import (
     meta_bytes,
     rows_bytes,
 )
-
-from cbir.codes import CodeLayout, Codes
 
 log = logging.getLogger(__name__)
 

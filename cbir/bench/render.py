@@ -11,6 +11,7 @@ import numpy as np
 
 from cbir.bench.report import yardstick
 
+
 def _md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
     align = align or ("l" + "r" * (len(header) - 1))
     sep = ["---:" if a == "r" else ":---" for a in align]

@@ -9,6 +9,7 @@ import numpy as np
 
 from cbir.codes import Codes
 
+
 # ============================================================================================
 # robustness perturbations (raw uint8 CHW tensors in, uint8 CHW tensors out)
 # ============================================================================================
@@ -49,7 +50,7 @@ def perturb_jitter(images: list, strength: float, rng: np.random.Generator) -> l
     for idx in _by_shape(images):
         ii = torch.tensor(idx)
         x = torch.stack([images[i] for i in idx]).float() / 255.0
-        v = lambda f: f[ii].view(-1, 1, 1, 1)  # noqa: E731
+        v = lambda f, ii=ii: f[ii].view(-1, 1, 1, 1)  # noqa: E731
         x = (x * v(fb)).clamp_(0, 1)
         grey = (x * w).sum(dim=1, keepdim=True)
         x = (v(fc) * x + (1 - v(fc)) * grey.mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)

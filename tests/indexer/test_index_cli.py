@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from cbir.indexer import open_index
 
 from cbir.cli import main
 from cbir.codes import rank
+from cbir.indexer import open_index
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,8 @@ def test_index_build_errors(tmp_path, model_path, capsys):
 
 
 def test_index_compact(tmp_path, capsys):
-    from cbir.indexer import IndexWriter
-
     from cbir.codes import CodeLayout, Codes
+    from cbir.indexer import IndexWriter
 
     rng = np.random.default_rng(0)
     with IndexWriter(tmp_path / "ix", layout=CodeLayout(16)) as w:

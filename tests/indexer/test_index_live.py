@@ -10,14 +10,14 @@ import os
 import numpy as np
 import pytest
 from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
-from cbir.indexer import IndexWriter, build_index, compact_index, open_index
-from cbir.indexer import derived as derived_mod
-from cbir.indexer import writer as writer_mod
-from cbir.indexer.derived import Derived, View
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbir.codes import CodeLayout, Codes
+from cbir.indexer import IndexWriter, build_index, compact_index, open_index
+from cbir.indexer import derived as derived_mod
+from cbir.indexer import writer as writer_mod
+from cbir.indexer.derived import Derived, View
 
 SETTINGS = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -337,7 +337,7 @@ def test_refresh_sees_an_in_place_rebuild_and_compaction(tmp_path):
     assert r.refresh() and r.count() == 80
     # compaction: a writer grows the file, compact shrinks it; reader and writer follow
     with IndexWriter(tmp_path / "ix") as w:
-        for s in range(10):
+        for _ in range(10):
             w.upsert(np.arange(80), random_codes(rng, 80, 16, "uniform"), [{"p": "x" * 200}] * 80)
         final = random_codes(rng, 80, 16, "uniform")
         w.upsert(np.arange(80), final)

@@ -47,11 +47,10 @@ def _images(root, n_per_class=11):
 
 
 def test_ray_encode_equals_single_process(tmp_path, model_path, local_ray, capsys, caplog):
-    from cbir.indexer import open_index
-
     from cbir.cli.index_cmd import _image_folder
     from cbir.data import SkipLog
     from cbir.distributed.ray_encode import encode_with_ray
+    from cbir.indexer import open_index
     from cbir.models.hasher import Hasher
 
     _images(tmp_path / "imgs")

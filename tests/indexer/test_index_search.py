@@ -6,10 +6,10 @@ import tempfile
 
 import numpy as np
 import pytest
+from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import build_index, open_index
 from cbir.indexer.lexsearch import LexSearcher
@@ -138,7 +138,7 @@ def test_uncertain_bits_become_wildcards():
     codes = random_codes(rng, n, nbits, "clustered")
     ids = np.arange(n) * 3
     with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
-        for t in range(10):
+        for _ in range(10):
             q = codes[int(rng.integers(n))]
             conf = rng.random(nbits).astype(np.float32)
             got = r.search_lex(q, 25, conf=conf, conf_threshold=0.3, probe_budget=8)

@@ -9,6 +9,10 @@ import tempfile
 import numpy as np
 import pytest
 from _helpers import queries_for, random_codes, random_ids, ref_ids, ref_radius
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer import (
     IndexWriter,
     ShardedReader,
@@ -19,10 +23,6 @@ from cbir.indexer import (
 from cbir.indexer.publish import OutputExistsError, foreign_entries
 from cbir.indexer.reader import IndexReader
 from cbir.indexer.sharded import shard_of
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from cbir.codes import CodeLayout, Codes
 
 NBITS = st.sampled_from([1, 3, 8, 12, 21, 64, 70])
 KIND = st.sampled_from(["uniform", "clustered", "dups"])

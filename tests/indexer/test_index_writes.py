@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 from _helpers import queries_for, random_codes, ref_ids, ref_radius
+
+from cbir.codes import CodeLayout, Codes
 from cbir.indexer import IndexWriter, build_index, open_index, read_manifest
 from cbir.indexer import build as build_mod
 from cbir.indexer import derived as derived_mod
 from cbir.indexer import env as env_mod
 from cbir.indexer import writer as writer_mod
 from cbir.indexer.reader import IndexReader
-
-from cbir.codes import CodeLayout, Codes
 
 
 def _check_all(r, model: dict, nbits: int, rng) -> None:
