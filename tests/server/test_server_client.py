@@ -203,3 +203,19 @@ def test_bench_searcher_halves_chunks_on_resource_exhausted(index, server_factor
             s.search(codes[:2], 51)
     finally:
         s.close()
+
+
+def test_async_unavailable_is_retried_then_raised():
+    async def main():
+        c = cc.AsyncCbirClient(f"127.0.0.1:{_free_port()}", timeout=10,
+                               retry=cc.RetryPolicy(attempts=3, initial_s=0.1, jitter=0.0))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(cc.Unavailable) as e:
+                await c.ping()
+            return c.retries, time.monotonic() - t0, e.value
+        finally:
+            await c.close()
+
+    retries, took, err = asyncio.run(main())
+    assert retries == 2 and 0.3 <= took < 5 and err.code == "UNAVAILABLE" and isinstance(err, cc.CbirError)
