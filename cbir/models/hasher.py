@@ -128,20 +128,25 @@ class Hasher:
         return self._eval_transform
 
     # persistence ----------------------------------------------------------------------------
+    def payload(self) -> dict:
+        """Everything the checkpoint file holds (header, config, weights, content hash)."""
+        self._hash = None
+        state = {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
+        return dict(self._header(), config=self.config, state_dict=state, content_hash=self.content_hash)
+
     def save(self, path: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._hash = None
-        state = {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
-        payload = dict(self._header(), config=self.config, state_dict=state, content_hash=self.content_hash)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
+        torch.save(self.payload(), tmp)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 256) -> "Hasher":
+        """Load a checkpoint; an ensemble checkpoint gives a :class:`cbir.ensemble.EnsembleHasher`
+        (same encoding interface, every member encodes)."""
         path = Path(path)
         if path.is_dir():
             path = path / "model.pt"
@@ -151,8 +156,19 @@ class Hasher:
             payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unpickling error means a bad file
             raise ValueError(f"{path} is not a readable cbir checkpoint: {exc}") from exc
+        from cbir.ensemble import FORMAT as ENSEMBLE_FORMAT
+
+        if isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT:
+            from cbir.ensemble import EnsembleHasher
+
+            return EnsembleHasher.from_payload(payload, path, device=device, batch_size=batch_size)  # type: ignore[return-value]
+        return cls.from_payload(payload, path, device=device, batch_size=batch_size)
+
+    @classmethod
+    def from_payload(cls, payload, where, device: str | torch.device = "auto", batch_size: int = 256) -> "Hasher":
+        """A Hasher from a checkpoint dict (:meth:`payload`); ``where`` names it in errors."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a cbir checkpoint (format {FORMAT!r} expected)")
+            raise ValueError(f"{where} is not a cbir checkpoint (format {FORMAT!r} expected)")
         spec = _spec_from_dict(payload["spec"])
         params = resolve_params(payload["method"], payload["params"])
         method = create_method(payload["method"], spec, params)
@@ -163,7 +179,7 @@ class Hasher:
         hasher = cls(method, payload["method"], spec, params, payload["image_size"], payload.get("config"),
                      device=device, batch_size=batch_size)
         if hasher.content_hash != payload["content_hash"]:
-            raise ValueError(f"{path}: content hash mismatch (file corrupted or edited)")
+            raise ValueError(f"{where}: content hash mismatch (file corrupted or edited)")
         return hasher
 
     # encoding -------------------------------------------------------------------------------

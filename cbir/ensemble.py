@@ -1,0 +1,205 @@
+"""Ensembles of hashers: one checkpoint, every member encodes, the t-test says how sure they are.
+
+"Looking for controversy" (2022): ``E`` members trained with perturbed training (here: random
+starting points ``seed``, or different backbones ``arch``) share one
+:class:`~cbir.codes.CodeLayout`. :class:`EnsembleHasher` encodes with every member and combines
+them with :mod:`cbir.uncertainty`:
+
+* **class answer**: every member's class logits -> per-class t-test confidence, prediction set,
+  IDK flag and hardness (:func:`cbir.uncertainty.class_decision`);
+* **the index code**: the class bits are the binary of the ensemble's most confident class (the
+  class bits of all members mean the same thing, so the ensemble decides them); the remaining
+  (path / free) bits are the **primary member's** (member 0): members trained independently
+  grow different trees, so their path bits do not correspond and a bit-wise majority of them
+  would be a code no member produces. :func:`cbir.uncertainty.bit_agreement` measures how much
+  they agree anyway (reported, not used for the code);
+* the per-bit confidence is the primary member's.
+
+``encode`` returns ``(Codes, conf)`` like :class:`~cbir.models.hasher.Hasher`, so an ensemble
+builds indexes and serves queries unchanged; :meth:`EnsembleHasher.encode_ensemble` returns
+everything else. ``Hasher.load`` of an ensemble checkpoint returns an :class:`EnsembleHasher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cbir.codes import Codes
+from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
+
+__all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "FORMAT", "PERTURBATIONS"]
+
+FORMAT = "cbir-ensemble/1"
+PERTURBATIONS = ("seed", "arch")
+
+
+@dataclass
+class EnsembleEncoding:
+    codes: Codes                  # the index code (see the module docstring)
+    conf: np.ndarray              # (N, B) float32, the primary member's per-bit confidence
+    decision: ClassDecision       # class answer: confidence, prediction set, IDK, hardness
+    member_codes: list[Codes]     # every member's own code
+    bit_agreement: np.ndarray     # (N, B) fraction of members agreeing with the majority
+
+
+class EnsembleHasher:
+    """``E >= 2`` :class:`~cbir.models.hasher.Hasher` members with one CodeLayout."""
+
+    def __init__(self, members: Sequence, perturb: str = "seed", tau: float = DEFAULT_TAU,
+                 margin: float = 1.0):
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        lay = members[0].layout
+        for i, m in enumerate(members[1:], 1):
+            if m.layout != lay or m.image_size != members[0].image_size:
+                raise ValueError(f"member {i} has another code layout or image size than member 0; "
+                                 "every member must make the same kind of code")
+            if getattr(m.method, "class_head", None) is None:
+                raise ValueError(f"member {i} ({m.method_name}) has no class head: ensembles need class logits")
+        if lay.class_bits == 0 or lay.multilabel:
+            raise ValueError("ensembles need single-label codes with class bits (e.g. ddtl, ce)")
+        if perturb not in PERTURBATIONS:
+            raise ValueError(f"perturb must be one of {PERTURBATIONS}, got {perturb!r}")
+        self.members = members
+        self.perturb = perturb
+        self.tau = float(tau)
+        self.margin = float(margin)
+
+    # the Hasher interface the index builder and the server use --------------------------------
+    primary = property(lambda self: self.members[0])
+    layout = property(lambda self: self.primary.layout)
+    nbits = property(lambda self: self.primary.nbits)
+    image_size = property(lambda self: self.primary.image_size)
+    class_names = property(lambda self: self.primary.class_names)
+    eval_transform = property(lambda self: self.primary.eval_transform)
+    device = property(lambda self: self.primary.device)
+    method_name = property(lambda self: f"ensemble[{self.primary.method_name} x{len(self.members)}]")
+    config = property(lambda self: self.primary.config)
+    spec = property(lambda self: self.primary.spec)
+
+    @property
+    def batch_size(self) -> int:
+        return self.primary.batch_size
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256(FORMAT.encode())
+        h.update(f"{self.perturb}|{self.tau}|{self.margin}".encode())
+        for m in self.members:
+            h.update(m.content_hash.encode())
+        return h.hexdigest()
+
+    def preprocess(self, images):
+        return self.primary.preprocess(images)
+
+    # encoding -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _member_outputs(self, x: torch.Tensor):
+        codes, confs, logits = [], [], []
+        for m in self.members:
+            c, f = m.encode_tensor(x)
+            codes.append(c)
+            confs.append(f)
+            parts = []
+            for s in range(0, x.shape[0], m.batch_size):
+                xb = x[s : s + m.batch_size].to(m.device)
+                parts.append(m.method.class_head(m.method.backbone(xb)).float().cpu())
+            logits.append(torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names))))
+        return codes, confs, np.stack(logits)
+
+    def encode_ensemble(self, x: torch.Tensor) -> EnsembleEncoding:
+        """Encode a float batch in the evaluation transform with every member."""
+        from cbir.models.base import binary_of_class
+
+        codes, confs, logits = self._member_outputs(x)
+        dec = class_decision(logits, self.tau, self.margin)
+        cb = self.layout.class_bits
+        bits = codes[0].to_bits().copy()
+        bits[:, :cb] = binary_of_class(torch.from_numpy(dec.predicted), cb).numpy()
+        agree = bit_agreement(np.stack([c.to_bits() for c in codes]))
+        return EnsembleEncoding(Codes.from_bits(bits), confs[0], dec, codes, agree)
+
+    def encode_tensor(self, x: torch.Tensor) -> tuple[Codes, np.ndarray]:
+        e = self.encode_ensemble(x)
+        return e.codes, e.conf
+
+    def encode(self, x) -> tuple[Codes, np.ndarray]:
+        if isinstance(x, (list, tuple)):
+            x = self.preprocess(x)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError("EnsembleHasher.encode takes a float batch or a list of images; "
+                             "use encode_imageset for datasets")
+        return self.encode_tensor(x)
+
+    def encode_imageset(self, imageset, batch_size: int | None = None, num_workers: int = 0,
+                        progress: bool = False, skip_log=None, desc: str = "encode"):
+        """Like :meth:`Hasher.encode_imageset`: ``(codes, conf, indices)`` of the readable images."""
+        from cbir.data import make_loader
+
+        loader = make_loader(imageset.with_transform(self.eval_transform), batch_size or self.batch_size,
+                             shuffle=False, num_workers=num_workers, skip_log=skip_log)
+        out_c, out_f, idx = [], [], []
+        for batch in loader:
+            c, f = self.encode_tensor(batch.images)
+            out_c.append(c)
+            out_f.append(f)
+            idx.append(batch.indices.numpy())
+        if not out_c:
+            return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64)
+        return Codes.concat(out_c), np.concatenate(out_f), np.concatenate(idx).astype(np.int64)
+
+    # persistence --------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """One file holding every member's checkpoint dict (each with its own content hash)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": FORMAT, "perturb": self.perturb, "tau": self.tau, "margin": self.margin,
+                   "members": [m.payload() for m in self.members], "content_hash": self.content_hash}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_payload(cls, payload: dict, where, device="auto", batch_size: int = 256) -> "EnsembleHasher":
+        from cbir.models.hasher import Hasher
+
+        members = [Hasher.from_payload(p, f"{where} member {i}", device=device, batch_size=batch_size)
+                   for i, p in enumerate(payload["members"])]
+        ens = cls(members, payload["perturb"], payload["tau"], payload["margin"])
+        if ens.content_hash != payload["content_hash"]:
+            raise ValueError(f"{where}: content hash mismatch (file corrupted or edited)")
+        return ens
+
+
+def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence[str] = ()) -> Path:
+    """Train ``members`` models from ``cfg`` (a :class:`cbir.engine.TrainConfig`) and write one
+    ensemble checkpoint ``<cfg.out>/model.pt``; member ``i`` lives in ``<cfg.out>/member-<i>``.
+
+    ``perturb="seed"``: member ``i`` uses seed ``cfg.seed + i`` (random starting point and data
+    order). ``"arch"``: member ``i`` uses backbone ``backbones[i]`` (and seed ``cfg.seed + i``).
+    """
+    from cbir.engine import train
+
+    if members < 2:
+        raise ValueError(f"--ensemble needs at least 2 members, got {members}")
+    if perturb not in PERTURBATIONS:
+        raise ValueError(f"--perturb must be one of {', '.join(PERTURBATIONS)}, got {perturb!r}")
+    if perturb == "arch" and len(backbones) != members:
+        raise ValueError(f"--perturb arch needs one backbone per member: {members} members but "
+                         f"{len(backbones)} backbones given")
+    out = Path(cfg.out)
+    hashers = []
+    for i in range(members):
+        mcfg = dataclasses.replace(cfg, seed=cfg.seed + i, out=str(out / f"member-{i}"),
+                                   backbone=backbones[i] if perturb == "arch" else cfg.backbone)
+        hashers.append(train(mcfg).hasher)
+    return EnsembleHasher(hashers, perturb).save(out / "model.pt")

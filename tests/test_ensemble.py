@@ -1,0 +1,99 @@
+"""Ensemble checkpoints: every member encodes, the class answer is the t-test's, the round trip
+is exact, and an ensemble builds an index like any model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbir.ensemble import EnsembleHasher, train_ensemble
+from cbir.models.hasher import Hasher
+from cbir.models.registry import MethodSpec, create_method, resolve_params
+from cbir.uncertainty import class_decision
+
+
+def _member(seed, method="ddtl"):
+    torch.manual_seed(seed)
+    spec = MethodSpec(backbone="convnet", num_classes=4, nbits=None, depth=6 if method == "ddtl" else None,
+                      class_names=tuple("abcd"), backbone_kwargs=(("width", 8),))
+    params = resolve_params(method, None)
+    return Hasher(create_method(method, spec, params), method, spec, params, image_size=32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    return EnsembleHasher([_member(s) for s in (0, 1, 2)], "seed")
+
+
+def test_ensemble_code_and_class_answer(ensemble):
+    x = torch.randn(20, 3, 32, 32)
+    e = ensemble.encode_ensemble(x)
+    with torch.no_grad():
+        logits = np.stack([m.method.class_head(m.method.backbone(x)).numpy() for m in ensemble.members])
+    want = class_decision(logits, ensemble.tau, ensemble.margin)
+    np.testing.assert_allclose(e.decision.confidence, want.confidence)
+    assert np.array_equal(e.decision.idk, want.idk)
+    bits = e.codes.to_bits()
+    cb = ensemble.layout.class_bits
+    cls = (bits[:, :cb] * (1 << np.arange(cb - 1, -1, -1))).sum(axis=1)
+    assert np.array_equal(cls, want.predicted)  # class bits = the ensemble's class
+    primary, _ = ensemble.members[0].encode_tensor(x)
+    assert np.array_equal(bits[:, cb:], primary.to_bits()[:, cb:])  # path bits = the primary's
+    assert e.bit_agreement.shape == (20, ensemble.nbits) and (e.bit_agreement >= 0.5).all()
+    assert len(e.member_codes) == 3
+
+
+def test_ensemble_checkpoint_round_trip(tmp_path, ensemble):
+    path = ensemble.save(tmp_path / "ens.pt")
+    loaded = Hasher.load(path, device="cpu")
+    assert isinstance(loaded, EnsembleHasher) and loaded.content_hash == ensemble.content_hash
+    x = torch.randn(9, 3, 32, 32)
+    (c1, f1), (c2, f2) = ensemble.encode_tensor(x), loaded.encode_tensor(x)
+    assert c1 == c2 and np.array_equal(f1, f2)
+    e1, e2 = ensemble.encode_ensemble(x), loaded.encode_ensemble(x)
+    np.testing.assert_array_equal(e1.decision.confidence, e2.decision.confidence)
+    # a corrupted member is detected
+    payload = torch.load(path, weights_only=False)
+    payload["members"][1]["state_dict"] = {k: v + 1 for k, v in payload["members"][1]["state_dict"].items()}
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="content hash mismatch"):
+        Hasher.load(tmp_path / "bad.pt", device="cpu")
+
+
+def test_ensemble_rejects_mismatched_members():
+    with pytest.raises(ValueError, match="at least 2 members"):
+        EnsembleHasher([_member(0)])
+    with pytest.raises(ValueError, match="another code layout"):
+        EnsembleHasher([_member(0), _member(1, "ce")])
+
+
+def test_ensemble_builds_an_index(tmp_path, ensemble):
+    from cbir.cli import main
+    from cbir.indexer import open_index
+
+    path = ensemble.save(tmp_path / "ens.pt")
+    assert main(["index", "build", "--model", str(path), "--dataset", "digits", "--out", str(tmp_path / "ix"),
+                 "--no-progress"]) == 0
+    from cbir.data import load_dataset
+
+    db = load_dataset("digits").database
+    codes, _, _ = Hasher.load(path, device="cpu").encode_imageset(db.subset(np.arange(50)))
+    with open_index(tmp_path / "ix") as r:
+        stored = np.concatenate([r.get(i).code.packed for i in range(50)])
+        assert r.model_hash == ensemble.content_hash
+    assert np.array_equal(stored, codes.packed)
+
+
+def test_train_ensemble_seed_members(tmp_path):
+    from cbir.engine import TrainConfig
+
+    cfg = TrainConfig(method="ddtl", dataset="digits", backbone="convnet", depth=4, epochs=1, batch_size=32,
+                      max_steps=2, out=str(tmp_path / "e"), progress=False, threads=1)
+    path = train_ensemble(cfg, 2, "seed")
+    ens = Hasher.load(path, device="cpu")
+    assert isinstance(ens, EnsembleHasher) and len(ens.members) == 2
+    assert ens.members[0].content_hash != ens.members[1].content_hash  # different starting points
+    assert (tmp_path / "e" / "member-1" / "model.pt").is_file()
+    with pytest.raises(ValueError, match="one backbone per member"):
+        train_ensemble(cfg, 2, "arch", ["convnet"])
