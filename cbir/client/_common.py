@@ -35,7 +35,7 @@ class RetryPolicy:
 
 @dataclass
 class SearchResult:
-    """One ranked answer: ``ids`` int64, ``hamming`` / ``prefix`` int32 (per hit), ``codes`` of
+    """One ranked answer: ``ids`` int64, ``hamming`` / ``prefix`` / ``rank`` (per hit), ``codes`` of
     the hits (when ``return_codes``), ``metadata`` dicts (when ``return_metadata``), the query's
     code and the prefix-mode ``next_cursor`` (``b""`` at the end)."""
 
@@ -43,6 +43,7 @@ class SearchResult:
     hamming: np.ndarray
     prefix: np.ndarray
     query_code: Codes | None
+    rank: np.ndarray | None = None  # 0-based rank in the full ranking (offset included)
     codes: Codes | None = None
     metadata: list[dict] | None = None
     next_cursor: bytes = b""
@@ -193,6 +194,7 @@ def search_result(resp, return_codes: bool, return_metadata: bool) -> SearchResu
         hamming=np.fromiter((h.hamming_distance for h in hits), dtype=np.int32, count=len(hits)),
         prefix=np.fromiter((h.common_prefix_length for h in hits), dtype=np.int32, count=len(hits)),
         query_code=codes_of([resp.query_code]) if resp.HasField("query_code") else None,
+        rank=np.fromiter((h.rank for h in hits), dtype=np.int64, count=len(hits)),
         codes=(codes_of([h.code for h in hits]) or Codes.empty(resp.query_code.nbits)) if return_codes else None,
         metadata=[struct_dict(h.metadata) if h.HasField("metadata") else {} for h in hits]
         if return_metadata else None,
