@@ -153,7 +153,7 @@ class Hasher:
         if not path.exists():
             raise FileNotFoundError(f"no model checkpoint at {path} (train one with `cbir train`)")
         try:
-            payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
+            payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling error means a bad file
             raise ValueError(f"{path} is not a readable cbir checkpoint: {exc}") from exc
         from cbir.ensemble import FORMAT as ENSEMBLE_FORMAT
