@@ -26,11 +26,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT load spreading is Linux's")
-def test_two_processes_share_one_port(index_dir, dataset):
+@pytest.mark.parametrize("with_model", [False, True])
+def test_two_processes_share_one_port(index_dir, dataset, hasher, images, tmp_path, with_model):
     ids, codes, _ = dataset
+    model = ["--model", str(hasher.save(tmp_path / "model.pt")), "--torch-threads", "1"] if with_model else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--address", "127.0.0.1:0",
-         "--processes", "2", "--grace", "5"],
+         "--processes", "2", "--grace", "5", *model],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         line = _read_line_with(proc, "SERVING", timeout=120)
@@ -41,7 +43,7 @@ def test_two_processes_share_one_port(index_dir, dataset):
         with open(f"/proc/{proc.pid}/maps") as f:  # the parent forked before loading torch or LMDB
             maps = f.read()
         assert "libtorch" not in maps and "/lmdb/" not in maps
-        seen, clients = set(), []
+        seen, clients, by_image = set(), [], set()
         try:
             for j in range(64):  # each channel is its own connection: the kernel spreads them
                 c = cc.CbirClient(address, options=[("grpc.use_local_subchannel_pool", 1), ("cbir.test", j)])
@@ -51,9 +53,12 @@ def test_two_processes_share_one_port(index_dir, dataset):
                 seen.add(int(st.details["server"]["pid"]))
                 res = c.search(code=codes[j % 10 : j % 10 + 1], k=5, mode="hamming")
                 assert res.hamming[0] == 0 and len(res) == 5
+                if with_model:  # every process loaded the same model: the same code for an image
+                    by_image.add(c.get_code(images[:1])[0].packed.tobytes())
                 if seen == pids:
                     break
             assert seen == pids, f"calls reached {seen} of {pids}"
+            assert len(by_image) == (1 if with_model else 0)
             with pytest.raises(cc.FailedPrecondition) as e:
                 clients[0].add([1], codes[:1])
             assert "--processes" in e.value.details and "single-process" in e.value.details
