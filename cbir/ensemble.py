@@ -34,7 +34,7 @@ import torch
 from cbir.codes import Codes
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
-__all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "FORMAT", "PERTURBATIONS"]
+__all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "search_prediction_set", "FORMAT", "PERTURBATIONS"]
 
 FORMAT = "cbir-ensemble/1"
 PERTURBATIONS = ("seed", "arch")
@@ -203,3 +203,46 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
                                    backbone=backbones[i] if perturb == "arch" else cfg.backbone)
         hashers.append(train(mcfg).hasher)
     return EnsembleHasher(hashers, perturb).save(out / "model.pt")
+
+
+def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10):
+    """Search every class subtree of a query's prediction set and merge (issue: IDK queries).
+
+    ``code`` is the query's 1-row code (its class bits are ignored), ``classes`` its prediction
+    set best first (:meth:`ClassDecision.sets`). For every class ``c`` the query is re-aimed at
+    ``c``'s subtree (class bits := ``c``) and searched lexicographically in ``reader`` (a
+    :mod:`cbir.indexer` reader); candidates outside their class's subtree are dropped. The merge
+    is a total order: ascending big-endian XOR of the **path** bits with the query's path bits,
+    then the class's rank in the prediction set, then id — within one class it is exactly the
+    index's lexicographic order. Returns ``(ids int64, codes Codes)`` of the best ``k``.
+    """
+    layout = reader.layout
+    cb = int(layout.class_bits)
+    if cb == 0:
+        raise ValueError("prediction-set search needs codes with class bits")
+    if len(code) != 1:
+        raise ValueError(f"one query code expected, got {len(code)}")
+    bits = code.to_bits()[0]
+    weights = 1 << np.arange(cb - 1, -1, -1)
+    ids_all, codes_all, rank_all = [], [], []
+    for r, c in enumerate(classes):
+        qb = bits.copy()
+        qb[:cb] = (int(c) >> np.arange(cb - 1, -1, -1)) & 1
+        res = reader.search_lex(Codes.from_bits(qb[None]), k)
+        cand = res.codes.to_bits()
+        keep = (cand[:, :cb] * weights).sum(axis=1) == int(c)
+        ids_all.append(np.asarray(res.ids)[keep])
+        codes_all.append(cand[keep])
+        rank_all.append(np.full(int(keep.sum()), r))
+    if not ids_all or sum(len(i) for i in ids_all) == 0:
+        return np.zeros(0, np.int64), Codes.empty(code.nbits)
+    ids = np.concatenate(ids_all).astype(np.int64)
+    cbits = np.concatenate(codes_all)
+    ranks = np.concatenate(rank_all)
+    if code.nbits > cb:  # big-endian XOR of the path bits: byte columns, the first most significant
+        x = Codes.from_bits(cbits[:, cb:]).packed ^ Codes.from_bits(bits[None, cb:]).packed
+        order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))
+    else:
+        order = np.lexsort((ids, ranks))
+    order = order[:k]
+    return ids[order], Codes.from_bits(cbits[order])
