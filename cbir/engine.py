@@ -27,6 +27,12 @@ DDTL's ``two_stage``: the backbone is frozen, its features of the training set a
 on them for ``head_steps`` steps of ``head_classes_per_batch x head_images_per_class`` batches.
 ``init_from`` copies warm-start weights (a cbir checkpoint, a state_dict file, a torchvision
 weights name in the local hub cache; :mod:`cbir.models.warmstart`) before stage 1.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the image stage is data-parallel
+(:mod:`cbir.distributed.ddp`: gloo on CPU, nccl on CUDA, DistributedDataParallel, each rank a
+disjoint part of the 1-process global batch, DDTL's per-class contrastive term over the global
+batch); rank 0 alone writes ``train_state.pt``, ``model.pt``, ``config.json`` and ``history.jsonl``.
+Frozen-feature paths (``freeze_backbone``, DDTL ``two_stage``) are single-process only.
 """
 
 from __future__ import annotations
@@ -187,8 +193,10 @@ def _val_accuracy(method, loader, device) -> float | None:
     return correct / max(total, 1)
 
 
-def _image_loader(cfg, method, train_set, aug, skip_log):
-    """Training loader of the image stage: shuffled, or class-balanced P x K batches."""
+def _image_loader(cfg, method, train_set, aug, skip_log, denv=None):
+    """Training loader of the image stage: shuffled, or class-balanced P x K batches.
+
+    Under DDP (``denv``) each rank gets its part of the same global batches."""
     from cbir.data import TwoViews, make_loader
     from cbir.data.imageset import Loader, collate
     from cbir.data.sampler import ClassBalancedBatchSampler, resolve_pk
@@ -196,6 +204,23 @@ def _image_loader(cfg, method, train_set, aug, skip_log):
     ds = train_set.with_transform(TwoViews(aug) if method.two_views else aug)
     balanced = cfg.sampler == "balanced" or (
         cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views)
+    if denv is not None:
+        from cbir.data.sampler import DistributedClassBalancedBatchSampler
+        from cbir.distributed.ddp import ShardedBatchSampler
+
+        if balanced:
+            p, k = resolve_pk(train_set.num_classes, cfg.batch_size, cfg.classes_per_batch, cfg.images_per_class)
+            sampler = DistributedClassBalancedBatchSampler(train_set.labels, p, k, denv.rank, denv.world_size,
+                                                           seed=cfg.seed)
+        else:  # the batches of make_loader(shuffle=True, seed=cfg.seed, drop_last=True)
+            gen = torch.Generator()
+            gen.manual_seed(int(cfg.seed))
+            base = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds, generator=gen),
+                                                 cfg.batch_size, drop_last=True)
+            sampler = ShardedBatchSampler(base, denv.rank, denv.world_size)
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                                         generator=None if balanced else gen)  # as make_loader: seeds drawn from gen
+        return Loader(ds, dl, skip_log), (sampler if balanced else None)
     if not balanced:
         return make_loader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
                            drop_last=True, skip_log=skip_log), None
@@ -270,6 +295,22 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.dataset``; see the module docstring for the outputs."""
+    from cbir.distributed import ddp
+
+    denv = ddp.detect()
+    if denv is None:
+        return _train(cfg, None)
+    cfg.validate()
+    if cfg.freeze_backbone:
+        raise ValueError("--freeze-backbone (cached features + head fit) is single-process only; "
+                         "run it without torchrun")
+    try:
+        return _train(cfg, denv)
+    finally:
+        ddp.teardown()
+
+
+def _train(cfg: TrainConfig, denv) -> TrainResult:
     from tqdm.auto import tqdm
 
     from cbir.data import SkipLog, eval_transform, load_dataset, make_loader, split_validation, train_transform
@@ -282,6 +323,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if denv is not None:
+        from cbir.distributed import ddp
+
+        if device.type == "cuda" and device.index is not None and denv.world_size > 1:
+            raise ValueError(f"--device {cfg.device} under torchrun: use --device cuda (rank r uses cuda:LOCAL_RANK)")
+        device = ddp.setup(denv, device)
+    main = denv is None or denv.is_main
 
     splits = load_dataset(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size)
     image_size = splits.image_size
@@ -314,12 +362,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         method.after_init()
     method.to(device)
     two_stage = getattr(method, "stage", "joint") != "joint"
+    if denv is not None and (two_stage or not method.trainable or cfg.epochs == 0):
+        raise ValueError(f"{cfg.method}: only the image stage is distributed, and this run has none to distribute "
+                         "(DDTL two_stage, a method without training, or --epochs 0); run it without torchrun")
     if cfg.freeze_backbone:
         method.backbone.requires_grad_(False)
 
     aug = train_transform(image_size, flip=splits.flip_ok, strength=cfg.aug_strength)
     skip_log = SkipLog()
-    train_loader, sampler = _image_loader(cfg, method, train_set, aug, skip_log)
+    train_loader, sampler = _image_loader(cfg, method, train_set, aug, skip_log, denv)
 
     val_loader = None
     if val_set is not None:
@@ -351,13 +402,21 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     t0 = time.perf_counter() - elapsed_before
     budget_hit = False
+    model = None  # the DDP wrapper under torchrun
+    if opt is not None and denv is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from cbir.distributed.ddp import LossModule, all_reduce_max, all_reduce_mean, global_batch
+
+        model = DistributedDataParallel(LossModule(method), device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
     if opt is not None:
         method.train()
         for epoch in range(start_epoch, cfg.epochs):
             sums: dict[str, float] = {}
             nb = 0
             bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not cfg.progress, leave=False)
+                       unit="step", disable=not (cfg.progress and main), leave=False)
             torch.manual_seed(cfg.seed * 100003 + epoch)  # per-epoch shuffling/augmentation stream
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -365,13 +424,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if i >= steps_per_epoch or step >= total_steps:
                     break
                 elapsed = time.perf_counter() - t0
+                if model is not None and cfg.time_budget_s:  # one schedule for all ranks
+                    elapsed = all_reduce_max([elapsed], device)[0]
                 progress = step / total_steps
                 if cfg.time_budget_s:
                     progress = max(progress, elapsed / cfg.time_budget_s)
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(cfg, progress, step)
                 batch = batch.to(device, non_blocking=True)
-                loss, logs = method.training_loss(batch.images, batch.targets)
+                if model is None:
+                    loss, logs = method.training_loss(batch.images, batch.targets)
+                else:
+                    with global_batch():
+                        loss, logs = model(batch.images, batch.targets)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -385,10 +450,18 @@ def train(cfg: TrainConfig) -> TrainResult:
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{sums['loss'] / nb:.4f}")
                 bar.update()
-                if cfg.time_budget_s and time.perf_counter() - t0 >= cfg.time_budget_s:
-                    budget_hit = True
-                    break
+                if cfg.time_budget_s:
+                    hit = time.perf_counter() - t0 >= cfg.time_budget_s
+                    if model is not None:
+                        hit = all_reduce_max([float(hit)], device)[0] > 0
+                    if hit:
+                        budget_hit = True
+                        break
             bar.close()
+            if model is not None and sums:  # epoch means over the global batch
+                keys = sorted(sums)
+                means = dict(zip(keys, all_reduce_mean([sums[k] for k in keys], device)))
+                sums = {k: means[k] for k in sums}
             rec = {k: v / max(nb, 1) for k, v in sums.items()}
             rec.update(epoch=epoch + 1, step=step, lr=opt.param_groups[0]["lr"],
                        wall_s=round(time.perf_counter() - t0, 2))
@@ -397,14 +470,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                 rec["val_accuracy"] = acc
             history.append(rec)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
-            torch.save({"config": _resume_key(cfg), "model": method.state_dict(), "optimizer": opt.state_dict(),
-                        "epoch": epoch + 1, "step": step, "elapsed": time.perf_counter() - t0,
-                        "history": history, "rng": torch.get_rng_state()}, state_path)
+            if main:
+                torch.save({"config": _resume_key(cfg), "model": method.state_dict(), "optimizer": opt.state_dict(),
+                            "epoch": epoch + 1, "step": step, "elapsed": time.perf_counter() - t0,
+                            "history": history, "rng": torch.get_rng_state()}, state_path)
             if budget_hit:
                 log.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, step)
                 break
             if step >= total_steps:
                 break
+
+    if denv is not None and not main:  # rank 0 finalizes and writes; the others load what it wrote
+        import torch.distributed as dist
+
+        dist.barrier()
+        return TrainResult(out / "model.pt", Hasher.load(out / "model.pt"), history, {})
 
     # Head stage on cached features (frozen backbone; DDTL's two-stage tree fit).
     phases: list = []
@@ -465,12 +545,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         "skipped_images": skip_log.count,
         "torch": torch.__version__,
     }
+    if denv is not None:
+        resolved["distributed"] = {"world_size": denv.world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
     (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     with open(out / "history.jsonl", "w") as f:
         for rec in history:
             f.write(json.dumps(rec) + "\n")
     if skip_log.count:
         log.warning(skip_log.summary())
+    if denv is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
     return TrainResult(ckpt, hasher, history, resolved)
 
 

@@ -1,4 +1,10 @@
-"""``cbir train``: train any registered method with the one training engine."""
+"""``cbir train``: train any registered method with the one training engine.
+
+Data-parallel on several processes / GPUs: start it with torchrun, e.g.
+``torchrun --nproc-per-node 2 -m cbir.cli train --method ddtl ... --out runs/ddp`` (gloo on CPU,
+nccl on CUDA, one GPU per process). Every process draws the same global batch as a 1-process
+run; each trains on its part, DDTL's contrastive term is computed over the global batch, and
+rank 0 writes the outputs. --freeze-backbone and DDTL two_stage runs are single-process only."""
 
 from __future__ import annotations
 
@@ -122,6 +128,8 @@ def run(args) -> int:
 
     cfg = config_from_args(args, out=args.out, resume=args.resume)
     result = train(cfg)
+    if not result.config:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(json.dumps({"checkpoint": str(result.checkpoint), "content_hash": result.hasher.content_hash,
                       "layout": result.hasher.layout.to_dict(), "steps": result.config["steps"],
                       "train_wall_s": result.config["train_wall_s"]}, indent=2))
@@ -131,7 +139,8 @@ def run(args) -> int:
 def register(sub) -> None:
     from cbir.engine import TrainConfig
 
-    p = sub.add_parser("train", help="train a hashing model", description=__doc__)
+    p = sub.add_parser("train", help="train a hashing model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, TrainConfig())
     p.add_argument("--out", default="runs/model", help="output directory (model.pt, config.json, history.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

@@ -18,13 +18,17 @@ images each:
 
 The order is a pure function of ``seed`` and the epoch (``set_epoch``), numpy's PCG64 generator.
 Items are dataset indices; batches are lists of ints (``DataLoader(batch_sampler=...)``).
+
+:class:`DistributedClassBalancedBatchSampler` (DDP under torchrun) draws the same global batches
+with the same seed on every rank and yields rank ``r``'s part, items ``r, r + N, ...`` of each:
+the ranks' parts are disjoint and together are the 1-process batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ClassBalancedBatchSampler", "resolve_pk"]
+__all__ = ["ClassBalancedBatchSampler", "DistributedClassBalancedBatchSampler", "resolve_pk"]
 
 
 def resolve_pk(num_classes: int, batch_size: int, classes_per_batch: int | None,
@@ -115,3 +119,22 @@ class ClassBalancedBatchSampler:
             for c in chosen:
                 batch += take(c, self.k, used)
             yield batch
+
+
+class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
+    """Rank ``rank``'s part (items ``rank::world_size``) of each global batch of
+    :class:`ClassBalancedBatchSampler` with the same arguments (see the module docstring)."""
+
+    def __init__(self, labels, classes_per_batch: int, images_per_class: int, rank: int, world_size: int,
+                 num_batches: int | None = None, seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+        super().__init__(labels, classes_per_batch, images_per_class, num_batches=num_batches, seed=seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if len(batch) < self.world_size:
+                raise ValueError(f"a global batch of {len(batch)} items cannot be split over {self.world_size} "
+                                 "processes; use a larger batch or fewer processes")
+            yield batch[self.rank :: self.world_size]

@@ -13,6 +13,9 @@ identically 0 and it is left out of the average). Negatives are other images *of
 so the loss spreads a class over many leaves (hash coverage) while the positive keeps an image's
 leaf stable under augmentation (robustness). For multi-label data a "class" is a distinct label
 set.
+
+Under ``torchrun`` (:mod:`cbir.distributed.ddp`, inside ``ddp.global_batch()``) the classes are
+those of the *global* batch: ``z1``, ``z2`` and ``targets`` are all-gathered over the ranks first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cbir.distributed import ddp
 
 __all__ = ["PerClassNTXent", "group_ids"]
 
@@ -44,6 +49,8 @@ class PerClassNTXent(nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if z1.shape != z2.shape or z1.ndim != 2:
             raise ValueError(f"z1 and z2 must both be (n, L); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        if ddp.is_gathering():  # DDP: the term over the global batch (gradients reach the local rows)
+            z1, z2, targets = ddp.gather_cat(z1), ddp.gather_cat(z2), ddp.gather_cat(targets)
         n = z1.shape[0]
         cls = group_ids(targets)
         if cls.shape[0] != n:
