@@ -49,21 +49,34 @@ def score(hasher, db_set, q_set, k=1000) -> dict:
     enc = encode_protocol(hasher, SimpleNamespace(database=db_set, query=q_set), progress=False)
     s = retrieval_summary(enc, k, fixed_bits=hasher.layout.class_bits if hasher.layout.depth else 0)
     kk, cov = s["k"], s["coverage"]
-    return {"k": kk, "n_db": cov["n"], "n_query": len(enc.query_codes), "nbits": cov["nbits"],
-            "tie_map_lex": s[f"tie_map@{kk}_lex"], "tie_map_hamming": s[f"tie_map@{kk}_hamming"],
-            "id_map_lex": s[f"map@{kk}_lex"], "id_map_hamming": s[f"map@{kk}_hamming"],
-            "map_all_hamming": s["map@all_hamming"], "unique": cov["unique_percent"],
-            "collisions": cov["average_collision_count"], "entropy": cov["entropy_bits"],
-            "largest_bucket": cov["largest_bucket"], "random_unique": cov["random_unique_percent"],
-            "random_collisions": cov["random_average_collision_count"], "random_fixed_bits": cov["random_fixed_bits"],
-            "unique_ratio": cov["unique_ratio"]}
+    return {
+        "k": kk,
+        "n_db": cov["n"],
+        "n_query": len(enc.query_codes),
+        "nbits": cov["nbits"],
+        "tie_map_lex": s[f"tie_map@{kk}_lex"],
+        "tie_map_hamming": s[f"tie_map@{kk}_hamming"],
+        "id_map_lex": s[f"map@{kk}_lex"],
+        "id_map_hamming": s[f"map@{kk}_hamming"],
+        "map_all_hamming": s["map@all_hamming"],
+        "unique": cov["unique_percent"],
+        "collisions": cov["average_collision_count"],
+        "entropy": cov["entropy_bits"],
+        "largest_bucket": cov["largest_bucket"],
+        "random_unique": cov["random_unique_percent"],
+        "random_collisions": cov["random_average_collision_count"],
+        "random_fixed_bits": cov["random_fixed_bits"],
+        "unique_ratio": cov["unique_ratio"],
+    }
 
 
 def line(name: str, s: dict) -> str:
-    return (f"{name:24s} tie-aware mAP@{s['k']} lex {s['tie_map_lex']:.4f} hamming {s['tie_map_hamming']:.4f} | "
-            f"id-order lex {s['id_map_lex']:.4f} hamming {s['id_map_hamming']:.4f} | mAP@all {s['map_all_hamming']:.4f} | "
-            f"unique {s['unique']:6.2f} % (random {s['random_unique']:6.2f} %, ratio {s['unique_ratio']:.3f}) | "
-            f"collisions {s['collisions']:.3f} (random {s['random_collisions']:.3f})")
+    return (
+        f"{name:24s} tie-aware mAP@{s['k']} lex {s['tie_map_lex']:.4f} hamming {s['tie_map_hamming']:.4f} | "
+        f"id-order lex {s['id_map_lex']:.4f} hamming {s['id_map_hamming']:.4f} | mAP@all {s['map_all_hamming']:.4f} | "
+        f"unique {s['unique']:6.2f} % (random {s['random_unique']:6.2f} %, ratio {s['unique_ratio']:.3f}) | "
+        f"collisions {s['collisions']:.3f} (random {s['random_collisions']:.3f})"
+    )
 
 
 def run_dataset(name: str, args, out: Path) -> dict:
@@ -82,19 +95,43 @@ def run_dataset(name: str, args, out: Path) -> dict:
         ce_path = ce_from
         print(f"[{name}] stage 1: reusing the CE model {ce_from}", flush=True)
     else:
-        res = train(TrainConfig(method="ce", epochs=ce_epochs, batch_size=args.batch_size, lr=args.lr,
-                                val_fraction=0.1, out=str(out / name / "ce"), **common))
+        res = train(
+            TrainConfig(
+                method="ce",
+                epochs=ce_epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                val_fraction=0.1,
+                out=str(out / name / "ce"),
+                **common,
+            )
+        )
         ce, ce_cfg, ce_path = res.hasher, res.config, str(res.checkpoint)
-        print(f"[{name}] stage 1: CE {args.backbone}, {res.config['steps']} steps (batch {args.batch_size}, "
-              f"{ce_epochs} epochs on {len(train_part)} images), {res.config['train_wall_s']:.0f} s", flush=True)
+        print(
+            f"[{name}] stage 1: CE {args.backbone}, {res.config['steps']} steps (batch {args.batch_size}, "
+            f"{ce_epochs} epochs on {len(train_part)} images), {res.config['train_wall_s']:.0f} s",
+            flush=True,
+        )
 
     tree = {"two_stage": True, "tree_init": args.tree_init, "class_bias": args.tree_init == "pca"}
 
     def ddtl(tau: float, steps: int, val_fraction: float, tag: str):
-        return train(TrainConfig(method="ddtl", depth=args.depth, epochs=0, init_from=ce_path, val_fraction=val_fraction,
-                                 params=dict(tree, tau=tau), head_steps=steps, head_lr=args.head_lr,
-                                 head_images_per_class=args.k_per_class, feature_views=args.views,
-                                 out=str(out / name / tag), **common))
+        return train(
+            TrainConfig(
+                method="ddtl",
+                depth=args.depth,
+                epochs=0,
+                init_from=ce_path,
+                val_fraction=val_fraction,
+                params=dict(tree, tau=tau),
+                head_steps=steps,
+                head_lr=args.head_lr,
+                head_images_per_class=args.k_per_class,
+                feature_views=args.views,
+                out=str(out / name / tag),
+                **common,
+            )
+        )
 
     selection = []
     for tau in args.tau:
@@ -102,9 +139,12 @@ def run_dataset(name: str, args, out: Path) -> dict:
             r = ddtl(tau, steps, 0.1, f"select_tau{tau:g}_steps{steps}")
             s = score(r.hasher, train_part, held_out)
             selection.append({"tau": tau, "head_steps": steps, **s})
-            print(f"[{name}] held-out selection tau={tau:g}, {steps} NT-Xent steps: tie-aware mAP lex "
-                  f"{s['tie_map_lex']:.4f} hamming {s['tie_map_hamming']:.4f}, unique {s['unique']:.2f} % of "
-                  f"{s['n_db']} training codes, collisions {s['collisions']:.3f}", flush=True)
+            print(
+                f"[{name}] held-out selection tau={tau:g}, {steps} NT-Xent steps: tie-aware mAP lex "
+                f"{s['tie_map_lex']:.4f} hamming {s['tie_map_hamming']:.4f}, unique {s['unique']:.2f} % of "
+                f"{s['n_db']} training codes, collisions {s['collisions']:.3f}",
+                flush=True,
+            )
     ok = [s for s in selection if s["unique"] >= args.min_unique] or [max(selection, key=lambda s: s["unique"])]
     best = max(ok, key=lambda s: (s["tie_map_lex"] + s["tie_map_hamming"]) / 2)
     print(f"[{name}] chosen on the held-out part: tau={best['tau']:g}, {best['head_steps']} NT-Xent steps", flush=True)
@@ -114,20 +154,32 @@ def run_dataset(name: str, args, out: Path) -> dict:
     print(line(f"{name} CE-only 4 bits", ce_scores), flush=True)
     print(line(f"{name} DDTL 4+{args.depth} bits", dd_scores), flush=True)
     end = [r for r in final.history if r.get("end_of_stage")][-1]
-    return {"dataset": name, "ce": ce_scores, "ddtl": dd_scores, "selection": selection, "tau": best["tau"],
-            "head_steps": best["head_steps"],
-            "ce_config": ce_cfg, "ddtl_config": final.config, "ddtl_tree": end,
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "dataset": name,
+        "ce": ce_scores,
+        "ddtl": dd_scores,
+        "selection": selection,
+        "tau": best["tau"],
+        "head_steps": best["head_steps"],
+        "ce_config": ce_cfg,
+        "ddtl_config": final.config,
+        "ddtl_tree": end,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def verdicts(r: dict) -> list[str]:
     d, c = r["ddtl"], r["ce"]
-    rows = [f"unique {d['unique']:.2f} % (target >= 75): {'met' if d['unique'] >= 75 else 'NOT met'}",
-            f"collisions {d['collisions']:.3f} (target <= 0.5): {'met' if d['collisions'] <= 0.5 else 'NOT met'}"]
+    rows = [
+        f"unique {d['unique']:.2f} % (target >= 75): {'met' if d['unique'] >= 75 else 'NOT met'}",
+        f"collisions {d['collisions']:.3f} (target <= 0.5): {'met' if d['collisions'] <= 0.5 else 'NOT met'}",
+    ]
     for o in ("lex", "hamming"):
         diff = d[f"tie_map_{o}"] - c[f"tie_map_{o}"]
-        rows.append(f"tie-aware mAP@1000 {o}: DDTL - CE = {diff:+.4f} (target >= -0.01): "
-                    f"{'met' if diff >= -0.01 else 'NOT met'}")
+        rows.append(
+            f"tie-aware mAP@1000 {o}: DDTL - CE = {diff:+.4f} (target >= -0.01): "
+            f"{'met' if diff >= -0.01 else 'NOT met'}"
+        )
     return rows
 
 
@@ -143,18 +195,33 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--tau", type=float, nargs="+", default=[0.2], help="NT-Xent temperatures, chosen on the held-out part")
-    ap.add_argument("--head-steps", type=int, nargs="+", default=[0, 100],
-                    help="NT-Xent fine-tuning steps of the tree after its initialisation, chosen on the held-out part")
-    ap.add_argument("--tree-init", default="pca", choices=["pca", "random"],
-                    help="pca: class-wise median splits + per-class node offsets (cbir.models.heads.fit_pca_median_tree); "
-                         "random: the thesis' gradient-only fit")
+    ap.add_argument(
+        "--tau", type=float, nargs="+", default=[0.2], help="NT-Xent temperatures, chosen on the held-out part"
+    )
+    ap.add_argument(
+        "--head-steps",
+        type=int,
+        nargs="+",
+        default=[0, 100],
+        help="NT-Xent fine-tuning steps of the tree after its initialisation, chosen on the held-out part",
+    )
+    ap.add_argument(
+        "--tree-init",
+        default="pca",
+        choices=["pca", "random"],
+        help="pca: class-wise median splits + per-class node offsets (cbir.models.heads.fit_pca_median_tree); "
+        "random: the thesis' gradient-only fit",
+    )
     ap.add_argument("--min-unique", type=float, default=75.0)
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--k-per-class", type=int, default=51, help="images per class in the tree-fitting batches")
     ap.add_argument("--views", type=int, default=4, help="augmented views cached per image")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)",
+    )
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument("--out", default="runs/bench_ddtl")
@@ -172,17 +239,25 @@ def main(argv=None) -> int:
     if not args.skip_mnist:
         results.append(run_dataset("mnist", args, out))
         m = results[-1]["ddtl"]
-        print(f"MNIST DDTL mAP@1000 tie-aware lex {m['tie_map_lex']:.4f}, id-order lex {m['id_map_lex']:.4f} "
-              f"(target >= 0.98): {'met' if min(m['tie_map_lex'], m['id_map_lex']) >= 0.98 else 'NOT met'}", flush=True)
+        print(
+            f"MNIST DDTL mAP@1000 tie-aware lex {m['tie_map_lex']:.4f}, id-order lex {m['id_map_lex']:.4f} "
+            f"(target >= 0.98): {'met' if min(m['tie_map_lex'], m['id_map_lex']) >= 0.98 else 'NOT met'}",
+            flush=True,
+        )
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    lines = ["| dataset | model | bits | tie mAP@1000 lex | tie mAP@1000 Hamming | id mAP@1000 lex | id mAP@1000 Hamming "
-             "| unique % | random unique % | collisions | random collisions |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | model | bits | tie mAP@1000 lex | tie mAP@1000 Hamming | id mAP@1000 lex | id mAP@1000 Hamming "
+        "| unique % | random unique % | collisions | random collisions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for key in ("ce", "ddtl"):
             s = r[key]
-            lines.append(f"| {r['dataset']} | {key} | {s['nbits']} | {s['tie_map_lex']:.4f} | {s['tie_map_hamming']:.4f} | "
-                         f"{s['id_map_lex']:.4f} | {s['id_map_hamming']:.4f} | {s['unique']:.2f} | {s['random_unique']:.2f} | "
-                         f"{s['collisions']:.3f} | {s['random_collisions']:.3f} |")
+            lines.append(
+                f"| {r['dataset']} | {key} | {s['nbits']} | {s['tie_map_lex']:.4f} | {s['tie_map_hamming']:.4f} | "
+                f"{s['id_map_lex']:.4f} | {s['id_map_hamming']:.4f} | {s['unique']:.2f} | {s['random_unique']:.2f} | "
+                f"{s['collisions']:.3f} | {s['random_collisions']:.3f} |"
+            )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

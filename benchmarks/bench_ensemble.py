@@ -35,8 +35,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--ensemble-from", default=None,
-                    help="an ensemble checkpoint written by an earlier run (skips the training)")
+    ap.add_argument(
+        "--ensemble-from", default=None, help="an ensemble checkpoint written by an earlier run (skips the training)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,17 +53,28 @@ def main() -> None:
     sd = work / "backbone.pt"
     work.mkdir(parents=True, exist_ok=True)
     torch.save({f"backbone.{k}": v for k, v in ce.method.backbone.state_dict().items()}, sd)
-    cfg = TrainConfig(method="ce", dataset=args.dataset, backbone=ce.spec.backbone, init_from=str(sd),
-                      freeze_backbone=True, head_steps=args.head_steps, epochs=0, threads=args.threads,
-                      out=str(work / "ens"), progress=False)
+    cfg = TrainConfig(
+        method="ce",
+        dataset=args.dataset,
+        backbone=ce.spec.backbone,
+        init_from=str(sd),
+        freeze_backbone=True,
+        head_steps=args.head_steps,
+        epochs=0,
+        threads=args.threads,
+        out=str(work / "ens"),
+        progress=False,
+    )
     t0 = time.perf_counter()
     if args.ensemble_from:
         ens = Hasher.load(args.ensemble_from, device="cpu")
         print(f"ensemble of {len(ens.members)} members from {args.ensemble_from}")
     else:
         ens = Hasher.load(train_ensemble(cfg, args.members, "seed"), device="cpu")
-        print(f"trained {args.members} CE heads on the frozen backbone of {args.ce_from} "
-              f"({args.head_steps} head steps each) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"trained {args.members} CE heads on the frozen backbone of {args.ce_from} "
+            f"({args.head_steps} head steps each) in {time.perf_counter() - t0:.1f} s"
+        )
 
     sp = load_dataset(args.dataset)
     ql, dl = sp.query.labels, sp.database.labels
@@ -95,8 +107,10 @@ def main() -> None:
     dc = Codes.concat([e.codes for e in d_enc])
     idk = np.concatenate([e.decision.idk for e in q_enc])
     sets = [s for e in q_enc for s in e.decision.sets()]
-    print(f"t-test + confidence: {1000 * t_test:.1f} ms for {len(qc)} queries vs ensemble encode "
-          f"{1000 * t_enc:.1f} ms ({100 * t_test / t_enc:.2f} %)")
+    print(
+        f"t-test + confidence: {1000 * t_test:.1f} ms for {len(qc)} queries vs ensemble encode "
+        f"{1000 * t_enc:.1f} ms ({100 * t_test / t_enc:.2f} %)"
+    )
     k = min(args.k, len(dc))
     for name, sel in (("easy", ~idk), ("hard", idk)):
         if sel.sum() == 0:
@@ -104,8 +118,10 @@ def main() -> None:
             continue
         lex = M.tie_aware_average_precision(qc[np.flatnonzero(sel)], ql[sel], dc, dl, k, "lex")
         ham = M.tie_aware_average_precision(qc[np.flatnonzero(sel)], ql[sel], dc, dl, k, "hamming")
-        print(f"{name}: {int(sel.sum())} queries ({100 * sel.mean():.1f} %), tie-aware mAP@{k} lex {lex:.4f} "
-              f"Hamming {ham:.4f}")
+        print(
+            f"{name}: {int(sel.sum())} queries ({100 * sel.mean():.1f} %), tie-aware mAP@{k} lex {lex:.4f} "
+            f"Hamming {ham:.4f}"
+        )
     ix = build_index(work / "ix", np.arange(len(dc)), dc, layout=ens.layout)
     with open_index(ix) as r:
         rec_plain, rec_set, t_plain, t_set = [], [], 0.0, 0.0
@@ -120,10 +136,12 @@ def main() -> None:
             t_set += time.perf_counter() - t
             rec_set.append((dl[ids2] == ql[i]).sum() / rel)
     if rec_plain:
-        print(f"IDK queries ({len(rec_plain)}): recall@{k} plain lex {np.mean(rec_plain):.4f}, prediction-set "
-              f"search {np.mean(rec_set):.4f} (gain {np.mean(rec_set) - np.mean(rec_plain):+.4f}); latency "
-              f"{1000 * t_plain / len(rec_plain):.2f} ms vs {1000 * t_set / len(rec_set):.2f} ms "
-              f"({t_set / t_plain:.2f}x)")
+        print(
+            f"IDK queries ({len(rec_plain)}): recall@{k} plain lex {np.mean(rec_plain):.4f}, prediction-set "
+            f"search {np.mean(rec_set):.4f} (gain {np.mean(rec_set) - np.mean(rec_plain):+.4f}); latency "
+            f"{1000 * t_plain / len(rec_plain):.2f} ms vs {1000 * t_set / len(rec_set):.2f} ms "
+            f"({t_set / t_plain:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -66,9 +66,11 @@ def reference(stub, codes, image: bytes):
     from cbir.v1 import search_pb2 as pb
 
     q = [pb.Code(data=codes.packed[i].tobytes(), nbits=codes.nbits) for i in (3, 7)]
-    return [stub.Search(pb.SearchRequest(code=q[0], k=100, return_codes=True, return_metadata=True)),
-            stub.Search(pb.SearchRequest(code=q[1], k=20, mode=pb.HAMMING)),
-            stub.Search(pb.SearchRequest(image=image, k=10))]
+    return [
+        stub.Search(pb.SearchRequest(code=q[0], k=100, return_codes=True, return_metadata=True)),
+        stub.Search(pb.SearchRequest(code=q[1], k=20, mode=pb.HAMMING)),
+        stub.Search(pb.SearchRequest(image=image, k=10)),
+    ]
 
 
 def hostile_sender(address: str, seed: int, nbits: int, ids: list, image: bytes, stop, pause) -> None:
@@ -135,11 +137,15 @@ def main(argv=None) -> int:
     codes = clustered_codes(args.n, nbits, seed=1)
     ids = np.arange(args.n, dtype=np.int64)
     metas = [{"labels": [int(i % 10)]} for i in range(args.n)]
-    index_dir = build_index(work / "index", ids, codes, meta=metas, layout=hasher.layout,
-                            model_hash=hasher.content_hash)
+    index_dir = build_index(
+        work / "index", ids, codes, meta=metas, layout=hasher.layout, model_hash=hasher.content_hash
+    )
     log_path = work / "server.log"
-    print(f"# cbir hostile-input benchmark: N={args.n}, {nbits}-bit codes, backbone={args.backbone}, "
-          f"server torch threads={args.server_torch_threads}", flush=True)
+    print(
+        f"# cbir hostile-input benchmark: N={args.n}, {nbits}-bit codes, backbone={args.backbone}, "
+        f"server torch threads={args.server_torch_threads}",
+        flush=True,
+    )
 
     proc, address, logf = start_server(index_dir, model_path, args, log_path)
     try:
@@ -154,47 +160,63 @@ def main(argv=None) -> int:
         raw = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MiB)])
         rss0, anon0 = rss_bytes(proc.pid), rss_bytes(proc.pid, "RssAnon")
         t0 = time.perf_counter()
-        counts = send_all(raw, hostile_requests(args.hostile, args.seed, nbits, ids[:1000].tolist(), image),
-                          args.in_flight)
+        counts = send_all(
+            raw, hostile_requests(args.hostile, args.seed, nbits, ids[:1000].tolist(), image), args.in_flight
+        )
         el = time.perf_counter() - t0
         rss1, anon1 = rss_bytes(proc.pid), rss_bytes(proc.pid, "RssAnon")
         alive = proc.poll() is None
         same = alive and reference(stub, codes, image) == before
         print(f"hostile requests: {sum(counts.values())} in {el:.1f} s, statuses {dict(sorted(counts.items()))}")
-        print(f"  INTERNAL={counts.get('INTERNAL', 0)} UNKNOWN={counts.get('UNKNOWN', 0)} "
-              f"server alive={alive} reference answers identical={same}")
-        print(f"  server RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MB: growth {(rss1 - rss0) / MiB:+.0f} MB "
-              f"(target <= 200 MB; anonymous {(anon1 - anon0) / MiB:+.0f} MB, the rest file-backed, e.g. mmapped index pages)",
-              flush=True)
+        print(
+            f"  INTERNAL={counts.get('INTERNAL', 0)} UNKNOWN={counts.get('UNKNOWN', 0)} "
+            f"server alive={alive} reference answers identical={same}"
+        )
+        print(
+            f"  server RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MB: growth {(rss1 - rss0) / MiB:+.0f} MB "
+            f"(target <= 200 MB; anonymous {(anon1 - anon0) / MiB:+.0f} MB, the rest file-backed, e.g. mmapped index pages)",
+            flush=True,
+        )
 
         bomb = png_bomb()
         req = pb.GetCodeRequest(images=[png(1), bomb]).SerializeToString()
         rss2 = rss_bytes(proc.pid)
         bc = send_all(raw, [("GetCode", req, "bomb")] * args.bombs, 8)
         rss3 = rss_bytes(proc.pid)
-        print(f"PNG bomb ({len(bomb)} bytes, 4000x4000 declared) x {args.bombs} in GetCode, 8 in flight: "
-              f"statuses {dict(bc)}; server RSS {rss2 / MiB:.0f} -> {rss3 / MiB:.0f} MB: growth "
-              f"{(rss3 - rss2) / MiB:+.0f} MB (target <= 100 MB)", flush=True)
+        print(
+            f"PNG bomb ({len(bomb)} bytes, 4000x4000 declared) x {args.bombs} in GetCode, 8 in flight: "
+            f"statuses {dict(bc)}; server RSS {rss2 / MiB:.0f} -> {rss3 / MiB:.0f} MB: growth "
+            f"{(rss3 - rss2) / MiB:+.0f} MB (target <= 100 MB)",
+            flush=True,
+        )
 
         # the 13.2 s BatchSearch (200 x k=10000), now refused before any work
-        huge = pb.BatchSearchRequest(requests=[pb.SearchRequest(code=pb.Code(data=codes.packed[4].tobytes(),
-                                                                             nbits=nbits), k=10_000)] * 200)
+        huge = pb.BatchSearchRequest(
+            requests=[pb.SearchRequest(code=pb.Code(data=codes.packed[4].tobytes(), nbits=nbits), k=10_000)] * 200
+        )
         t0 = time.perf_counter()
         try:
             stub.BatchSearch(huge, timeout=60)
             status = "OK"
         except grpc.RpcError as e:
             status = e.code().name
-        print(f"BatchSearch 200 x k=10000 ({huge.ByteSize()} bytes): {status} in "
-              f"{(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
+        print(
+            f"BatchSearch 200 x k=10000 ({huge.ByteSize()} bytes): {status} in "
+            f"{(time.perf_counter() - t0) * 1e3:.1f} ms",
+            flush=True,
+        )
 
         # the 10.8 s request: a label filter that matches nothing
         for name, mode in (("HAMMING", pb.HAMMING), ("LEXICOGRAPHIC", pb.LEXICOGRAPHIC)):
-            nomatch = pb.SearchRequest(code=pb.Code(data=codes.packed[4].tobytes(), nbits=nbits), k=10, mode=mode,
-                                       label_filter=["nomatch"])
-            lat = latencies(lambda: stub.Search(nomatch, timeout=60), 20)
-            print(f"label_filter=['nomatch'] {name} k=10 Search at N={args.n}: median {np.median(lat) * 1e3:.2f} ms, "
-                  f"max {lat.max() * 1e3:.2f} ms", flush=True)
+            nomatch = pb.SearchRequest(
+                code=pb.Code(data=codes.packed[4].tobytes(), nbits=nbits), k=10, mode=mode, label_filter=["nomatch"]
+            )
+            lat = latencies(lambda req=nomatch: stub.Search(req, timeout=60), 20)
+            print(
+                f"label_filter=['nomatch'] {name} k=10 Search at N={args.n}: median {np.median(lat) * 1e3:.2f} ms, "
+                f"max {lat.max() * 1e3:.2f} ms",
+                flush=True,
+            )
 
         # fairness: a small image Search while two 4096x4096 images are encoded
         small = pb.SearchRequest(image=png(5), k=3)
@@ -206,9 +228,12 @@ def main(argv=None) -> int:
         during = latencies(lambda: stub.Search(small, timeout=60), 5)
         fut.result()
         big_s = time.perf_counter() - t0
-        print(f"fairness: 32x32 image Search median {np.median(alone) * 1e3:.1f} ms alone, "
-              f"{np.median(during) * 1e3:.1f} ms while a GetCode of 2 x 4096x4096 runs ({big_s:.2f} s); "
-              f"ratio {np.median(during) / np.median(alone):.1f}", flush=True)
+        print(
+            f"fairness: 32x32 image Search median {np.median(alone) * 1e3:.1f} ms alone, "
+            f"{np.median(during) * 1e3:.1f} ms while a GetCode of 2 x 4096x4096 runs ({big_s:.2f} s); "
+            f"ratio {np.median(during) / np.median(alone):.1f}",
+            flush=True,
+        )
 
         # an unrelated search while 4 hostile requests are in flight (sent by another process)
         q = pb.SearchRequest(code=pb.Code(data=codes.packed[9].tobytes(), nbits=nbits), k=10, mode=pb.HAMMING)
@@ -230,9 +255,11 @@ def main(argv=None) -> int:
         sender.join(120)
         alone, during = np.concatenate(alone), np.concatenate(during)
         p99a, p99d = np.percentile(alone, 99) * 1e3, np.percentile(during, 99) * 1e3
-        print(f"HAMMING code Search p99: {p99a:.2f} ms alone, {p99d:.2f} ms with 4 hostile requests in flight; "
-              f"ratio {p99d / p99a:.1f} (target <= 2; server, client and sender share this machine's cores)",
-              flush=True)
+        print(
+            f"HAMMING code Search p99: {p99a:.2f} ms alone, {p99d:.2f} ms with 4 hostile requests in flight; "
+            f"ratio {p99d / p99a:.1f} (target <= 2; server, client and sender share this machine's cores)",
+            flush=True,
+        )
         raw.close()
         channel.close()
     finally:
@@ -240,9 +267,11 @@ def main(argv=None) -> int:
         rc = proc.wait(60)
         logf.close()
     text = log_path.read_text(errors="replace")
-    print(f"server exit code {rc}; server log: {text.count('Traceback')} tracebacks, "
-          f"{text.count(' WARNING cbir.server')} WARNING lines, {text.count('ERROR')} ERROR mentions "
-          f"({log_path})")
+    print(
+        f"server exit code {rc}; server log: {text.count('Traceback')} tracebacks, "
+        f"{text.count(' WARNING cbir.server')} WARNING lines, {text.count('ERROR')} ERROR mentions "
+        f"({log_path})"
+    )
     return 0
 
 

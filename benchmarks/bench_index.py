@@ -99,14 +99,15 @@ def bare_append(keys: np.ndarray, path: Path) -> float:
     import lmdb
 
     path.mkdir()
-    env = lmdb.open(str(path), map_size=max(64 << 20, keys.size * 4), writemap=True, sync=False,
-                    metasync=False, max_dbs=2)
+    env = lmdb.open(
+        str(path), map_size=max(64 << 20, keys.size * 4), writemap=True, sync=False, metasync=False, max_dbs=2
+    )
     db = env.open_db(b"tree")
     t0 = time.perf_counter()
     rows = np.ascontiguousarray(keys).view(f"V{keys.shape[1]}").reshape(-1)
     for s in range(0, len(rows), 1 << 18):
         with env.begin(write=True) as txn:
-            txn.cursor(db).putmulti(zip(rows[s:s + (1 << 18)].tolist(), repeat(b"")), append=True)
+            txn.cursor(db).putmulti(zip(rows[s : s + (1 << 18)].tolist(), repeat(b"")), append=True)
     env.sync(True)
     dt = time.perf_counter() - t0
     env.close()
@@ -132,11 +133,10 @@ print(json.dumps({"open_ms": 1e3 * (t1 - t0), "first_ms": 1e3 * (t2 - t1), "seco
 
 
 def run_one(args, n: int, workdir: Path) -> dict:
+    from cbir.codes import CodeLayout, Codes
     from cbir.indexer import IndexWriter, build_index, open_index
     from cbir.indexer.faissidx import FaissBinary
     from cbir.indexer.rows import key_order, make_keys
-
-    from cbir.codes import CodeLayout, Codes
 
     nbits, k = args.bits, args.k
     rng = np.random.default_rng(args.seed)
@@ -161,8 +161,13 @@ def run_one(args, n: int, workdir: Path) -> dict:
     row["lmdb_bytes_per_item"] = dir_bytes(out / "lmdb") / n
     # first Hamming query after open (fresh process) -------------------------------------------
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    fq = subprocess.run([sys.executable, "-c", _FIRST_QUERY, str(out), qpacked[0].tobytes().hex(), str(k)],
-                        capture_output=True, text=True, env=env, check=True)
+    fq = subprocess.run(
+        [sys.executable, "-c", _FIRST_QUERY, str(out), qpacked[0].tobytes().hex(), str(k)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     row.update({f"first_{key}": v for key, v in json.loads(fq.stdout.strip().splitlines()[-1]).items()})
     # latencies ----------------------------------------------------------------------------------
     qs = [qpacked[i].tobytes() for i in range(len(qpacked))]
@@ -180,10 +185,12 @@ def run_one(args, n: int, workdir: Path) -> dict:
     row["lex_p50_us"] = p50(timeit(lambda q: r.search_lex(q, k), qs))
     tree = r._env.dbs["tree"]
     with r._env.env.begin(buffers=False) as txn:
+
         def bare(q):
             cur = txn.cursor(tree)
             cur.set_range(q + b"\0" * 8)
             return b"".join(islice(cur.iternext(values=False), k))
+
         row["bare_read_p50_us"] = p50(timeit(bare, qs))
     row["hybrid_p50_us"] = p50(timeit(lambda q: r.search_hybrid(q, k), hq))
     # paging at depth
@@ -238,26 +245,40 @@ def report(row: dict) -> str:
     x = row
     lines = [
         f"N={x['n']:,} B={x['nbits']} k={x['k']} (clustered codes)",
-        (f"  ingest: build_index {x['build_codes_per_s'] / 1e6:.2f} M codes/s (all: LMDB + MIH + FAISS), "
-        f"LMDB part {x['lmdb_codes_per_s'] / 1e6:.2f} M/s, bare py-lmdb append {x['bare_append_codes_per_s'] / 1e6:.2f} M/s"
-        f"  [target >= 3 M/s]"),
+        (
+            f"  ingest: build_index {x['build_codes_per_s'] / 1e6:.2f} M codes/s (all: LMDB + MIH + FAISS), "
+            f"LMDB part {x['lmdb_codes_per_s'] / 1e6:.2f} M/s, bare py-lmdb append {x['bare_append_codes_per_s'] / 1e6:.2f} M/s"
+            f"  [target >= 3 M/s]"
+        ),
         f"  disk: {x['disk_bytes_per_item']:.1f} B/item ({x['lmdb_bytes_per_item']:.1f} LMDB)",
-        (f"  first Hamming query after open: {x['first_first_ms']:.1f} ms (open {x['first_open_ms']:.1f} ms, "
-        f"second query {x['first_second_ms']:.1f} ms)  [target <= 50 ms]"),
-        (f"  Hamming top-{x['k']} p50: auto {x['ham_auto_p50_us']:.0f} us, mih {x['ham_mih_p50_us']:.0f} us, "
-        f"FAISS flat 1 thread {x['faiss1_p50_us']:.0f} us -> {x['faiss1_p50_us'] / x['ham_auto_p50_us']:.1f}x "
-        f"(mih {x['faiss1_p50_us'] / x['ham_mih_p50_us']:.1f}x)  [target >= 50x]"),
-        (f"  lex top-{x['k']} p50: {x['lex_p50_us']:.0f} us vs bare cursor read {x['bare_read_p50_us']:.0f} us -> "
-        f"{x['lex_p50_us'] / x['bare_read_p50_us']:.2f}x  [target <= 3x]"),
-        (f"  after deleting 1 % (delete {x['delete_1pct_s']:.2f} s, replay {x['replay_s'] * 1e3:.0f} ms, "
-        f"replayed={x['replayed']}): Hamming p50 auto {x['ham_auto_del_p50_us']:.0f} us "
-        f"({x['ham_auto_del_p50_us'] / x['ham_auto_pre_p50_us']:.2f}x the {x['ham_auto_pre_p50_us']:.0f} us just "
-        f"before), mih {x['ham_mih_del_p50_us']:.0f} us ({x['ham_mih_del_p50_us'] / x['ham_mih_pre_p50_us']:.2f}x)"
-        f"  [target <= 1.2x]"),
-        (f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
-        f"  [target <= 2x]"),
-        (f"  lex page at depth {x['deep']}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
-        f"{x['lex_offset_page_p50_us']:.0f} us"),
+        (
+            f"  first Hamming query after open: {x['first_first_ms']:.1f} ms (open {x['first_open_ms']:.1f} ms, "
+            f"second query {x['first_second_ms']:.1f} ms)  [target <= 50 ms]"
+        ),
+        (
+            f"  Hamming top-{x['k']} p50: auto {x['ham_auto_p50_us']:.0f} us, mih {x['ham_mih_p50_us']:.0f} us, "
+            f"FAISS flat 1 thread {x['faiss1_p50_us']:.0f} us -> {x['faiss1_p50_us'] / x['ham_auto_p50_us']:.1f}x "
+            f"(mih {x['faiss1_p50_us'] / x['ham_mih_p50_us']:.1f}x)  [target >= 50x]"
+        ),
+        (
+            f"  lex top-{x['k']} p50: {x['lex_p50_us']:.0f} us vs bare cursor read {x['bare_read_p50_us']:.0f} us -> "
+            f"{x['lex_p50_us'] / x['bare_read_p50_us']:.2f}x  [target <= 3x]"
+        ),
+        (
+            f"  after deleting 1 % (delete {x['delete_1pct_s']:.2f} s, replay {x['replay_s'] * 1e3:.0f} ms, "
+            f"replayed={x['replayed']}): Hamming p50 auto {x['ham_auto_del_p50_us']:.0f} us "
+            f"({x['ham_auto_del_p50_us'] / x['ham_auto_pre_p50_us']:.2f}x the {x['ham_auto_pre_p50_us']:.0f} us just "
+            f"before), mih {x['ham_mih_del_p50_us']:.0f} us ({x['ham_mih_del_p50_us'] / x['ham_mih_pre_p50_us']:.2f}x)"
+            f"  [target <= 1.2x]"
+        ),
+        (
+            f"  hybrid top-{x['k']} p50: {x['hybrid_p50_us']:.0f} us -> {x['hybrid_p50_us'] / x['lex_p50_us']:.2f}x lex"
+            f"  [target <= 2x]"
+        ),
+        (
+            f"  lex page at depth {x['deep']}: cursor {x['lex_cursor_page_p50_us']:.0f} us vs offset "
+            f"{x['lex_offset_page_p50_us']:.0f} us"
+        ),
         f"  batch Hamming (FAISS): one call {x['batch_faiss_s'] * 1e3:.0f} ms vs loop {x['loop_faiss_s'] * 1e3:.0f} ms",
     ]
     return "\n".join(lines)
@@ -289,8 +310,11 @@ def main(argv=None) -> int:
         aff = sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         aff = []
-    print(f"# cbir index benchmark: cpus allowed {aff}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"gpus={faiss.get_num_gpus()}, {args.queries} lex / {args.hamming_queries} Hamming queries", flush=True)
+    print(
+        f"# cbir index benchmark: cpus allowed {aff}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"gpus={faiss.get_num_gpus()}, {args.queries} lex / {args.hamming_queries} Hamming queries",
+        flush=True,
+    )
     rows = []
     try:
         for n in sizes:

@@ -56,10 +56,22 @@ def run_one(label: str, name: str, params: dict, bits: int | None, seed: int, sp
     from cbir.evaluate import encode_protocol, retrieval_summary
 
     safe = label.replace(":", "_").replace("=", "").replace(",", "_")
-    cfg = TrainConfig(method=name, dataset="cifar10-subset", backbone=args.backbone, bits=bits, params=dict(params),
-                      epochs=10**6, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      init_from=args.init_from, seed=seed, threads=args.threads,
-                      out=str(Path(args.out) / "runs" / f"{safe}-{bits}-s{seed}"), progress=args.progress)
+    cfg = TrainConfig(
+        method=name,
+        dataset="cifar10-subset",
+        backbone=args.backbone,
+        bits=bits,
+        params=dict(params),
+        epochs=10**6,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        init_from=args.init_from,
+        seed=seed,
+        threads=args.threads,
+        out=str(Path(args.out) / "runs" / f"{safe}-{bits}-s{seed}"),
+        progress=args.progress,
+    )
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -68,12 +80,22 @@ def run_one(label: str, name: str, params: dict, bits: int | None, seed: int, sp
     k = summ["k"]
     cov = summ["coverage"]
     return {
-        "method": label, "name": name, "params": params, "bits": res.hasher.layout.nbits, "seed": seed,
-        "requested_bits": bits, "steps": res.config["steps"], "train_wall_s": round(train_s, 1),
-        "tie_lex": summ[f"tie_map@{k}_lex"], "tie_hamming": summ[f"tie_map@{k}_hamming"],
-        "id_lex": summ[f"map@{k}_lex"], "id_hamming": summ[f"map@{k}_hamming"],
-        "unique_percent": cov["unique_percent"], "average_collision_count": cov["average_collision_count"],
-        "random_unique_percent": cov["random_unique_percent"], "content_hash": res.hasher.content_hash,
+        "method": label,
+        "name": name,
+        "params": params,
+        "bits": res.hasher.layout.nbits,
+        "seed": seed,
+        "requested_bits": bits,
+        "steps": res.config["steps"],
+        "train_wall_s": round(train_s, 1),
+        "tie_lex": summ[f"tie_map@{k}_lex"],
+        "tie_hamming": summ[f"tie_map@{k}_hamming"],
+        "id_lex": summ[f"map@{k}_lex"],
+        "id_hamming": summ[f"map@{k}_hamming"],
+        "unique_percent": cov["unique_percent"],
+        "average_collision_count": cov["average_collision_count"],
+        "random_unique_percent": cov["random_unique_percent"],
+        "content_hash": res.hasher.content_hash,
     }
 
 
@@ -115,8 +137,10 @@ def target_checks(agg: list[dict]) -> list[str]:
                 diff = a[key] - b[key]
                 sd = max(a[key + "_std"], b[key + "_std"])
                 verdict = "holds" if diff > sd else ("reversed" if -diff > sd else "within one std: no claim")
-                out.append(f"- {what} at {bits} bits ({key}): {a[key]:.4f} ± {a[key + '_std']:.4f} vs "
-                           f"{b[key]:.4f} ± {b[key + '_std']:.4f} -> {verdict}")
+                out.append(
+                    f"- {what} at {bits} bits ({key}): {a[key]:.4f} ± {a[key + '_std']:.4f} vs "
+                    f"{b[key]:.4f} ± {b[key + '_std']:.4f} -> {verdict}"
+                )
     return out
 
 
@@ -124,17 +148,23 @@ def write_reports(rows: list[dict], meta: dict, out: Path, k: int) -> None:
     agg = aggregate(rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows, "aggregate": agg}, indent=2))
     lines = [
-        "# Method benchmark: cifar10-subset (846 queries vs 4,660 database)", "",
+        "# Method benchmark: cifar10-subset (846 queries vs 4,660 database)",
+        "",
         f"Backbone `{meta['backbone']}` warm-started from `{meta['init_from']}`, {meta['steps']} optimiser steps of "
         f"batch {meta['batch_size']} per run, lr {meta['lr']}, seeds {meta['seeds']}, {meta['torch_threads']} torch "
-        f"threads on {meta['machine']}. Mean ± std over seeds.", "",
+        f"threads on {meta['machine']}. Mean ± std over seeds.",
+        "",
         f"| method | bits | steps | tie mAP@{k} lex | tie mAP@{k} Hamming | id mAP@{k} lex | id mAP@{k} Hamming "
         "| unique % | avg collisions |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in agg:
-        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_std']:.4f}" if "percent" not in m and "collision" not in m
-                           else f"{r[m]:.2f} ± {r[m + '_std']:.2f}" for m in METRICS)
+        cells = " | ".join(
+            f"{r[m]:.4f} ± {r[m + '_std']:.4f}"
+            if "percent" not in m and "collision" not in m
+            else f"{r[m]:.2f} ± {r[m + '_std']:.2f}"
+            for m in METRICS
+        )
         lines.append(f"| {r['method']} | {r['bits']} | {r['steps']} | {cells} |")
     checks = target_checks(agg)
     if checks:
@@ -154,8 +184,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)",
+    )
     ap.add_argument("--out", default="benchmarks/results/methods")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
     args = ap.parse_args(argv)
@@ -169,7 +203,7 @@ def main(argv=None) -> int:
     methods = [(m, *parse_method(m)) for m in args.methods]
     from cbir.models.registry import list_methods, resolve_params
 
-    for label, name, params in methods:
+    for _label, name, params in methods:
         if name not in list_methods():
             raise SystemExit(f"unknown method {name!r}; choose from {list_methods()}")
         resolve_params(name, params)  # fail fast on bad hyper-parameters
@@ -182,26 +216,51 @@ def main(argv=None) -> int:
         from cbir.engine import TrainConfig, train
 
         print(f"[bench] shared warm start: CE {args.backbone}, {args.warm_epochs} epochs ...", flush=True)
-        warm = train(TrainConfig(method="ce", dataset="cifar10-subset", backbone=args.backbone, epochs=args.warm_epochs,
-                                 batch_size=args.batch_size, lr=2e-3, seed=0, threads=args.threads,
-                                 out=str(out / "warm_ce"), progress=args.progress))
+        warm = train(
+            TrainConfig(
+                method="ce",
+                dataset="cifar10-subset",
+                backbone=args.backbone,
+                epochs=args.warm_epochs,
+                batch_size=args.batch_size,
+                lr=2e-3,
+                seed=0,
+                threads=args.threads,
+                out=str(out / "warm_ce"),
+                progress=args.progress,
+            )
+        )
         args.init_from = str(warm.checkpoint)
     splits = load_dataset("cifar10-subset")
-    meta = {"dataset": "cifar10-subset", "queries": len(splits.query), "database": len(splits.database),
-            "backbone": args.backbone, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
-            "seeds": args.seeds, "init_from": args.init_from, "k": args.k,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "argv": sys.argv[1:]}
+    meta = {
+        "dataset": "cifar10-subset",
+        "queries": len(splits.query),
+        "database": len(splits.database),
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "init_from": args.init_from,
+        "k": args.k,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "argv": sys.argv[1:],
+    }
     rows: list[dict] = []
     kk = min(args.k, len(splits.database))
     for label, name, params in methods:
-        for bits in ([None] if name == "ce" else args.bits):
+        for bits in [None] if name == "ce" else args.bits:
             for seed in args.seeds:
                 row = run_one(label, name, params, bits, seed, splits, args)
                 rows.append(row)
-                print(f"[bench] {label} {row['bits']} bits seed {seed}: tie-aware mAP@{kk} lex {row['tie_lex']:.4f} "
-                      f"hamming {row['tie_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
-                      f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)", flush=True)
+                print(
+                    f"[bench] {label} {row['bits']} bits seed {seed}: tie-aware mAP@{kk} lex {row['tie_lex']:.4f} "
+                    f"hamming {row['tie_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
+                    f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)",
+                    flush=True,
+                )
             write_reports(rows, meta, out, kk)
     for line in target_checks(aggregate(rows)):
         print(line)

@@ -40,8 +40,9 @@ def make_model(args, out: Path) -> Path:
     if args.model:
         return Path(args.model)
     torch.manual_seed(0)
-    spec = MethodSpec(backbone=args.backbone, num_classes=10, nbits=None, depth=12,
-                      class_names=tuple(str(i) for i in range(10)))
+    spec = MethodSpec(
+        backbone=args.backbone, num_classes=10, nbits=None, depth=12, class_names=tuple(str(i) for i in range(10))
+    )
     params = resolve_params("ddtl", None)
     h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
     return h.save(out / "model.pt")
@@ -76,9 +77,11 @@ def main() -> None:
     from cbir.models.hasher import Hasher
 
     cpus = os.cpu_count() or 1
-    print(f"machine: {cpus} CPU cores (os.cpu_count), torch threads {torch.get_num_threads()}, "
-          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; n={args.n} images of "
-          f"{args.size}x{args.size} px, batch {args.batch_size}, backbone {args.backbone}")
+    print(
+        f"machine: {cpus} CPU cores (os.cpu_count), torch threads {torch.get_num_threads()}, "
+        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; n={args.n} images of "
+        f"{args.size}x{args.size} px, batch {args.batch_size}, backbone {args.backbone}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mp = make_model(args, tmp)
@@ -118,12 +121,12 @@ def main() -> None:
                 raw = raw_rate()
                 print(f"raw batched inference   {raw:8.1f} images/s")
                 t = time.perf_counter()
-                c_ray, _, i_ray = encode_with_ray(mp, iset, args.batch_size, actors=args.actors,
-                                                  skip_log=SkipLog())
+                c_ray, _, i_ray = encode_with_ray(mp, iset, args.batch_size, actors=args.actors, skip_log=SkipLog())
                 rate = len(i_ray) / (time.perf_counter() - t)
                 same = c_ray.packed.tobytes() == c_local.packed.tobytes() and np.array_equal(i_ray, i_local)
-                print(f"ray engine, {run:5s} {rate:8.1f} images/s  ({rate / raw:.2f} x raw), "
-                      f"codes equal to local: {same}")
+                print(
+                    f"ray engine, {run:5s} {rate:8.1f} images/s  ({rate / raw:.2f} x raw), codes equal to local: {same}"
+                )
         finally:
             ray.shutdown()
         print(f"raw batched inference   {raw_rate():8.1f} images/s (after the engines)")

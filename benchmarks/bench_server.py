@@ -49,8 +49,9 @@ def make_model(args):
     if args.model:
         return Hasher.load(args.model, device="cpu")
     torch.manual_seed(0)
-    spec = MethodSpec(backbone=args.backbone, num_classes=10, nbits=None, depth=12,
-                      class_names=tuple(str(i) for i in range(10)))
+    spec = MethodSpec(
+        backbone=args.backbone, num_classes=10, nbits=None, depth=12, class_names=tuple(str(i) for i in range(10))
+    )
     params = resolve_params("ddtl", None)
     return Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
 
@@ -155,14 +156,36 @@ def raw_inference(hasher, batch: int, seconds: float, windows: int = 3) -> float
     return best
 
 
-def start_server(index_dir: Path, model_path: Path, args, log_path: Path, processes: int = 1,
-                 cores: set | None = None):
-    cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model_path),
-           "--address", "127.0.0.1:0", "--no-access-log", "--grace", "5", "--workers", str(args.workers),
-           "--inline-modes", args.inline_modes,
-           *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else []),
-           "--encoder-batch", str(args.encoder_batch), "--encoder-wait-ms", str(args.encoder_wait_ms),
-           "--device", "cpu", "--read-only", "--processes", str(processes)]
+def start_server(index_dir: Path, model_path: Path, args, log_path: Path, processes: int = 1, cores: set | None = None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbir.cli",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--model",
+        str(model_path),
+        "--address",
+        "127.0.0.1:0",
+        "--no-access-log",
+        "--grace",
+        "5",
+        "--workers",
+        str(args.workers),
+        "--inline-modes",
+        args.inline_modes,
+        *(["--torch-threads", str(args.server_torch_threads)] if args.server_torch_threads else []),
+        "--encoder-batch",
+        str(args.encoder_batch),
+        "--encoder-wait-ms",
+        str(args.encoder_wait_ms),
+        "--device",
+        "cpu",
+        "--read-only",
+        "--processes",
+        str(processes),
+    ]
     logf = open(log_path, "w")
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, preexec_fn=pin)
@@ -190,24 +213,42 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="model checkpoint (default: untrained DDTL)")
     ap.add_argument("--backbone", default="resnet20", help="backbone of the untrained model (default: %(default)s)")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved windows per code-search level (default: %(default)s)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved windows per code-search level (default: %(default)s)"
+    )
     ap.add_argument("--workers", type=int, default=4, help="server offload threads (scans, writes)")
     ap.add_argument("--inline-modes", default="lex,prefix", help="server --inline-modes (default: %(default)s)")
-    ap.add_argument("--server-torch-threads", type=int, default=None,
-                    help="server --torch-threads (default: torch's choice); the raw-inference baseline always "
-                         "uses this process's default threads")
+    ap.add_argument(
+        "--server-torch-threads",
+        type=int,
+        default=None,
+        help="server --torch-threads (default: torch's choice); the raw-inference baseline always "
+        "uses this process's default threads",
+    )
     ap.add_argument("--encoder-batch", type=int, default=64)
     ap.add_argument("--encoder-wait-ms", type=float, default=2.0)
     ap.add_argument("--concurrency", default="1,4,16", help="code-search levels (default: %(default)s)")
-    ap.add_argument("--image-concurrency", default="16,64",
-                    help="image-search levels, run for the first --processes value; \"\" skips them (default: %(default)s)")
+    ap.add_argument(
+        "--image-concurrency",
+        default="16,64",
+        help='image-search levels, run for the first --processes value; "" skips them (default: %(default)s)',
+    )
     ap.add_argument("--workdir", default=None, help="where to build the index (default: a temp dir)")
-    ap.add_argument("--processes", default="1,2", help="cbir serve --processes values to measure (default: %(default)s)")
-    ap.add_argument("--channels", type=int, default=4,
-                    help="client channels (connections) the calls are spread over (default: %(default)s)")
-    ap.add_argument("--client-cores", default=None,
-                    help="cores for this client process, e.g. 0 (default: the last usable core; the server "
-                         "gets the others; no pinning on fewer than 2 cores)")
+    ap.add_argument(
+        "--processes", default="1,2", help="cbir serve --processes values to measure (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--channels",
+        type=int,
+        default=4,
+        help="client channels (connections) the calls are spread over (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--client-cores",
+        default=None,
+        help="cores for this client process, e.g. 0 (default: the last usable core; the server "
+        "gets the others; no pinning on fewer than 2 cores)",
+    )
     args = ap.parse_args(argv)
 
     import grpc
@@ -227,13 +268,19 @@ def main(argv=None) -> int:
     model_path = hasher.save(work / "model.pt")
     t0 = time.perf_counter()
     codes = clustered_codes(args.n, nbits)
-    index_dir = build_index(work / "index", np.arange(args.n, dtype=np.int64), codes, layout=hasher.layout,
-                            model_hash=hasher.content_hash)
-    print(f"index: N={args.n:,} codes of {nbits} bits built in {time.perf_counter() - t0:.1f}s; "
-          f"model {hasher.method_name}/{hasher.spec.backbone}; cpu cores={os.cpu_count()}; "
-          + (f"client pinned to cores {sorted(client_cores)}, server to {sorted(server_cores)}"
-             if server_cores else "not pinned (fewer than 2 usable cores, or --client-cores took them all)"),
-          flush=True)
+    index_dir = build_index(
+        work / "index", np.arange(args.n, dtype=np.int64), codes, layout=hasher.layout, model_hash=hasher.content_hash
+    )
+    print(
+        f"index: N={args.n:,} codes of {nbits} bits built in {time.perf_counter() - t0:.1f}s; "
+        f"model {hasher.method_name}/{hasher.spec.backbone}; cpu cores={os.cpu_count()}; "
+        + (
+            f"client pinned to cores {sorted(client_cores)}, server to {sorted(server_cores)}"
+            if server_cores
+            else "not pinned (fewer than 2 usable cores, or --client-cores took them all)"
+        ),
+        flush=True,
+    )
     rng = np.random.default_rng(1)
     qcodes = [codes[int(i)] for i in rng.integers(0, args.n, 256)]
     lex_reqs = [pb.SearchRequest(code=pb.Code(data=q.packed[0].tobytes(), nbits=nbits), k=args.k) for q in qcodes]
@@ -244,8 +291,10 @@ def main(argv=None) -> int:
     for P in nprocs:
         proc, address, logf = start_server(index_dir, model_path, args, work / f"server{P}.log", P, server_cores)
         # one connection per channel (no shared subchannel pool): SO_REUSEPORT spreads connections
-        channels = [grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1), ("bench.ch", j)])
-                    for j in range(max(1, args.channels))]
+        channels = [
+            grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1), ("bench.ch", j)])
+            for j in range(max(1, args.channels))
+        ]
         stubs = [pb_grpc.SearchServiceStub(ch) for ch in channels]
         try:
             for st in stubs:
@@ -255,9 +304,11 @@ def main(argv=None) -> int:
             print(f"{'level':<22} {'c':>3}  {'calls':>7}  {'err':>4}  {'QPS':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
             # Ping and the code searches are interleaved in --rounds short windows per level, so a
             # drifting background load hits every kind alike (the ratios are what the targets need).
-            kinds = (("ping", "Ping (empty RPC)", [s.Ping for s in stubs], ping_reqs),
-                     ("lex", "Search code LEX", [s.Search for s in stubs], lex_reqs),
-                     ("hamming", "Search code HAM", [s.Search for s in stubs], ham_reqs))
+            kinds = (
+                ("ping", "Ping (empty RPC)", [s.Ping for s in stubs], ping_reqs),
+                ("lex", "Search code LEX", [s.Search for s in stubs], lex_reqs),
+                ("hamming", "Search code HAM", [s.Search for s in stubs], ham_reqs),
+            )
             R = max(1, args.rounds)
             for c in levels:
                 acc = {key: [0, 0, 0.0, []] for key, *_ in kinds}
@@ -265,7 +316,10 @@ def main(argv=None) -> int:
                     for key, _, call, reqs in kinds:
                         n, err, el, lat = load(call, reqs, c, -(-args.requests // R), args.duration / R)
                         a = acc[key]
-                        a[0] += n; a[1] += err; a[2] += el; a[3].append(lat)  # noqa: E702
+                        a[0] += n
+                        a[1] += err
+                        a[2] += el
+                        a[3].append(lat)  # noqa: E702
                 for key, label, *_ in kinds:
                     n, err, el, lats = acc[key]
                     results[(P, key, c)] = fmt_row(label, c, (n, err, el, np.concatenate(lats)))
@@ -273,8 +327,11 @@ def main(argv=None) -> int:
                 # raw model throughput interleaved with the image levels (server idle meanwhile)
                 raws.append(raw_inference(hasher, args.encoder_batch, min(4.0, args.duration)))
                 for c in img_levels:
-                    results[(P, "image", c)] = fmt_row("Search image", c, load(
-                        [s.Search for s in stubs], img_reqs, c, args.image_requests, args.duration))
+                    results[(P, "image", c)] = fmt_row(
+                        "Search image",
+                        c,
+                        load([s.Search for s in stubs], img_reqs, c, args.image_requests, args.duration),
+                    )
                     raws.append(raw_inference(hasher, args.encoder_batch, min(4.0, args.duration)))
         finally:
             for ch in channels:
@@ -294,8 +351,10 @@ def main(argv=None) -> int:
         for name in ("lex", "hamming"):
             _, qps, _, p99 = results[(P, name, top)]
             ok = "meets" if qps >= 0.8 * ping and p99 <= 5.0 else "misses"
-            print(f"  Search code {name:<8} @{top}: {qps:.0f} QPS = {qps / ping:.2f} x Ping QPS, p99 {p99:.2f} ms "
-                  f"({ok} target >= 0.80 x and <= 5 ms)")
+            print(
+                f"  Search code {name:<8} @{top}: {qps:.0f} QPS = {qps / ping:.2f} x Ping QPS, p99 {p99:.2f} ms "
+                f"({ok} target >= 0.80 x and <= 5 ms)"
+            )
     if len(nprocs) > 1:
         a, b = nprocs[0], nprocs[-1]
         for name in ("ping", "lex", "hamming"):
@@ -304,8 +363,10 @@ def main(argv=None) -> int:
             print(f"{name:<8} @{top}: --processes {b} = {r:.2f} x --processes {a}{tgt}")
     if raws:
         raw = float(np.mean(raws))
-        print(f"\nraw batched inference (Hasher.encode on float batches of {args.encoder_batch}, this process, "
-              f"server idle), around the image levels: {' / '.join(f'{r:.0f}' for r in raws)}; mean {raw:.0f} images/s")
+        print(
+            f"\nraw batched inference (Hasher.encode on float batches of {args.encoder_batch}, this process, "
+            f"server idle), around the image levels: {' / '.join(f'{r:.0f}' for r in raws)}; mean {raw:.0f} images/s"
+        )
         best_img = max(results[(nprocs[0], "image", c)][1] for c in img_levels)
         ok = "meets" if best_img >= 0.8 * raw else "misses"
         print(f"Search image best {best_img:.0f} QPS = {best_img / raw:.2f} x raw inference ({ok} target >= 0.80 x)")

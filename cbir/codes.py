@@ -165,11 +165,7 @@ class Codes:
         return Codes(sel, self.nbits)
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Codes)
-            and other.nbits == self.nbits
-            and np.array_equal(other.packed, self.packed)
-        )
+        return isinstance(other, Codes) and other.nbits == self.nbits and np.array_equal(other.packed, self.packed)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -333,9 +329,7 @@ class CodeLayout:
         if self.class_bits < 0 or self.depth < 0:
             raise ValueError("class_bits and depth must be >= 0")
         if self.class_bits + self.depth > self.nbits:
-            raise ValueError(
-                f"class_bits ({self.class_bits}) + depth ({self.depth}) exceed nbits ({self.nbits})"
-            )
+            raise ValueError(f"class_bits ({self.class_bits}) + depth ({self.depth}) exceed nbits ({self.nbits})")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
 
     @property

@@ -203,27 +203,42 @@ def _image_loader(cfg, method, train_set, aug, skip_log, denv=None):
 
     ds = train_set.with_transform(TwoViews(aug) if method.two_views else aug)
     balanced = cfg.sampler == "balanced" or (
-        cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views)
+        cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views
+    )
     if denv is not None:
         from cbir.data.sampler import DistributedClassBalancedBatchSampler
         from cbir.distributed.ddp import ShardedBatchSampler
 
         if balanced:
             p, k = resolve_pk(train_set.num_classes, cfg.batch_size, cfg.classes_per_batch, cfg.images_per_class)
-            sampler = DistributedClassBalancedBatchSampler(train_set.labels, p, k, denv.rank, denv.world_size,
-                                                           seed=cfg.seed)
+            sampler = DistributedClassBalancedBatchSampler(
+                train_set.labels, p, k, denv.rank, denv.world_size, seed=cfg.seed
+            )
         else:  # the batches of make_loader(shuffle=True, seed=cfg.seed, drop_last=True)
             gen = torch.Generator()
             gen.manual_seed(int(cfg.seed))
-            base = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds, generator=gen),
-                                                 cfg.batch_size, drop_last=True)
+            base = torch.utils.data.BatchSampler(
+                torch.utils.data.RandomSampler(ds, generator=gen), cfg.batch_size, drop_last=True
+            )
             sampler = ShardedBatchSampler(base, denv.rank, denv.world_size)
-        dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
-                                         generator=None if balanced else gen)  # as make_loader: seeds drawn from gen
+        dl = torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            generator=None if balanced else gen,
+        )  # as make_loader: seeds drawn from gen
         return Loader(ds, dl, skip_log), (sampler if balanced else None)
     if not balanced:
-        return make_loader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
-                           drop_last=True, skip_log=skip_log), None
+        return make_loader(
+            ds,
+            cfg.batch_size,
+            shuffle=True,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            drop_last=True,
+            skip_log=skip_log,
+        ), None
     p, k = resolve_pk(train_set.num_classes, cfg.batch_size, cfg.classes_per_batch, cfg.images_per_class)
     sampler = ClassBalancedBatchSampler(train_set.labels, p, k, seed=cfg.seed)
     dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
@@ -235,7 +250,9 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
     from cbir.data.sampler import ClassBalancedBatchSampler
 
     steps_run = 0
-    p = cfg.head_classes_per_batch or min(16, int(cache.labels.max()) + 1 if cache.labels.ndim == 1 else cache.labels.shape[1])
+    p = cfg.head_classes_per_batch or min(
+        16, int(cache.labels.max()) + 1 if cache.labels.ndim == 1 else cache.labels.shape[1]
+    )
     for phase in phases:
         if phase is not None:
             method.set_stage(phase)
@@ -249,8 +266,9 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
         if not params or cfg.head_steps == 0:
             params = []
         opt = _optimizer(dataclasses.replace(cfg, lr=cfg.head_lr, optimizer="adam"), params) if params else None
-        sampler = ClassBalancedBatchSampler(cache.labels, p, cfg.head_images_per_class,
-                                            num_batches=max(1, cfg.head_steps), seed=cfg.seed + 17)
+        sampler = ClassBalancedBatchSampler(
+            cache.labels, p, cfg.head_images_per_class, num_batches=max(1, cfg.head_steps), seed=cfg.seed + 17
+        )
         rng = np.random.Generator(np.random.PCG64([cfg.seed, 23]))
         method.train()
         method.backbone.eval()
@@ -273,8 +291,12 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
                 sums[k] = sums.get(k, 0.0) + v
             if nb == max(1, cfg.head_steps // 10) or i == cfg.head_steps - 1:
                 rec = {k: v / nb for k, v in sums.items()}
-                rec.update(stage=f"head:{phase or method.method_name}", head_step=i + 1, lr=opt.param_groups[0]["lr"],
-                           wall_s=round(time.perf_counter() - t0, 2))
+                rec.update(
+                    stage=f"head:{phase or method.method_name}",
+                    head_step=i + 1,
+                    lr=opt.param_groups[0]["lr"],
+                    wall_s=round(time.perf_counter() - t0, 2),
+                )
                 history.append(rec)
                 sums, nb = {}, 0
         steps_run += cfg.head_steps if params else 0
@@ -283,8 +305,14 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
         rec = {"stage": f"head:{phase or method.method_name}", "end_of_stage": True}
         if monitor is not None:
             with torch.no_grad():
-                rec.update({f"train_{k}": v for k, v in monitor(cache.features[0].to(device),
-                                                                cache.targets(np.arange(len(cache))).to(device)).items()})
+                rec.update(
+                    {
+                        f"train_{k}": v
+                        for k, v in monitor(
+                            cache.features[0].to(device), cache.targets(np.arange(len(cache))).to(device)
+                        ).items()
+                    }
+                )
         acc = _val_accuracy(method, val_loader, device)
         if acc is not None:
             rec["val_accuracy"] = acc
@@ -302,8 +330,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         return _train(cfg, None)
     cfg.validate()
     if cfg.freeze_backbone:
-        raise ValueError("--freeze-backbone (cached features + head fit) is single-process only; "
-                         "run it without torchrun")
+        raise ValueError(
+            "--freeze-backbone (cached features + head fit) is single-process only; run it without torchrun"
+        )
     try:
         return _train(cfg, denv)
     finally:
@@ -363,8 +392,10 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
     method.to(device)
     two_stage = getattr(method, "stage", "joint") != "joint"
     if denv is not None and (two_stage or not method.trainable or cfg.epochs == 0):
-        raise ValueError(f"{cfg.method}: only the image stage is distributed, and this run has none to distribute "
-                         "(DDTL two_stage, a method without training, or --epochs 0); run it without torchrun")
+        raise ValueError(
+            f"{cfg.method}: only the image stage is distributed, and this run has none to distribute "
+            "(DDTL two_stage, a method without training, or --epochs 0); run it without torchrun"
+        )
     if cfg.freeze_backbone:
         method.backbone.requires_grad_(False)
 
@@ -408,15 +439,23 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
 
         from cbir.distributed.ddp import LossModule, all_reduce_max, all_reduce_mean, global_batch
 
-        model = DistributedDataParallel(LossModule(method), device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+        model = DistributedDataParallel(
+            LossModule(method),
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     if opt is not None:
         method.train()
         for epoch in range(start_epoch, cfg.epochs):
             sums: dict[str, float] = {}
             nb = 0
-            bar = tqdm(total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not (cfg.progress and main), leave=False)
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                unit="step",
+                disable=not (cfg.progress and main),
+                leave=False,
+            )
             torch.manual_seed(cfg.seed * 100003 + epoch)  # per-epoch shuffling/augmentation stream
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -463,17 +502,28 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
                 means = dict(zip(keys, all_reduce_mean([sums[k] for k in keys], device)))
                 sums = {k: means[k] for k in sums}
             rec = {k: v / max(nb, 1) for k, v in sums.items()}
-            rec.update(epoch=epoch + 1, step=step, lr=opt.param_groups[0]["lr"],
-                       wall_s=round(time.perf_counter() - t0, 2))
+            rec.update(
+                epoch=epoch + 1, step=step, lr=opt.param_groups[0]["lr"], wall_s=round(time.perf_counter() - t0, 2)
+            )
             acc = _val_accuracy(method, val_loader, device)
             if acc is not None:
                 rec["val_accuracy"] = acc
             history.append(rec)
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
             if main:
-                torch.save({"config": _resume_key(cfg), "model": method.state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch + 1, "step": step, "elapsed": time.perf_counter() - t0,
-                            "history": history, "rng": torch.get_rng_state()}, state_path)
+                torch.save(
+                    {
+                        "config": _resume_key(cfg),
+                        "model": method.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "elapsed": time.perf_counter() - t0,
+                        "history": history,
+                        "rng": torch.get_rng_state(),
+                    },
+                    state_path,
+                )
             if budget_hit:
                 log.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, step)
                 break
@@ -501,13 +551,24 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
         method.backbone.requires_grad_(False)
         strength = cfg.aug_strength if cfg.feature_aug_strength is None else cfg.feature_aug_strength
         tc = time.perf_counter()
-        cache = build_feature_cache(method.backbone, train_set, fit_tf,
-                                    train_transform(image_size, flip=splits.flip_ok, strength=strength),
-                                    cfg.feature_views if (cfg.head_steps > 0 and phases) else 0, device,
-                                    seed=cfg.seed, num_workers=cfg.num_workers,
-                                    skip_log=skip_log)
-        log.info("cached %d x %d features of %d images in %.1f s", cache.features.shape[0], cache.features.shape[2],
-                 len(cache), time.perf_counter() - tc)
+        cache = build_feature_cache(
+            method.backbone,
+            train_set,
+            fit_tf,
+            train_transform(image_size, flip=splits.flip_ok, strength=strength),
+            cfg.feature_views if (cfg.head_steps > 0 and phases) else 0,
+            device,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            skip_log=skip_log,
+        )
+        log.info(
+            "cached %d x %d features of %d images in %.1f s",
+            cache.features.shape[0],
+            cache.features.shape[2],
+            len(cache),
+            time.perf_counter() - tc,
+        )
         head_steps = _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0)
 
     # Post-training fit on the training set in the evaluation transform (CrPCA, ITQ, bit order...).
@@ -516,8 +577,9 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
         if cache is not None and hasattr(method, "finalize_features"):
             method.finalize_features(cache.features[0].to(device))
         else:
-            fit_loader = make_loader(train_set.with_transform(fit_tf), 256, num_workers=cfg.num_workers,
-                                     skip_log=skip_log)
+            fit_loader = make_loader(
+                train_set.with_transform(fit_tf), 256, num_workers=cfg.num_workers, skip_log=skip_log
+            )
             method.finalize(_DeviceLoader(fit_loader, device))
     train_wall = time.perf_counter() - t0
 
@@ -528,25 +590,38 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
         "method_params": dataclasses.asdict(params),
         "layout": hasher.layout.to_dict(),
         "content_hash": hasher.content_hash,
-        "dataset": {"name": splits.name, "train": len(train_set), "val": len(val_set) if val_set else 0,
-                    "database": len(splits.database), "query": len(splits.query), "image_size": image_size},
+        "dataset": {
+            "name": splits.name,
+            "train": len(train_set),
+            "val": len(val_set) if val_set else 0,
+            "database": len(splits.database),
+            "query": len(splits.query),
+            "image_size": image_size,
+        },
         "device": str(device),
         "steps": step,
         "head_steps": head_steps,
-        "batches": ({"sampler": "balanced", "classes_per_batch": sampler.p, "images_per_class": sampler.k}
-                    if sampler is not None else {"sampler": "random", "batch_size": cfg.batch_size}),
+        "batches": (
+            {"sampler": "balanced", "classes_per_batch": sampler.p, "images_per_class": sampler.k}
+            if sampler is not None
+            else {"sampler": "random", "batch_size": cfg.batch_size}
+        ),
         "init": init_report,
         "backbone_frozen": cfg.freeze_backbone,
         "head_stage": [p or cfg.method for p in phases],
-        "feature_cache": None if cache is None else {"views": cache.views, "images": len(cache),
-                                                     "dim": int(cache.features.shape[2])},
+        "feature_cache": None
+        if cache is None
+        else {"views": cache.views, "images": len(cache), "dim": int(cache.features.shape[2])},
         "train_wall_s": round(train_wall, 2),
         "time_budget_hit": budget_hit,
         "skipped_images": skip_log.count,
         "torch": torch.__version__,
     }
     if denv is not None:
-        resolved["distributed"] = {"world_size": denv.world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
+        resolved["distributed"] = {
+            "world_size": denv.world_size,
+            "backend": "nccl" if device.type == "cuda" else "gloo",
+        }
     (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     with open(out / "history.jsonl", "w") as f:
         for rec in history:

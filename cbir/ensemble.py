@@ -42,26 +42,27 @@ PERTURBATIONS = ("seed", "arch")
 
 @dataclass
 class EnsembleEncoding:
-    codes: Codes                  # the index code (see the module docstring)
-    conf: np.ndarray              # (N, B) float32, the primary member's per-bit confidence
-    decision: ClassDecision       # class answer: confidence, prediction set, IDK, hardness
-    member_codes: list[Codes]     # every member's own code
-    bit_agreement: np.ndarray     # (N, B) fraction of members agreeing with the majority
+    codes: Codes  # the index code (see the module docstring)
+    conf: np.ndarray  # (N, B) float32, the primary member's per-bit confidence
+    decision: ClassDecision  # class answer: confidence, prediction set, IDK, hardness
+    member_codes: list[Codes]  # every member's own code
+    bit_agreement: np.ndarray  # (N, B) fraction of members agreeing with the majority
 
 
 class EnsembleHasher:
     """``E >= 2`` :class:`~cbir.models.hasher.Hasher` members with one CodeLayout."""
 
-    def __init__(self, members: Sequence, perturb: str = "seed", tau: float = DEFAULT_TAU,
-                 margin: float = 1.0):
+    def __init__(self, members: Sequence, perturb: str = "seed", tau: float = DEFAULT_TAU, margin: float = 1.0):
         members = list(members)
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         lay = members[0].layout
         for i, m in enumerate(members[1:], 1):
             if m.layout != lay or m.image_size != members[0].image_size:
-                raise ValueError(f"member {i} has another code layout or image size than member 0; "
-                                 "every member must make the same kind of code")
+                raise ValueError(
+                    f"member {i} has another code layout or image size than member 0; "
+                    "every member must make the same kind of code"
+                )
             if getattr(m.method, "class_head", None) is None:
                 raise ValueError(f"member {i} ({m.method_name}) has no class head: ensembles need class logits")
         if lay.class_bits == 0 or lay.multilabel:
@@ -135,17 +136,30 @@ class EnsembleHasher:
         if isinstance(x, (list, tuple)):
             x = self.preprocess(x)
         if not isinstance(x, torch.Tensor):
-            raise ValueError("EnsembleHasher.encode takes a float batch or a list of images; "
-                             "use encode_imageset for datasets")
+            raise ValueError(
+                "EnsembleHasher.encode takes a float batch or a list of images; use encode_imageset for datasets"
+            )
         return self.encode_tensor(x)
 
-    def encode_imageset(self, imageset, batch_size: int | None = None, num_workers: int = 0,
-                        progress: bool = False, skip_log=None, desc: str = "encode"):
+    def encode_imageset(
+        self,
+        imageset,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        progress: bool = False,
+        skip_log=None,
+        desc: str = "encode",
+    ):
         """Like :meth:`Hasher.encode_imageset`: ``(codes, conf, indices)`` of the readable images."""
         from cbir.data import make_loader
 
-        loader = make_loader(imageset.with_transform(self.eval_transform), batch_size or self.batch_size,
-                             shuffle=False, num_workers=num_workers, skip_log=skip_log)
+        loader = make_loader(
+            imageset.with_transform(self.eval_transform),
+            batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            skip_log=skip_log,
+        )
         out_c, out_f, idx = [], [], []
         for batch in loader:
             c, f = self.encode_tensor(batch.images)
@@ -161,8 +175,14 @@ class EnsembleHasher:
         """One file holding every member's checkpoint dict (each with its own content hash)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT, "perturb": self.perturb, "tau": self.tau, "margin": self.margin,
-                   "members": [m.payload() for m in self.members], "content_hash": self.content_hash}
+        payload = {
+            "format": FORMAT,
+            "perturb": self.perturb,
+            "tau": self.tau,
+            "margin": self.margin,
+            "members": [m.payload() for m in self.members],
+            "content_hash": self.content_hash,
+        }
         tmp = path.with_name(path.name + ".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)
@@ -172,8 +192,10 @@ class EnsembleHasher:
     def from_payload(cls, payload: dict, where, device="auto", batch_size: int = 256) -> "EnsembleHasher":
         from cbir.models.hasher import Hasher
 
-        members = [Hasher.from_payload(p, f"{where} member {i}", device=device, batch_size=batch_size)
-                   for i, p in enumerate(payload["members"])]
+        members = [
+            Hasher.from_payload(p, f"{where} member {i}", device=device, batch_size=batch_size)
+            for i, p in enumerate(payload["members"])
+        ]
         ens = cls(members, payload["perturb"], payload["tau"], payload["margin"])
         if ens.content_hash != payload["content_hash"]:
             raise ValueError(f"{where}: content hash mismatch (file corrupted or edited)")
@@ -194,13 +216,18 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
     if perturb not in PERTURBATIONS:
         raise ValueError(f"--perturb must be one of {', '.join(PERTURBATIONS)}, got {perturb!r}")
     if perturb == "arch" and len(backbones) != members:
-        raise ValueError(f"--perturb arch needs one backbone per member: {members} members but "
-                         f"{len(backbones)} backbones given")
+        raise ValueError(
+            f"--perturb arch needs one backbone per member: {members} members but {len(backbones)} backbones given"
+        )
     out = Path(cfg.out)
     hashers = []
     for i in range(members):
-        mcfg = dataclasses.replace(cfg, seed=cfg.seed + i, out=str(out / f"member-{i}"),
-                                   backbone=backbones[i] if perturb == "arch" else cfg.backbone)
+        mcfg = dataclasses.replace(
+            cfg,
+            seed=cfg.seed + i,
+            out=str(out / f"member-{i}"),
+            backbone=backbones[i] if perturb == "arch" else cfg.backbone,
+        )
         hashers.append(train(mcfg).hasher)
     return EnsembleHasher(hashers, perturb).save(out / "model.pt")
 

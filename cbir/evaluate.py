@@ -32,12 +32,23 @@ class EncodedProtocol:
 def encode_protocol(hasher, splits, progress: bool = True, num_workers: int = 0) -> EncodedProtocol:
     """Encode ``splits.database`` and ``splits.query`` (unreadable images are skipped)."""
     t0 = time.perf_counter()
-    db_codes, db_conf, db_idx = hasher.encode_imageset(splits.database, progress=progress, desc="encode database",
-                                                       num_workers=num_workers)
-    q_codes, q_conf, q_idx = hasher.encode_imageset(splits.query, progress=progress, desc="encode queries",
-                                                    num_workers=num_workers)
-    return EncodedProtocol(db_codes, db_conf, splits.database.labels[db_idx], db_idx,
-                           q_codes, q_conf, splits.query.labels[q_idx], q_idx, time.perf_counter() - t0)
+    db_codes, db_conf, db_idx = hasher.encode_imageset(
+        splits.database, progress=progress, desc="encode database", num_workers=num_workers
+    )
+    q_codes, q_conf, q_idx = hasher.encode_imageset(
+        splits.query, progress=progress, desc="encode queries", num_workers=num_workers
+    )
+    return EncodedProtocol(
+        db_codes,
+        db_conf,
+        splits.database.labels[db_idx],
+        db_idx,
+        q_codes,
+        q_conf,
+        splits.query.labels[q_idx],
+        q_idx,
+        time.perf_counter() - t0,
+    )
 
 
 def retrieval_summary(enc: EncodedProtocol, k: int = 1000, fixed_bits: int = 0) -> dict:
@@ -60,21 +71,41 @@ def retrieval_summary(enc: EncodedProtocol, k: int = 1000, fixed_bits: int = 0) 
     kk = min(k, len(enc.db_codes))
     out = {"k": kk}
     for order in ("lex", "hamming"):
-        out[f"tie_map@{kk}_{order}"] = float(np.mean(tie_aware_average_precisions(
-            enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, kk, order=order)))
+        out[f"tie_map@{kk}_{order}"] = float(
+            np.mean(
+                tie_aware_average_precisions(
+                    enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, kk, order=order
+                )
+            )
+        )
     for order in ("lex", "hamming"):
         out[f"map@{kk}_{order}"] = mean_average_precision(
-            enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, kk, order=order, db_ids=enc.db_index)
+            enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, kk, order=order, db_ids=enc.db_index
+        )
     out["map@all_hamming"] = mean_average_precision(
-        enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, None, order="hamming", db_ids=enc.db_index)
+        enc.query_codes, enc.query_labels, enc.db_codes, enc.db_labels, None, order="hamming", db_ids=enc.db_index
+    )
     cov = coverage_report(enc.db_codes)
-    out["coverage"] = {key: cov[key] for key in ("n", "nbits", "unique_codes", "unique_percent", "entropy_bits",
-                                                 "average_collision_count", "largest_bucket")}
+    out["coverage"] = {
+        key: cov[key]
+        for key in (
+            "n",
+            "nbits",
+            "unique_codes",
+            "unique_percent",
+            "entropy_bits",
+            "average_collision_count",
+            "largest_bucket",
+        )
+    }
     out["coverage"]["prefix_entropy"] = [round(v, 3) for v in cov["prefix_entropy"]]
     rnd = random_expectation(enc.db_codes, fixed_bits)
-    out["coverage"].update(random_fixed_bits=rnd["fixed_bits"], random_unique_percent=rnd["unique_percent"],
-                           random_average_collision_count=rnd["average_collision_count"],
-                           unique_ratio=cov["unique_percent"] / rnd["unique_percent"])
+    out["coverage"].update(
+        random_fixed_bits=rnd["fixed_bits"],
+        random_unique_percent=rnd["unique_percent"],
+        random_average_collision_count=rnd["average_collision_count"],
+        unique_ratio=cov["unique_percent"] / rnd["unique_percent"],
+    )
     return out
 
 

@@ -77,20 +77,35 @@ def export_hasher(hasher, out, fmt: str = "onnx", batch: int = 2) -> dict:
             try:
                 import onnx  # noqa: F401
             except ImportError:
-                raise ValueError("ONNX export needs the onnx and onnxscript packages: "
-                                 "pip install 'cbir[export]'") from None
+                raise ValueError(
+                    "ONNX export needs the onnx and onnxscript packages: pip install 'cbir[export]'"
+                ) from None
             for name in ("onnx_ir", "onnxscript"):  # per-pass INFO lines
                 logging.getLogger(name).setLevel(logging.WARNING)
-            torch.onnx.export(graph, (example,), str(out), input_names=["images"],
-                              output_names=["bits", "conf"], dynamic_shapes={"images": {0: "batch"}},
-                              dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(out),
+                input_names=["images"],
+                output_names=["bits", "conf"],
+                dynamic_shapes={"images": {0: "batch"}},
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
     meta = {
         "format": fmt,
         "file": out.name,
-        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, s, s],
-                  "pixels": f"RGB, shorter side resized to {s} (antialiased bilinear) and centre-cropped"},
-        "outputs": {"bits": {"dtype": "uint8", "shape": ["N", hasher.nbits], "order": "bit 0 first"},
-                    "conf": {"dtype": "float32", "shape": ["N", hasher.nbits]}},
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["N", 3, s, s],
+            "pixels": f"RGB, shorter side resized to {s} (antialiased bilinear) and centre-cropped",
+        },
+        "outputs": {
+            "bits": {"dtype": "uint8", "shape": ["N", hasher.nbits], "order": "bit 0 first"},
+            "conf": {"dtype": "float32", "shape": ["N", hasher.nbits]},
+        },
         "layout": hasher.layout.to_dict(),
         "method": hasher.method_name,
         "model_content_hash": hasher.content_hash,

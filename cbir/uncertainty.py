@@ -71,8 +71,7 @@ def ttest_confidence(outputs: np.ndarray, max_conf: float = MAX_CONF) -> np.ndar
     o = np.asarray(outputs, dtype=np.float64)
     e = o.shape[0] if o.ndim else 0
     if e < 2:
-        raise ValueError(f"the t-test needs at least 2 ensemble members, got {e}; "
-                         "train with --ensemble E >= 2")
+        raise ValueError(f"the t-test needs at least 2 ensemble members, got {e}; train with --ensemble E >= 2")
     mean = o.mean(axis=0)
     sd = o.std(axis=0, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -98,12 +97,12 @@ def decide(conf: np.ndarray, tau: float = DEFAULT_TAU, tau_neg: float | None = N
 class ClassDecision:
     """Per-instance class answer of an ensemble (arrays over the ``N`` instances)."""
 
-    confidence: np.ndarray       # (N, C) float64 eq. 4 confidence per class
-    decision: np.ndarray         # (N, C) int8 +1 / -1 / 0 (IDK) per class
-    prediction_set: np.ndarray   # (N, C) bool
-    predicted: np.ndarray        # (N,) int64 the most confident class
-    idk: np.ndarray              # (N,) bool: the prediction set is not exactly one class
-    hardness: np.ndarray         # (N,) float64 in (0, 1]: 1 / (1 + best - second-best confidence)
+    confidence: np.ndarray  # (N, C) float64 eq. 4 confidence per class
+    decision: np.ndarray  # (N, C) int8 +1 / -1 / 0 (IDK) per class
+    prediction_set: np.ndarray  # (N, C) bool
+    predicted: np.ndarray  # (N,) int64 the most confident class
+    idk: np.ndarray  # (N,) bool: the prediction set is not exactly one class
+    hardness: np.ndarray  # (N,) float64 in (0, 1]: 1 / (1 + best - second-best confidence)
 
     @property
     def hard(self) -> np.ndarray:
@@ -118,8 +117,9 @@ class ClassDecision:
         return out
 
 
-def class_decision(member_logits: np.ndarray, tau: float = DEFAULT_TAU, margin: float = 1.0,
-                   max_conf: float = MAX_CONF) -> ClassDecision:
+def class_decision(
+    member_logits: np.ndarray, tau: float = DEFAULT_TAU, margin: float = 1.0, max_conf: float = MAX_CONF
+) -> ClassDecision:
     """Class answer from member logits ``(E, N, C)`` (softmax logits; converted with
     :func:`one_vs_rest`). Prediction set: classes with confidence above ``tau``; when there is
     none, the classes within ``margin`` of the most confident one."""
@@ -134,9 +134,14 @@ def class_decision(member_logits: np.ndarray, tau: float = DEFAULT_TAU, margin: 
     pset = np.where(np.asarray(pos.any(axis=1))[:, None], pos, near)
     srt = np.sort(conf, axis=1)
     gap = srt[:, -1] - srt[:, -2] if conf.shape[1] > 1 else np.full(len(conf), np.inf)
-    return ClassDecision(confidence=conf, decision=dec, prediction_set=pset,
-                         predicted=np.argmax(conf, axis=1).astype(np.int64),
-                         idk=pset.sum(axis=1) != 1, hardness=1.0 / (1.0 + gap))
+    return ClassDecision(
+        confidence=conf,
+        decision=dec,
+        prediction_set=pset,
+        predicted=np.argmax(conf, axis=1).astype(np.int64),
+        idk=pset.sum(axis=1) != 1,
+        hardness=1.0 / (1.0 + gap),
+    )
 
 
 def bit_agreement(member_bits: np.ndarray) -> np.ndarray:

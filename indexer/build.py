@@ -127,8 +127,16 @@ def build_index(
         est = n * (2 * (nb + 8) + 40 + (2 * layout.nbits if conf_h is not None else 0)) * 2
         if meta_b is not None:
             est += sum(len(m) + 24 for m in meta_b if m is not None) * 2 + sum(map(len, lab_keys)) * 2
-        env = lmdb.open(str(dbdir), map_size=max(INITIAL_MAP, est), subdir=True, writemap=True,
-                        max_dbs=len(DBS) + 2, sync=False, metasync=False, readahead=False)
+        env = lmdb.open(
+            str(dbdir),
+            map_size=max(INITIAL_MAP, est),
+            subdir=True,
+            writemap=True,
+            max_dbs=len(DBS) + 2,
+            sync=False,
+            metasync=False,
+            readahead=False,
+        )
         try:
             dbs = {name.decode(): env.open_db(name) for name in DBS}
             order = key_order(codes.packed, ids, ids_sorted)
@@ -139,14 +147,24 @@ def build_index(
                 e_ = min(n, s + PUT_CHUNK)
                 if e_ <= s:
                     break
-                _put_retry(env, functools.partial(
-                    _bulk_chunk, dbs=dbs, s_codes=sorted_codes[s:e_], s_ids=sorted_ids[s:e_],
-                    id_sorted_ids=ids[byid[s:e_]], id_sorted_codes=None if delta else codes.packed[byid[s:e_]],
-                    meta_b=meta_b, conf_h=conf_h, rows=byid[s:e_]))
+                _put_retry(
+                    env,
+                    functools.partial(
+                        _bulk_chunk,
+                        dbs=dbs,
+                        s_codes=sorted_codes[s:e_],
+                        s_ids=sorted_ids[s:e_],
+                        id_sorted_ids=ids[byid[s:e_]],
+                        id_sorted_codes=None if delta else codes.packed[byid[s:e_]],
+                        meta_b=meta_b,
+                        conf_h=conf_h,
+                        rows=byid[s:e_],
+                    ),
+                )
                 if bar is not None:
                     bar.update(e_ - s)
             for s in range(0, len(lab_keys), PUT_CHUNK):
-                _put_retry(env, functools.partial(_put_labels, dbs=dbs, keys=lab_keys[s:s + PUT_CHUNK]))
+                _put_retry(env, functools.partial(_put_labels, dbs=dbs, keys=lab_keys[s : s + PUT_CHUNK]))
             with env.begin(write=True) as txn:
                 txn.put(b"generation", u64(1), db=dbs["info"])
                 txn.put(b"count", u64(n), db=dbs["info"])
@@ -262,8 +280,7 @@ def compact_index(path) -> dict:
     finally:
         release_env(e)
     after = (path / LMDB_DIR / "data.mdb").stat().st_size
-    return {"before": before, "after": after, "generation": gen,
-            "identity": data_identity(path / LMDB_DIR)}
+    return {"before": before, "after": after, "generation": gen, "identity": data_identity(path / LMDB_DIR)}
 
 
 def _link_tree(src: Path, dst: Path) -> None:

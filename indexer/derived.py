@@ -48,8 +48,16 @@ class Derived:
     each code big-endian (non-decreasing); row positions are the labels used by MIH and FAISS.
     """
 
-    def __init__(self, generation: int, nbits: int, codes: np.ndarray, ids: np.ndarray,
-                 head64: np.ndarray | None = None, mih: MIH | None = None, by_id=None) -> None:
+    def __init__(
+        self,
+        generation: int,
+        nbits: int,
+        codes: np.ndarray,
+        ids: np.ndarray,
+        head64: np.ndarray | None = None,
+        mih: MIH | None = None,
+        by_id=None,
+    ) -> None:
         self.generation = generation
         self.nbits = nbits
         self.codes = codes

@@ -60,9 +60,11 @@ class ForkError(RuntimeError):
 
 
 def fork_error(path) -> ForkError:
-    return ForkError(f"index {path} was opened in process before fork(); LMDB environments cannot "
-                     "cross a fork. Open the index in the child after forking (or use the 'spawn' "
-                     "multiprocessing start method)")
+    return ForkError(
+        f"index {path} was opened in process before fork(); LMDB environments cannot "
+        "cross a fork. Open the index in the child after forking (or use the 'spawn' "
+        "multiprocessing start method)"
+    )
 
 
 class Env:
@@ -131,8 +133,11 @@ def acquire_env(dbdir: Path, want_write: bool, create: bool = False) -> Env:
             lockf = Path(dbdir) / "lock.mdb"
             use_lock = os.access(lockf, os.W_OK)
             if not use_lock:
-                log.warning("%s: lock.mdb is not writable; opening without a reader table "
-                            "(safe only while nothing writes this index)", dbdir)
+                log.warning(
+                    "%s: lock.mdb is not writable; opening without a reader table "
+                    "(safe only while nothing writes this index)",
+                    dbdir,
+                )
             env = lmdb.open(str(dbdir), readonly=True, lock=use_lock, **kw)
         key = _env_key(dbdir)
         e = Env(key, env, writable, dbdir)

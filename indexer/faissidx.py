@@ -66,8 +66,7 @@ class Selector:
 class FaissBinary:
     """``IndexBinaryFlat`` over ``codes`` (or a saved index file, memory-mapped)."""
 
-    def __init__(self, codes: np.ndarray | None = None, use_gpu: bool | None = None,
-                 path=None) -> None:
+    def __init__(self, codes: np.ndarray | None = None, use_gpu: bool | None = None, path=None) -> None:
         faiss = _faiss()
         if path is not None:
             self.cpu = faiss.read_index_binary(str(path), faiss.IO_FLAG_MMAP)
@@ -112,8 +111,7 @@ class FaissBinary:
         return self.cpu.range_search(Q, int(radius) + 1, params=sel.params)
 
     # exact k-NN / range -----------------------------------------------------------------------
-    def knn_batch(self, Q: np.ndarray, k: int, sel: Selector | None = None,
-                  threads: int | None = None) -> list:
+    def knn_batch(self, Q: np.ndarray, k: int, sel: Selector | None = None, threads: int | None = None) -> list:
         """For each query row: (positions, distances) of every kept item within its k-th
         smallest distance (ties complete; at least min(k, kept) items). One FAISS call (plus
         one range call for the queries whose ties ran past the first answer)."""
@@ -148,8 +146,9 @@ class FaissBinary:
     def knn(self, q: np.ndarray, k: int, sel: Selector | None = None):
         return self.knn_batch(q[None, :], k, sel, threads=1)[0]
 
-    def range(self, q: np.ndarray, radius: int, sel: Selector | None = None,
-              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def range(
+        self, q: np.ndarray, radius: int, sel: Selector | None = None, threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.n == 0 or radius < 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
         _lims, D, I = self._range(np.ascontiguousarray(q, dtype=np.uint8)[None, :], radius, sel, threads)
@@ -160,8 +159,10 @@ class FaissBinary:
         if self.n == 0 or radius < 0 or len(Q) == 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.int32))] * len(Q)
         lims, D, I = self._range(Q, radius, sel, 1 if len(Q) == 1 else batch_threads())
-        return [(I[lims[i]:lims[i + 1]].astype(np.int64), D[lims[i]:lims[i + 1]].astype(np.int32))
-                for i in range(len(Q))]
+        return [
+            (I[lims[i] : lims[i + 1]].astype(np.int64), D[lims[i] : lims[i + 1]].astype(np.int32))
+            for i in range(len(Q))
+        ]
 
     def knn_raw(self, q: np.ndarray, k: int, threads: int = 1):
         """Plain FAISS top-k (no tie completion): the baseline the benchmark compares with."""

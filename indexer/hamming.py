@@ -85,8 +85,9 @@ class Filter:
     """What one search may return from view ``v``: live rows, optionally base positions in
     ``[lo, hi)`` and ids in the sorted array ``allowed``."""
 
-    def __init__(self, v: View, lo: int | None = None, hi: int | None = None,
-                 allowed: np.ndarray | None = None) -> None:
+    def __init__(
+        self, v: View, lo: int | None = None, hi: int | None = None, allowed: np.ndarray | None = None
+    ) -> None:
         self.v = v
         self.lo = 0 if lo is None else lo
         self.hi = v.base.n if hi is None else hi
@@ -129,9 +130,9 @@ class Filter:
         alive, allowed = self.v.alive_mask(), self.allowed
         if alive is None and allowed is None:
             return None
-        m = np.ones(self.hi - self.lo, dtype=bool) if alive is None else alive[self.lo:self.hi].copy()
+        m = np.ones(self.hi - self.lo, dtype=bool) if alive is None else alive[self.lo : self.hi].copy()
         if allowed is not None:
-            m &= _isin_sorted(np.asarray(self.v.base.ids[self.lo:self.hi]), allowed)
+            m &= _isin_sorted(np.asarray(self.v.base.ids[self.lo : self.hi]), allowed)
         return m
 
     def added(self, q: np.ndarray, prefix_bits: int) -> np.ndarray:
@@ -193,8 +194,7 @@ class HammingModes(ReaderAttrs):
             res = None
             if budget != -1:
                 keep = flt.keep()
-                res = (d.mih.range(q, radius, budget, keep) if radius is not None
-                       else d.mih.knn(q, k, budget, keep))
+                res = d.mih.range(q, radius, budget, keep) if radius is not None else d.mih.knn(q, k, budget, keep)
                 if method == "auto":
                     chooser.record(res is None)
             if res is not None:
@@ -243,8 +243,9 @@ class HammingModes(ReaderAttrs):
         return None if labels is None else self.ids_with_labels(labels)
 
     # Hamming ---------------------------------------------------------------------------------
-    def search_hamming(self, code, k: int | None = None, radius: int | None = None,
-                       method: str = "auto", labels=None) -> SearchResult:
+    def search_hamming(
+        self, code, k: int | None = None, radius: int | None = None, method: str = "auto", labels=None
+    ) -> SearchResult:
         """Exact Hamming k-NN (``k``), range (``radius``: all with distance <= radius), or both
         (the ``k`` nearest within ``radius``); ties in the lexicographic order, then id.
         ``method``: ``auto`` (see :class:`AutoPolicy`), ``mih``, ``faiss`` or ``brute``
@@ -269,8 +270,9 @@ class HammingModes(ReaderAttrs):
             raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         return None if k is None else max(0, int(k))
 
-    def search_hamming_batch(self, codes, k: int | None = None, radius: int | None = None,
-                             method: str = "auto", labels=None) -> list[SearchResult]:
+    def search_hamming_batch(
+        self, codes, k: int | None = None, radius: int | None = None, method: str = "auto", labels=None
+    ) -> list[SearchResult]:
         """:meth:`search_hamming` for every query row; the queries FAISS answers (all of them
         for ``method="faiss"``, those over MIH's budget for ``auto``) are one FAISS call on all
         cores."""
@@ -278,8 +280,13 @@ class HammingModes(ReaderAttrs):
         k = self._check_hamming_args(k, radius, method)
         allowed = self._allowed(labels)
         v = self.derived()
-        if (len(Q) < 2 or method in ("mih", "brute") or v.n == 0 or k == 0
-                or (allowed is not None and len(allowed) <= FILTER_BRUTE_MAX)):
+        if (
+            len(Q) < 2
+            or method in ("mih", "brute")
+            or v.n == 0
+            or k == 0
+            or (allowed is not None and len(allowed) <= FILTER_BRUTE_MAX)
+        ):
             return [self.search_hamming(Q[i].tobytes(), k, radius, method, labels) for i in range(len(Q))]
         flt = Filter(v, allowed=allowed)
         hits: list = [None] * len(Q)
@@ -288,8 +295,11 @@ class HammingModes(ReaderAttrs):
                 if self.chooser.try_mih():
                     keep = flt.keep()
                     budget = self.chooser.flat_budget(v.base.n)
-                    res = (v.base.mih.range(Q[i], radius, budget, keep) if radius is not None
-                           else v.base.mih.knn(Q[i], k, budget, keep))
+                    res = (
+                        v.base.mih.range(Q[i], radius, budget, keep)
+                        if radius is not None
+                        else v.base.mih.knn(Q[i], k, budget, keep)
+                    )
                     self.chooser.record(res is None)
                     hits[i] = res
         rest = [i for i in range(len(Q)) if hits[i] is None]
@@ -362,7 +372,6 @@ class HammingModes(ReaderAttrs):
 
         return bound(lo, hi, False), bound(lo, hi, True)
 
-    def search_hybrid_batch(self, codes, k: int = 10, class_bits: int | None = None,
-                            labels=None) -> list[SearchResult]:
+    def search_hybrid_batch(self, codes, k: int = 10, class_bits: int | None = None, labels=None) -> list[SearchResult]:
         Q = self._queries(codes)
         return [self.search_hybrid(Q[i].tobytes(), k, class_bits, labels) for i in range(len(Q))]

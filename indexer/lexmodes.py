@@ -55,7 +55,7 @@ def _isin_sorted(ids: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 def _after_anchor(perm: np.ndarray, anchor: int) -> np.ndarray:
     """Entries of the sorted permutation ``perm`` after the row ``anchor`` (which is dropped)."""
     at = int(np.flatnonzero(perm == anchor)[0])
-    return perm[at + 1:]
+    return perm[at + 1 :]
 
 
 def uncertain_order(q: np.ndarray, codes: np.ndarray, ids: np.ndarray, flips: np.ndarray) -> np.ndarray:
@@ -64,7 +64,9 @@ def uncertain_order(q: np.ndarray, codes: np.ndarray, ids: np.ndarray, flips: np
     lexicographic order (``q XOR c``, then id)."""
     mask = np.full(q.shape[0], 0xFF, dtype=np.uint8)
     mask ^= flips.sum(axis=0).astype(np.uint8)  # flips are distinct bits
-    return np.lexsort([np.asarray(ids, dtype=np.int64)] + xor_sort_keys(q, codes) + xor_sort_keys(q & mask, codes & mask))
+    return np.lexsort(
+        [np.asarray(ids, dtype=np.int64)] + xor_sort_keys(q, codes) + xor_sort_keys(q & mask, codes & mask)
+    )
 
 
 class LexModes(ReaderAttrs):
@@ -74,8 +76,15 @@ class LexModes(ReaderAttrs):
     def _init_lex(self) -> None:
         self._lex = LexSearcher(self.nbits, self._live_env.dbs["tree"])
 
-    def _keys_result(self, q: np.ndarray, keys: np.ndarray, order: str, cursor: bool = False,
-                     k: int | None = None, x: np.ndarray | None = None) -> SearchResult:
+    def _keys_result(
+        self,
+        q: np.ndarray,
+        keys: np.ndarray,
+        order: str,
+        cursor: bool = False,
+        k: int | None = None,
+        x: np.ndarray | None = None,
+    ) -> SearchResult:
         """Result of ordered tree keys; ``x``: their ``q XOR c`` as uint64 when known."""
         nb, ks = self.nb, self.nb + 8
         keys = np.ascontiguousarray(keys)
@@ -119,9 +128,17 @@ class LexModes(ReaderAttrs):
             return self._with_txn(lambda txn: self._lex.topk(txn, qb, need))
         return self._with_txn(lambda txn: self._lex.after(txn, qb, ckey, need))
 
-    def search_lex(self, code, k: int = 10, offset: int = 0, conf: np.ndarray | None = None,
-                   conf_threshold: float | None = None, probe_budget: int = 16,
-                   cursor: str | None = None, labels=None) -> SearchResult:
+    def search_lex(
+        self,
+        code,
+        k: int = 10,
+        offset: int = 0,
+        conf: np.ndarray | None = None,
+        conf_threshold: float | None = None,
+        probe_budget: int = 16,
+        cursor: str | None = None,
+        labels=None,
+    ) -> SearchResult:
         """Top-``k`` in the lexicographic order (after skipping ``offset``).
 
         Paging: pass ``cursor=""`` for the first page and ``result.next_cursor`` for the next
@@ -162,7 +179,7 @@ class LexModes(ReaderAttrs):
             ids, codes = self._codes_of(allowed)
             if ckey is not None:
                 codes = np.concatenate([codes, np.frombuffer(ckey[: self.nb], np.uint8)[None, :]])
-                ids = np.concatenate([ids, [int.from_bytes(ckey[self.nb:], "big")]])
+                ids = np.concatenate([ids, [int.from_bytes(ckey[self.nb :], "big")]])
                 perm = _after_anchor(order_candidates(q, codes, ids, "lex"), len(ids) - 1)
             else:
                 perm = order_candidates(q, codes, ids, "lex")
@@ -175,7 +192,7 @@ class LexModes(ReaderAttrs):
             keys = self._lex_keys(q, page, ckey)
             if len(keys) == 0:
                 break
-            ids = np.ascontiguousarray(keys[:, self.nb:]).view(">i8").reshape(-1).astype(np.int64)
+            ids = np.ascontiguousarray(keys[:, self.nb :]).view(">i8").reshape(-1).astype(np.int64)
             got.append(keys[_isin_sorted(ids, allowed)])
             ckey = keys[-1].tobytes()
             if len(keys) < page:
@@ -184,13 +201,29 @@ class LexModes(ReaderAttrs):
         keys = np.concatenate(got) if got else np.zeros((0, self.nb + 8), np.uint8)
         return self._keys_result(q, keys[offset:need], "lex", paged, k)
 
-    def search_lex_batch(self, codes, k: int = 10, offset: int = 0, conf=None,
-                         conf_threshold: float | None = None, probe_budget: int = 16,
-                         labels=None) -> list[SearchResult]:
+    def search_lex_batch(
+        self,
+        codes,
+        k: int = 10,
+        offset: int = 0,
+        conf=None,
+        conf_threshold: float | None = None,
+        probe_budget: int = 16,
+        labels=None,
+    ) -> list[SearchResult]:
         Q = self._queries(codes)
-        return [self.search_lex(Q[i].tobytes(), k, offset,
-                                None if conf is None else np.asarray(conf)[i], conf_threshold,
-                                probe_budget, labels=labels) for i in range(len(Q))]
+        return [
+            self.search_lex(
+                Q[i].tobytes(),
+                k,
+                offset,
+                None if conf is None else np.asarray(conf)[i],
+                conf_threshold,
+                probe_budget,
+                labels=labels,
+            )
+            for i in range(len(Q))
+        ]
 
     def wildcard_flips(self, conf, thr: float, budget: int) -> np.ndarray:
         """(w, nb) uint8 one-bit masks of the query bits uncertainty-aware probing treats as
@@ -225,7 +258,7 @@ class LexModes(ReaderAttrs):
 
         allkeys = self._with_txn(probe_all)
         keys = np.unique(np.concatenate(allkeys), axis=0) if allkeys else np.zeros((0, self.nb + 8), np.uint8)
-        codes, ids = keys[:, : self.nb], np.ascontiguousarray(keys[:, self.nb:]).view(">i8").reshape(-1)
+        codes, ids = keys[:, : self.nb], np.ascontiguousarray(keys[:, self.nb :]).view(">i8").reshape(-1)
         perm = uncertain_order(q, codes, ids, flips)[offset:need]
         return make_result(q, codes[perm], ids[perm], self.nbits, "lex")
 
@@ -260,8 +293,7 @@ class LexModes(ReaderAttrs):
         ok = _prefix_mask(keys[:, : self.nb], np.frombuffer(pb.ljust(self.nb, b"\0"), np.uint8), p)
         return keys, int(np.argmin(ok)) if not ok.all() else len(ok)
 
-    def search_prefix(self, bits, limit: int = 100, cursor: str | bytes | None = None,
-                      labels=None) -> PrefixPage:
+    def search_prefix(self, bits, limit: int = 100, cursor: str | bytes | None = None, labels=None) -> PrefixPage:
         """Items whose code starts with the bit prefix ``bits`` (str of 0/1, sequence of 0/1, or
         a 1-row Codes whose ``nbits`` is the prefix length), ascending code then id, ``limit``
         per page; pass ``page.next_cursor`` back to continue. ``labels``: only items carrying
@@ -304,7 +336,7 @@ class LexModes(ReaderAttrs):
             at = int(np.flatnonzero(perm == len(keys) - 1)[0])
             # rows equal to the start key sort before it (stable): the start key itself is kept
             eq = (keys[perm[:at]] == keys[-1]).all(axis=1)
-            rest = np.concatenate([perm[:at][eq], perm[at + 1:]])
+            rest = np.concatenate([perm[:at][eq], perm[at + 1 :]])
             sel = keys[rest]
             nxt = sel[limit].tobytes().hex() if len(sel) > limit else None
             return self._page(sel[:limit], nxt)

@@ -63,8 +63,15 @@ def choose_m(nbits: int, n: int) -> int:
 class MIH:
     """Multi-index hash tables over ``codes`` (packed uint8 (N, nb)) of ``nbits`` bits."""
 
-    def __init__(self, codes: np.ndarray, nbits: int, m: int | None = None, tables=None,
-                 codes64: np.ndarray | None = None, comb=None) -> None:
+    def __init__(
+        self,
+        codes: np.ndarray,
+        nbits: int,
+        m: int | None = None,
+        tables=None,
+        codes64: np.ndarray | None = None,
+        comb=None,
+    ) -> None:
         self.codes = codes
         self.nbits = nbits
         self.n = len(codes)
@@ -122,16 +129,13 @@ class MIH:
         return out
 
     @classmethod
-    def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict,
-                    codes64: np.ndarray | None = None) -> MIH:
+    def from_arrays(cls, codes: np.ndarray, nbits: int, m: int, arrays: dict, codes64: np.ndarray | None = None) -> MIH:
         if "mihc_offs" in arrays:
-            comb = (arrays["mihc_bases"], arrays["mihc_offs"], arrays["mihc_perm"],
-                    arrays.get("mihc_codes"))
+            comb = (arrays["mihc_bases"], arrays["mihc_offs"], arrays["mihc_perm"], arrays.get("mihc_codes"))
             return cls(codes, nbits, m=m, codes64=codes64, comb=comb)
         tables = []
         for i in range(m):
-            tables.append((arrays[f"mih{i}_perm"], arrays.get(f"mih{i}_offsets"),
-                           arrays.get(f"mih{i}_values")))
+            tables.append((arrays[f"mih{i}_perm"], arrays.get(f"mih{i}_offsets"), arrays.get(f"mih{i}_values")))
         return cls(codes, nbits, m=m, tables=tables, codes64=codes64)
 
     # lookup ---------------------------------------------------------------------------------
@@ -163,8 +167,7 @@ class MIH:
         # substring values of one query with Python ints (a numpy call per table costs more)
         width = 8 * len(q)
         qi = int.from_bytes(q.tobytes(), "big")
-        return [(qi >> (width - self.starts[i] - self.sizes[i])) & ((1 << self.sizes[i]) - 1)
-                for i in range(self.m)]
+        return [(qi >> (width - self.starts[i] - self.sizes[i])) & ((1 << self.sizes[i]) - 1) for i in range(self.m)]
 
     def _q64(self, q):
         if self.codes64 is None:
@@ -318,7 +321,8 @@ class MIH:
         stages = [(0, min(1, rmax))] + [(r, r) for r in range(2, rmax + 1)]
         for r_lo, r_hi in stages:
             cost += self.STEP_COST + self.PROBE_COST * sum(
-                math.comb(s, r) for r in range(r_lo, r_hi + 1) for s in self.sizes if r <= s)
+                math.comb(s, r) for r in range(r_lo, r_hi + 1) for s in self.sizes if r <= s
+            )
             if budget is not None and cost > budget:
                 return None
             pos, dist = self._step(q, q64, qsub, r_lo, r_hi)
@@ -352,8 +356,10 @@ class MIH:
         q64 = self._q64(q)
         qsub = self._qsub(q)
         rr = radius // self.m
-        cost = sum(self.STEP_COST + self.PROBE_COST * sum(math.comb(s, r) for s in self.sizes if r <= s)
-                   for r in range(min(rr, max(self.sizes)) + 1))
+        cost = sum(
+            self.STEP_COST + self.PROBE_COST * sum(math.comb(s, r) for s in self.sizes if r <= s)
+            for r in range(min(rr, max(self.sizes)) + 1)
+        )
         if budget is not None and cost > budget:
             return None
         pos, dist = self._step(q, q64, qsub, 0, min(rr, max(self.sizes)))  # all radii, one step

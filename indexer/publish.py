@@ -97,8 +97,9 @@ def check_output(out: Path, force: bool = False) -> str:
     if not out.exists() and not out.is_symlink():
         return "new"
     if out.is_symlink() or not out.is_dir():
-        raise OutputExistsError(f"--out {out} exists and is not a directory; cbir will not "
-                                "replace it: choose another --out")
+        raise OutputExistsError(
+            f"--out {out} exists and is not a directory; cbir will not replace it: choose another --out"
+        )
     entries = os.listdir(out)
     if not entries:
         return "empty"
@@ -111,11 +112,14 @@ def check_output(out: Path, force: bool = False) -> str:
             f"--out {out} exists and is not a cbir index (it holds {shown}); cbir only replaces "
             "its own indexes. Choose a new or empty directory, or pass --force to write the "
             "index into it (only manifest.json, lmdb/, derived/ and shards/ are then replaced; every "
-            "other file stays)")
+            "other file stays)"
+        )
     blocked = [f for f in foreign if "/" in f or f in INDEX_ENTRIES]
     if blocked:
-        raise OutputExistsError(f"--out {out}: {', '.join(blocked[:5])} would be overwritten but "
-                                "was not written by cbir; move it away first")
+        raise OutputExistsError(
+            f"--out {out}: {', '.join(blocked[:5])} would be overwritten but "
+            "was not written by cbir; move it away first"
+        )
     return "merge"
 
 

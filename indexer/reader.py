@@ -79,8 +79,7 @@ class IndexReader(LexModes, HammingModes):
     def _open(self) -> None:
         self.manifest = read_manifest(self.path)
         if is_sharded(self.manifest):
-            raise ValueError(f"{self.path} is a sharded index: open it with "
-                             "cbir.indexer.open_index (a ShardedReader)")
+            raise ValueError(f"{self.path} is a sharded index: open it with cbir.indexer.open_index (a ShardedReader)")
         self.layout = CodeLayout.from_dict(self.manifest["layout"])
         self.nbits = self.layout.nbits
         self.nb = (self.nbits + 7) // 8
@@ -381,8 +380,11 @@ class IndexReader(LexModes, HammingModes):
         mdb = self._live_env.dbs["meta"]
 
         def read(txn):
-            return [int.from_bytes(k, "big") for k, mb in txn.cursor(mdb).iternext()
-                    if item_labels(json.loads(mb), self.class_names) & wanted]
+            return [
+                int.from_bytes(k, "big")
+                for k, mb in txn.cursor(mdb).iternext()
+                if item_labels(json.loads(mb), self.class_names) & wanted
+            ]
 
         return np.asarray(sorted(self._with_txn(read)), dtype=np.int64)
 

@@ -93,16 +93,22 @@ def prefix_len_u64(x: np.ndarray, nbits: int) -> np.ndarray:
     return np.minimum(64 - np.where(hi > 0, hi + 32, lo), nbits).astype(np.int32)
 
 
-def hamming_result_u64(packed: np.ndarray, ids: np.ndarray, x: np.ndarray, dist: np.ndarray,
-                       nbits: int, k: int | None) -> SearchResult:
+def hamming_result_u64(
+    packed: np.ndarray, ids: np.ndarray, x: np.ndarray, dist: np.ndarray, nbits: int, k: int | None
+) -> SearchResult:
     """Candidates of a <= 64-bit index (``x`` = their ``q XOR c`` as uint64) in the exact
     Hamming order, cut to ``k``: one lexsort, prefix lengths from ``x``."""
     perm = np.lexsort((ids, x, dist))
     if k is not None:
         perm = perm[:k]
     x = x[perm]
-    return SearchResult(np.asarray(ids[perm], dtype=np.int64), Codes(np.ascontiguousarray(packed[perm]), nbits),
-                        np.asarray(dist[perm], dtype=np.int32), prefix_len_u64(x, nbits), "hamming")
+    return SearchResult(
+        np.asarray(ids[perm], dtype=np.int64),
+        Codes(np.ascontiguousarray(packed[perm]), nbits),
+        np.asarray(dist[perm], dtype=np.int32),
+        prefix_len_u64(x, nbits),
+        "hamming",
+    )
 
 
 def xor_sort_keys(q: np.ndarray, packed: np.ndarray) -> list[np.ndarray]:
@@ -130,8 +136,15 @@ def order_candidates(
     return np.lexsort(keys)
 
 
-def make_result(q: np.ndarray, packed: np.ndarray, ids: np.ndarray, nbits: int, order: str,
-                dist: np.ndarray | None = None, next_cursor: str | None = None) -> SearchResult:
+def make_result(
+    q: np.ndarray,
+    packed: np.ndarray,
+    ids: np.ndarray,
+    nbits: int,
+    order: str,
+    dist: np.ndarray | None = None,
+    next_cursor: str | None = None,
+) -> SearchResult:
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1, q.shape[0])
     return SearchResult(
         ids=np.asarray(ids, dtype=np.int64),

@@ -53,21 +53,27 @@ from cbir.indexer.results import (
 from cbir.indexer.rows import as_ids, check_codes, head64, make_keys
 from cbir.indexer.stats import dir_bytes, packed_coverage
 
-READ_ONLY = ("is a sharded index, which is read-only: a write that moves an item between shards "
-             "cannot be one transaction. Open it with open_index(path) (readonly) and change the "
-             "collection by rebuilding it (cbir index build --shards S, an atomic swap)")
+READ_ONLY = (
+    "is a sharded index, which is read-only: a write that moves an item between shards "
+    "cannot be one transaction. Open it with open_index(path) (readonly) and change the "
+    "collection by rebuilding it (cbir index build --shards S, an atomic swap)"
+)
 
 
 def shard_bits_for(shards: int, nbits: int) -> int:
     """log2 of ``shards``; ValueError unless it is a power of two with 2 <= S <= 2^nbits."""
     s = int(shards)
     if s < 2 or s & (s - 1):
-        raise ValueError(f"--shards {shards}: the number of shards must be a power of two >= 2 "
-                         "(shards split the collection by its leading code bits), e.g. 2, 4, 8")
+        raise ValueError(
+            f"--shards {shards}: the number of shards must be a power of two >= 2 "
+            "(shards split the collection by its leading code bits), e.g. 2, 4, 8"
+        )
     bits = s.bit_length() - 1
     if bits > nbits:
-        raise ValueError(f"--shards {shards} needs {bits} leading bits but the codes have {nbits}; "
-                         f"use at most {1 << min(nbits, 16)} shards")
+        raise ValueError(
+            f"--shards {shards} needs {bits} leading bits but the codes have {nbits}; "
+            f"use at most {1 << min(nbits, 16)} shards"
+        )
     return bits
 
 
@@ -80,10 +86,20 @@ def shard_of(packed: np.ndarray, shard_bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------------
-def build_sharded_index(out_dir, ids, codes: Codes, shards: int, meta=None, conf=None,
-                        layout: CodeLayout | None = None, model_hash: str = "",
-                        build_params: dict | None = None, overwrite: bool = True,
-                        progress: bool = False, force: bool = False) -> Path:
+def build_sharded_index(
+    out_dir,
+    ids,
+    codes: Codes,
+    shards: int,
+    meta=None,
+    conf=None,
+    layout: CodeLayout | None = None,
+    model_hash: str = "",
+    build_params: dict | None = None,
+    overwrite: bool = True,
+    progress: bool = False,
+    force: bool = False,
+) -> Path:
     """Build a sharded index of ``shards`` (a power of two) shards at ``out_dir`` atomically.
 
     Each shard is written by :func:`build_index` into one temporary directory, the top-level
@@ -92,8 +108,9 @@ def build_sharded_index(out_dir, ids, codes: Codes, shards: int, meta=None, conf
     sharded; cbir never deletes a file it did not write). ``shards=1`` builds a plain index.
     """
     if int(shards) == 1:
-        return build_index(out_dir, ids, codes, meta, conf, layout, model_hash, build_params,
-                           overwrite, progress, force)
+        return build_index(
+            out_dir, ids, codes, meta, conf, layout, model_hash, build_params, overwrite, progress, force
+        )
     out = Path(out_dir).absolute()
     if layout is None:
         layout = CodeLayout(nbits=codes.nbits)
@@ -118,10 +135,17 @@ def build_sharded_index(out_dir, ids, codes: Codes, shards: int, meta=None, conf
             rows = np.flatnonzero(which == j)
             rel = f"{SHARDS_DIR}/{j:04d}"
             params = dict(build_params or {}, shard=j, shards=int(shards), shard_bits=sb)
-            build_index(tmp / rel, ids[rows], codes[rows],
-                        None if meta is None else [meta[i] for i in rows.tolist()],
-                        None if conf is None else np.asarray(conf)[rows], layout, model_hash,
-                        params, progress=progress)
+            build_index(
+                tmp / rel,
+                ids[rows],
+                codes[rows],
+                None if meta is None else [meta[i] for i in rows.tolist()],
+                None if conf is None else np.asarray(conf)[rows],
+                layout,
+                model_hash,
+                params,
+                progress=progress,
+            )
             entries.append({"path": rel, "prefix": j, "count": len(rows)})
         man = new_manifest(layout, model_hash, dict(build_params or {}, shards=int(shards)))
         man.update(count=len(ids), generation=1, shard_bits=sb, shards=entries)
@@ -144,14 +168,18 @@ def _concat(q: np.ndarray, parts: list[SearchResult], nbits: int, order: str) ->
         return empty_result(q, nbits, order)
     if len(parts) == 1:
         return parts[0]
-    return SearchResult(np.concatenate([p.ids for p in parts]),
-                        Codes(np.concatenate([p.codes.packed for p in parts]), nbits),
-                        np.concatenate([p.distances for p in parts]),
-                        np.concatenate([p.prefix_lengths for p in parts]), order)
+    return SearchResult(
+        np.concatenate([p.ids for p in parts]),
+        Codes(np.concatenate([p.codes.packed for p in parts]), nbits),
+        np.concatenate([p.distances for p in parts]),
+        np.concatenate([p.prefix_lengths for p in parts]),
+        order,
+    )
 
 
-def _merge(q: np.ndarray, parts: list[SearchResult], nbits: int, order: str, k: int | None,
-           perm_fn=None) -> SearchResult:
+def _merge(
+    q: np.ndarray, parts: list[SearchResult], nbits: int, order: str, k: int | None, perm_fn=None
+) -> SearchResult:
     """Per-shard results merged in the exact ``order`` (or ``perm_fn(codes, ids)``), cut to k."""
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -168,12 +196,17 @@ def _merge(q: np.ndarray, parts: list[SearchResult], nbits: int, order: str, k: 
 def _skip(r: SearchResult, n: int) -> SearchResult:
     if n <= 0:
         return r
-    return SearchResult(r.ids[n:], r.codes[n:] if len(r) > n else Codes.empty(r.codes.nbits),
-                        r.distances[n:], r.prefix_lengths[n:], r.order)
+    return SearchResult(
+        r.ids[n:],
+        r.codes[n:] if len(r) > n else Codes.empty(r.codes.nbits),
+        r.distances[n:],
+        r.prefix_lengths[n:],
+        r.order,
+    )
 
 
 def _key_hex(codes: np.ndarray, ids: np.ndarray, i: int) -> str:
-    return make_keys(codes[i:i + 1], ids[i:i + 1])[0].tobytes().hex()
+    return make_keys(codes[i : i + 1], ids[i : i + 1])[0].tobytes().hex()
 
 
 class ShardedReader:
@@ -292,9 +325,17 @@ class ShardedReader:
         return key, self._lead(np.frombuffer(key[: self.nb], np.uint8))
 
     # lexicographic ---------------------------------------------------------------------------
-    def search_lex(self, code, k: int = 10, offset: int = 0, conf: np.ndarray | None = None,
-                   conf_threshold: float | None = None, probe_budget: int = 16,
-                   cursor: str | None = None, labels=None) -> SearchResult:
+    def search_lex(
+        self,
+        code,
+        k: int = 10,
+        offset: int = 0,
+        conf: np.ndarray | None = None,
+        conf_threshold: float | None = None,
+        probe_budget: int = 16,
+        cursor: str | None = None,
+        labels=None,
+    ) -> SearchResult:
         """:meth:`IndexReader.search_lex` over all shards: the shards in the order of
         ``lead(q) XOR j``, each read only while the page is not full."""
         q = self._query(code)
@@ -306,17 +347,17 @@ class ShardedReader:
             if cursor is not None or labels is not None:
                 raise ValueError("uncertainty-aware probing (conf=) takes no cursor or labels")
             need = k + offset
-            parts = [r.search_lex(q.tobytes(), need, 0, conf, conf_threshold, probe_budget)
-                     for r in shards if r.count()]
+            parts = [
+                r.search_lex(q.tobytes(), need, 0, conf, conf_threshold, probe_budget) for r in shards if r.count()
+            ]
             flips = shards[0].wildcard_flips(conf, conf_threshold, probe_budget)
-            res = _merge(q, parts, self.nbits, "lex", need,
-                         lambda c, i: uncertain_order(q, c, i, flips))
+            res = _merge(q, parts, self.nbits, "lex", need, lambda c, i: uncertain_order(q, c, i, flips))
             return _skip(res, offset)
         ckey, cshard = self._cursor_shard(cursor)
         lead = self._lead(q)
         plan = sorted(range(len(shards)), key=lambda j: j ^ lead)
         if cshard is not None:
-            plan = plan[plan.index(cshard):]
+            plan = plan[plan.index(cshard) :]
         parts, off, rem = [], offset, k
         for j in plan:
             if rem == 0:
@@ -340,21 +381,39 @@ class ShardedReader:
             parts.append(got)
             rem -= len(got)
         res = _concat(q, parts, self.nbits, "lex")
-        nxt = (_key_hex(res.codes.packed, res.ids, len(res) - 1)
-               if cursor is not None and len(res) and len(res) >= k else None)
+        nxt = (
+            _key_hex(res.codes.packed, res.ids, len(res) - 1)
+            if cursor is not None and len(res) and len(res) >= k
+            else None
+        )
         return SearchResult(res.ids, res.codes, res.distances, res.prefix_lengths, "lex", nxt)
 
-    def search_lex_batch(self, codes, k: int = 10, offset: int = 0, conf=None,
-                         conf_threshold: float | None = None, probe_budget: int = 16,
-                         labels=None) -> list[SearchResult]:
+    def search_lex_batch(
+        self,
+        codes,
+        k: int = 10,
+        offset: int = 0,
+        conf=None,
+        conf_threshold: float | None = None,
+        probe_budget: int = 16,
+        labels=None,
+    ) -> list[SearchResult]:
         Q = self._queries(codes)
-        return [self.search_lex(Q[i].tobytes(), k, offset,
-                                None if conf is None else np.asarray(conf)[i], conf_threshold,
-                                probe_budget, labels=labels) for i in range(len(Q))]
+        return [
+            self.search_lex(
+                Q[i].tobytes(),
+                k,
+                offset,
+                None if conf is None else np.asarray(conf)[i],
+                conf_threshold,
+                probe_budget,
+                labels=labels,
+            )
+            for i in range(len(Q))
+        ]
 
     # prefix ----------------------------------------------------------------------------------
-    def search_prefix(self, bits, limit: int = 100, cursor: str | bytes | None = None,
-                      labels=None) -> PrefixPage:
+    def search_prefix(self, bits, limit: int = 100, cursor: str | bytes | None = None, labels=None) -> PrefixPage:
         """:meth:`IndexReader.search_prefix` over the shards whose leading bits match the
         prefix, in ascending shard (= key) order."""
         shards = self.shards
@@ -371,7 +430,7 @@ class ShardedReader:
         if cshard is not None:
             if cshard not in plan:
                 raise ValueError("cursor does not belong to this prefix")
-            plan = plan[plan.index(cshard):]
+            plan = plan[plan.index(cshard) :]
         ids, codes, rem, nxt = [], [], limit, None
         for j in plan:
             r = shards[j]
@@ -394,8 +453,9 @@ class ShardedReader:
         return [self.search_prefix(p, limit, labels=labels) for p in prefixes]
 
     # Hamming / hybrid ------------------------------------------------------------------------
-    def search_hamming(self, code, k: int | None = None, radius: int | None = None,
-                       method: str = "auto", labels=None) -> SearchResult:
+    def search_hamming(
+        self, code, k: int | None = None, radius: int | None = None, method: str = "auto", labels=None
+    ) -> SearchResult:
         """:meth:`IndexReader.search_hamming` over the shards, visited by their distance
         bound popcount(lead(q) XOR j); stops when the bound exceeds the k-th distance found."""
         q = self._query(code)
@@ -419,8 +479,9 @@ class ShardedReader:
                 parts = [best]
         return best if best is not None else _merge(q, parts, self.nbits, "hamming", k)
 
-    def search_hamming_batch(self, codes, k: int | None = None, radius: int | None = None,
-                             method: str = "auto", labels=None) -> list[SearchResult]:
+    def search_hamming_batch(
+        self, codes, k: int | None = None, radius: int | None = None, method: str = "auto", labels=None
+    ) -> list[SearchResult]:
         """Every shard answers the whole batch (one FAISS call per shard where FAISS is used);
         the per-query results are merged."""
         Q = self._queries(codes)
@@ -442,12 +503,14 @@ class ShardedReader:
         sb = self.shard_bits
         c = min(cb, sb)
         lead = self._lead(q) >> (sb - c)
-        parts = [r.search_hybrid(q.tobytes(), k, cb, labels) for j, r in enumerate(self.shards)
-                 if j >> (sb - c) == lead and r.count()]
+        parts = [
+            r.search_hybrid(q.tobytes(), k, cb, labels)
+            for j, r in enumerate(self.shards)
+            if j >> (sb - c) == lead and r.count()
+        ]
         return _merge(q, parts, self.nbits, "hamming", max(0, int(k)))
 
-    def search_hybrid_batch(self, codes, k: int = 10, class_bits: int | None = None,
-                            labels=None) -> list[SearchResult]:
+    def search_hybrid_batch(self, codes, k: int = 10, class_bits: int | None = None, labels=None) -> list[SearchResult]:
         Q = self._queries(codes)
         return [self.search_hybrid(Q[i].tobytes(), k, class_bits, labels) for i in range(len(Q))]
 
@@ -483,8 +546,7 @@ class ShardedReader:
             "layout": self.layout.to_dict(),
             "build": self.manifest.get("build", {}),
             "shard_bits": self.shard_bits,
-            "shards": [{"prefix": j, "count": s["count"], "disk_bytes": s["disk_bytes"]}
-                       for j, s in enumerate(per)],
+            "shards": [{"prefix": j, "count": s["count"], "disk_bytes": s["disk_bytes"]} for j, s in enumerate(per)],
         }
         for f in ("lmdb_bytes", "derived_bytes"):
             st[f] = sum(s[f] for s in per)
@@ -509,5 +571,9 @@ def compact_sharded(path) -> dict:
     path = Path(path).absolute()
     man = read_manifest(path)
     outs = [compact_index(path / e["path"]) for e in man["shards"]]
-    return {"before": sum(o["before"] for o in outs), "after": sum(o["after"] for o in outs),
-            "generation": sum(o["generation"] for o in outs), "shards": len(outs)}
+    return {
+        "before": sum(o["before"] for o in outs),
+        "after": sum(o["after"] for o in outs),
+        "generation": sum(o["generation"] for o in outs),
+        "shards": len(outs),
+    }

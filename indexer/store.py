@@ -15,5 +15,12 @@ from cbir.indexer.env import FORMAT_VERSION, read_manifest
 from cbir.indexer.reader import IndexReader, open_index
 from cbir.indexer.writer import IndexWriter
 
-__all__ = ["FORMAT_VERSION", "IndexReader", "IndexWriter", "build_index", "compact_index",
-           "open_index", "read_manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "IndexReader",
+    "IndexWriter",
+    "build_index",
+    "compact_index",
+    "open_index",
+    "read_manifest",
+]

@@ -66,8 +66,14 @@ class IndexWriter:
     ``MapFullError``). Use as a context manager or ``close()``.
     """
 
-    def __init__(self, path, layout: CodeLayout | None = None, model_hash: str = "",
-                 build_params: dict | None = None, create: bool = True) -> None:
+    def __init__(
+        self,
+        path,
+        layout: CodeLayout | None = None,
+        model_hash: str = "",
+        build_params: dict | None = None,
+        create: bool = True,
+    ) -> None:
         self.path = Path(path)
         if (self.path / MANIFEST).exists():
             self.manifest = read_manifest(self.path)
@@ -157,8 +163,12 @@ class IndexWriter:
         if n_add + len(dels) > LOG_MAX_ITEMS:
             rec = LOG_TOO_BIG.to_bytes(4, "big") + (0).to_bytes(4, "big")
         else:
-            rec = (n_add.to_bytes(4, "big") + len(dels).to_bytes(4, "big")
-                   + b"".join(a.tobytes() for a in adds) + b"".join(dels))
+            rec = (
+                n_add.to_bytes(4, "big")
+                + len(dels).to_bytes(4, "big")
+                + b"".join(a.tobytes() for a in adds)
+                + b"".join(dels)
+            )
         e = self._env
         db = e.dbs["log"]
         txn.put(u64(gen), rec, db=db)
@@ -240,8 +250,7 @@ class IndexWriter:
             raise ValueError("duplicate ids in one batch")
         return ids, codes, meta_bytes(meta, len(ids)), conf_rows(conf, len(ids), self.nbits)
 
-    def add(self, ids, codes: Codes, meta: Sequence[dict | None] | None = None,
-            conf: np.ndarray | None = None) -> int:
+    def add(self, ids, codes: Codes, meta: Sequence[dict | None] | None = None, conf: np.ndarray | None = None) -> int:
         """Add new items (ValueError, nothing written, if any id already exists). Returns count."""
         ids, codes, meta_b, conf_h = self._prepare(ids, codes, meta, conf)
         if not len(ids):
@@ -256,8 +265,9 @@ class IndexWriter:
 
         return self._write(fn)
 
-    def upsert(self, ids, codes: Codes, meta: Sequence[dict | None] | None = None,
-               conf: np.ndarray | None = None) -> int:
+    def upsert(
+        self, ids, codes: Codes, meta: Sequence[dict | None] | None = None, conf: np.ndarray | None = None
+    ) -> int:
         """Insert or replace items (code, metadata and confidence of a replaced id are all new)."""
         ids, codes, meta_b, conf_h = self._prepare(ids, codes, meta, conf)
         if not len(ids):
@@ -341,4 +351,3 @@ class IndexWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

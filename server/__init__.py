@@ -19,9 +19,16 @@ import importlib
 # Exports are imported on first use, so ``cbir.server.multiproc`` (the --processes supervisor)
 # can be imported without grpc, the indexer or torch.
 _EXPORTS = {
-    "CbirServer": "app", "ServerOptions": "app", "connect": "app", "create_server": "app",
-    "serve_in_process": "app", "IndexBackend": "backend", "open_backend": "backend",
-    "MicroBatchEncoder": "encoder", "Limits": "service", "SearchServicer": "service",
+    "CbirServer": "app",
+    "ServerOptions": "app",
+    "connect": "app",
+    "create_server": "app",
+    "serve_in_process": "app",
+    "IndexBackend": "backend",
+    "open_backend": "backend",
+    "MicroBatchEncoder": "encoder",
+    "Limits": "service",
+    "SearchServicer": "service",
 }
 __all__ = list(_EXPORTS)
 

@@ -130,8 +130,16 @@ class CbirServer:
     def _limits(opts: ServerOptions) -> Limits:
         from cbir.data.images import resolve_formats
 
-        for name in ("max_k", "max_batch", "max_image_pixels", "max_request_pixels", "max_images_per_call", "max_hits_per_call",
-                     "max_filter_scan", "encoder_step_pixels"):
+        for name in (
+            "max_k",
+            "max_batch",
+            "max_image_pixels",
+            "max_request_pixels",
+            "max_images_per_call",
+            "max_hits_per_call",
+            "max_filter_scan",
+            "encoder_step_pixels",
+        ):
             if getattr(opts, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(opts, name)}")
         if not opts.max_call_cpu_s > 0:
@@ -139,24 +147,36 @@ class CbirServer:
         formats = resolve_formats(opts.image_formats)  # ValueError for an unknown format
         if not formats:
             raise ValueError(f"no usable image format in {opts.image_formats!r} (EPS/PS/PDF are never read)")
-        return Limits(max_k=opts.max_k, max_batch=opts.max_batch, max_image_pixels=opts.max_image_pixels,
-                      max_request_pixels=opts.max_request_pixels, max_images_per_call=opts.max_images_per_call,
-                      image_formats=formats,
-                      max_hits_per_call=opts.max_hits_per_call, max_filter_scan=opts.max_filter_scan,
-                      max_call_cpu_s=float(opts.max_call_cpu_s),
-                      max_response_bytes=int(opts.max_message_bytes))
+        return Limits(
+            max_k=opts.max_k,
+            max_batch=opts.max_batch,
+            max_image_pixels=opts.max_image_pixels,
+            max_request_pixels=opts.max_request_pixels,
+            max_images_per_call=opts.max_images_per_call,
+            image_formats=formats,
+            max_hits_per_call=opts.max_hits_per_call,
+            max_filter_scan=opts.max_filter_scan,
+            max_call_cpu_s=float(opts.max_call_cpu_s),
+            max_response_bytes=int(opts.max_message_bytes),
+        )
 
     async def _start(self, address: str):
         """Build, bind and start the aio server on the loop thread; returns (server, port, why)."""
         opts = self.options
         interceptors = [TokenAuthInterceptor(opts.token)] if opts.token else []
-        grpc_options = list({**{  # extra options override these (--processes sets grpc.so_reuseport=1)
-            "grpc.max_receive_message_length": int(opts.max_message_bytes),
-            "grpc.max_send_message_length": int(opts.max_message_bytes),
-            "grpc.so_reuseport": 0,  # never share a port with another server, unless asked
-        }, **dict(opts.extra_grpc_options)}.items())
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_options,
-                                 maximum_concurrent_rpcs=opts.max_concurrent_rpcs)
+        grpc_options = list(
+            {
+                **{  # extra options override these (--processes sets grpc.so_reuseport=1)
+                    "grpc.max_receive_message_length": int(opts.max_message_bytes),
+                    "grpc.max_send_message_length": int(opts.max_message_bytes),
+                    "grpc.so_reuseport": 0,  # never share a port with another server, unless asked
+                },
+                **dict(opts.extra_grpc_options),
+            }.items()
+        )
+        server = grpc.aio.server(
+            interceptors=interceptors, options=grpc_options, maximum_concurrent_rpcs=opts.max_concurrent_rpcs
+        )
         server.add_generic_rpc_handlers((self.servicer.generic_handler(),))  # raw bytes in: see guard.py
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -164,9 +184,7 @@ class CbirServer:
         if opts.reflection:
             from grpc_reflection.v1alpha import reflection
 
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         why = ""
         try:
             if opts.tls:
@@ -198,8 +216,14 @@ class CbirServer:
                     raise ValueError(msg + " (pass allow_model_mismatch to serve anyway)")
                 log.warning(msg)
             o = self.options
-            self.encoder = MicroBatchEncoder(hasher, o.encoder_max_batch, o.encoder_max_wait_s, o.encoder_max_queue,
-                                            o.encoder_max_delay_s, o.encoder_step_pixels)
+            self.encoder = MicroBatchEncoder(
+                hasher,
+                o.encoder_max_batch,
+                o.encoder_max_wait_s,
+                o.encoder_max_queue,
+                o.encoder_max_delay_s,
+                o.encoder_step_pixels,
+            )
             self.encoder.warmup(formats=self.servicer.limits.image_formats)  # before SERVING, not on the first query
         backend.warmup()
         self.backend = backend
@@ -294,8 +318,9 @@ def connect(
     protobuf messages; the channel is :class:`cbir.client.CbirClient`'s. Prefer the client."""
     from cbir.client import CbirClient
 
-    client = CbirClient(address, token="", tls=tls, tls_ca=tls_ca, server_name=server_name,
-                        max_message_bytes=max_message_bytes)
+    client = CbirClient(
+        address, token="", tls=tls, tls_ca=tls_ca, server_name=server_name, max_message_bytes=max_message_bytes
+    )
     channel = client.channel
     if token:
         channel = grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))

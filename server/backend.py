@@ -111,8 +111,13 @@ def _as_result(res: Any, nbits: int) -> Result:
     codes = getattr(res, "codes", None)
     if type(codes) is Codes:  # fast path: cbir.indexer SearchResult / PrefixPage
         nc = getattr(res, "next_cursor", None)
-        return Result(res.ids, codes, b"" if nc is None else _cursor_bytes(nc),
-                      getattr(res, "distances", None), getattr(res, "prefix_lengths", None))
+        return Result(
+            res.ids,
+            codes,
+            b"" if nc is None else _cursor_bytes(nc),
+            getattr(res, "distances", None),
+            getattr(res, "prefix_lengths", None),
+        )
     cursor = b""
     if isinstance(res, tuple) and len(res) == 2 and not hasattr(res, "ids"):
         res, cursor = res[0], res[1]
@@ -310,8 +315,14 @@ class IndexBackend:
             with self._read:
                 derived()
 
-    def add(self, ids: Sequence[int], codes: Codes, metas: Sequence[dict | None], upsert: bool,
-            conf: np.ndarray | None = None) -> int:
+    def add(
+        self,
+        ids: Sequence[int],
+        codes: Codes,
+        metas: Sequence[dict | None],
+        upsert: bool,
+        conf: np.ndarray | None = None,
+    ) -> int:
         if self.writer is None:
             raise PermissionError(self.read_only_reason)
         ids = np.asarray(ids, dtype=np.int64)

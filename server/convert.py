@@ -25,14 +25,10 @@ def codes_to_pb(codes: Codes) -> list[pb.Code]:
 def pb_to_codes(code: pb.Code, expected_nbits: int) -> Codes:
     """Validate a request code against the index bit count; ``ValueError`` says what is wrong."""
     if code.nbits != expected_nbits:
-        raise ValueError(
-            f"code has {code.nbits} bits but this index expects {expected_nbits} bits"
-        )
+        raise ValueError(f"code has {code.nbits} bits but this index expects {expected_nbits} bits")
     nbytes = (expected_nbits + 7) // 8
     if len(code.data) != nbytes:
-        raise ValueError(
-            f"code data has {len(code.data)} bytes; {expected_nbits} bits need exactly {nbytes}"
-        )
+        raise ValueError(f"code data has {len(code.data)} bytes; {expected_nbits} bits need exactly {nbytes}")
     # read-only view of the request bytes (queries are never modified); Codes checks pad bits
     return Codes(np.frombuffer(code.data, dtype=np.uint8).reshape(1, nbytes), expected_nbits)
 

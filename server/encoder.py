@@ -145,9 +145,16 @@ class MicroBatchEncoder:
             raise ValueError("empty batch")
         return self._put(_Job(batch=batch, n=n, deadline=deadline))
 
-    def submit_images(self, payloads: list, deadline: float | None = None, max_pixels: int | None = None,
-                      names: list | None = None, *, max_total_pixels: int | None = None,
-                      formats=None) -> Future:
+    def submit_images(
+        self,
+        payloads: list,
+        deadline: float | None = None,
+        max_pixels: int | None = None,
+        names: list | None = None,
+        *,
+        max_total_pixels: int | None = None,
+        formats=None,
+    ) -> Future:
         """Queue encoded images, decoded and transformed on the worker. ``max_pixels`` per image,
         ``max_total_pixels`` for all of them, ``formats`` the accepted Pillow formats (default:
         every format :func:`cbir.data.images.decode_image` accepts). The future resolves to
@@ -158,9 +165,18 @@ class MicroBatchEncoder:
             raise ValueError("no images")
         if names is not None and len(names) != len(payloads):
             raise ValueError("names must match the payloads one to one")
-        return self._put(_Job(batch=None, n=len(payloads), deadline=deadline, payloads=list(payloads),
-                              names=names, max_pixels=max_pixels, max_total_pixels=max_total_pixels,
-                              formats=None if formats is None else tuple(formats)))
+        return self._put(
+            _Job(
+                batch=None,
+                n=len(payloads),
+                deadline=deadline,
+                payloads=list(payloads),
+                names=names,
+                max_pixels=max_pixels,
+                max_total_pixels=max_total_pixels,
+                formats=None if formats is None else tuple(formats),
+            )
+        )
 
     def _put(self, job: _Job) -> Future:
         with self._lock:
@@ -245,14 +261,18 @@ class MicroBatchEncoder:
                 reason = f"{job.where(i)}{_decode_reason(e)}"
                 break
             if job.max_pixels is not None and w * h > job.max_pixels:
-                reason = (f"{job.where(i)}image too large: {w}x{h} = {w * h} pixels exceeds the limit of "
-                          f"{job.max_pixels} (possible decompression bomb); send a smaller image")
+                reason = (
+                    f"{job.where(i)}image too large: {w}x{h} = {w * h} pixels exceeds the limit of "
+                    f"{job.max_pixels} (possible decompression bomb); send a smaller image"
+                )
                 break
             pixels.append(w * h)
         total = sum(pixels)
         if reason is None and job.max_total_pixels is not None and total > job.max_total_pixels:
-            reason = (f"the {job.n} images of this request declare {total} pixels in all, over the "
-                      f"per-request budget of {job.max_total_pixels}; send fewer or smaller images per call")
+            reason = (
+                f"the {job.n} images of this request declare {total} pixels in all, over the "
+                f"per-request budget of {job.max_total_pixels}; send fewer or smaller images per call"
+            )
         if reason is not None:
             job.fail(ImageDecodeError(reason))
             return False

@@ -18,14 +18,22 @@ import numpy as np
 
 from cbir.v1 import search_pb2 as pb
 
-__all__ = ["METHODS", "png_bomb", "hostile_images", "hostile_requests", "raw_caller", "rss_bytes",
-           "BAD_INPUT_OK"]
+__all__ = ["METHODS", "png_bomb", "hostile_images", "hostile_requests", "raw_caller", "rss_bytes", "BAD_INPUT_OK"]
 
 SERVICE = "cbir.v1.SearchService"
 METHODS = ("Search", "BatchSearch", "Add", "Delete", "GetStats", "GetCode", "Ping")
 # what a bad request may get: anything but INTERNAL / UNKNOWN (and the server stays up)
-BAD_INPUT_OK = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION",
-                          "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"})
+BAD_INPUT_OK = frozenset(
+    {
+        "OK",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "RESOURCE_EXHAUSTED",
+        "OUT_OF_RANGE",
+    }
+)
 
 
 def _chunk(ctype: bytes, data: bytes) -> bytes:
@@ -50,8 +58,18 @@ def _png(arr: np.ndarray) -> bytes:
 def hostile_images(rng: np.random.Generator) -> list[bytes]:
     """Image payloads no server should decode (or only within its limits)."""
     small = _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    gif = b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\x00\x00\x00" + b",\x00\x00\x00\x00" + b"\xff\xff\xff\xff\x00\x02\x02D\x01\x00;"
-    bmp = b"BM" + struct.pack("<IHHI", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 60000, 60000, 1, 24, 0, 0, 0, 0, 0, 0)
+    gif = (
+        b"GIF89a"
+        + struct.pack("<HH", 65535, 65535)
+        + b"\x00\x00\x00"
+        + b",\x00\x00\x00\x00"
+        + b"\xff\xff\xff\xff\x00\x02\x02D\x01\x00;"
+    )
+    bmp = (
+        b"BM"
+        + struct.pack("<IHHI", 70, 0, 0, 54)
+        + struct.pack("<IiiHHIIiiII", 40, 60000, 60000, 1, 24, 0, 0, 0, 0, 0, 0)
+    )
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n(/etc/passwd) (r) file pop showpage\n"
     pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
     return [
@@ -61,7 +79,10 @@ def hostile_images(rng: np.random.Generator) -> list[bytes]:
         png_bomb(0, 10),  # invalid size
         small[: len(small) // 2],  # truncated
         small[:33],  # header only
-        gif, bmp, eps, pdf,
+        gif,
+        bmp,
+        eps,
+        pdf,
         b"\xff\xd8\xff\xe0" + rng.bytes(64),  # JPEG magic, garbage
         b"RIFF\x00\x00\x00\x00WEBPVP8 " + rng.bytes(32),
         b"II*\x00" + rng.bytes(40),  # TIFF magic, garbage
@@ -81,8 +102,12 @@ def _valid_messages(rng: np.random.Generator, nbits: int, ids: list[int], image:
         ("Search", pb.SearchRequest(code=code, k=5, mode=pb.PREFIX, prefix_bits=min(4, nbits))),
         ("Search", pb.SearchRequest(code=code, k=3, label_filter=["1", "c2"])),
         ("Search", pb.SearchRequest(image=image, k=3)),
-        ("BatchSearch", pb.BatchSearchRequest(requests=[pb.SearchRequest(code=code, k=4),
-                                                        pb.SearchRequest(id=item_id, k=2, mode=pb.HYBRID)])),
+        (
+            "BatchSearch",
+            pb.BatchSearchRequest(
+                requests=[pb.SearchRequest(code=code, k=4), pb.SearchRequest(id=item_id, k=2, mode=pb.HYBRID)]
+            ),
+        ),
         ("Add", pb.AddRequest(items=[pb.Item(id=item_id, code=code)])),
         ("Delete", pb.DeleteRequest(ids=[item_id, 2**63 - 1])),
         ("GetCode", pb.GetCodeRequest(images=[image], return_confidence=True)),
@@ -106,12 +131,17 @@ def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes)
         ("Search", pb.SearchRequest(code=ok, k=10, mode=pb.HAMMING, radius=u32)),
         ("Search", pb.SearchRequest(code=ok, k=10, mode=int(rng.integers(4, 2**31 - 1)))),
         ("Search", pb.SearchRequest(id=u64, k=10)),
-        ("Search", pb.SearchRequest(code=pb.Code(data=rng.bytes(int(rng.integers(0, 64))), nbits=int(rng.integers(0, u32))), k=10)),
+        (
+            "Search",
+            pb.SearchRequest(
+                code=pb.Code(data=rng.bytes(int(rng.integers(0, 64))), nbits=int(rng.integers(0, u32))), k=10
+            ),
+        ),
         ("Search", pb.SearchRequest(code=pb.Code(data=bytes(nbytes + 1), nbits=nbits), k=10)),
         ("Search", pb.SearchRequest(code=pb.Code(data=b"\xff" * nbytes, nbits=nbits), k=10)),  # pad bits set (if any)
         ("Search", pb.SearchRequest(code=ok, k=10, mode=pb.PREFIX, prefix_bits=1, cursor=rng.bytes(20))),
         ("Search", pb.SearchRequest(code=ok, k=10, mode=pb.PREFIX, prefix_bits=1, cursor=b"abc:def" * 3)),
-        ("Search", pb.SearchRequest(code=ok, k=10, label_filter=["\u0000", "x" * 10_000, "\U0001F600"])),
+        ("Search", pb.SearchRequest(code=ok, k=10, label_filter=["\u0000", "x" * 10_000, "\U0001f600"])),
         ("Search", pb.SearchRequest(code=ok, k=10, cursor=b"x")),  # cursor outside PREFIX
         ("Search", pb.SearchRequest()),
         ("Add", add_nan),
@@ -146,7 +176,7 @@ def _mutate(rng: np.random.Generator, raw: bytes) -> bytes:
         for _ in range(int(rng.integers(1, 4))):
             b[int(rng.integers(0, len(b)))] ^= 1 << int(rng.integers(0, 8))
     elif op == 1 and b:  # truncate
-        del b[int(rng.integers(0, len(b))):]
+        del b[int(rng.integers(0, len(b))) :]
     elif op == 2:  # insert random bytes
         at = int(rng.integers(0, len(b) + 1))
         b[at:at] = rng.bytes(int(rng.integers(1, 8)))
@@ -178,9 +208,12 @@ def hostile_requests(n: int, seed: int, nbits: int, ids: list[int], image: bytes
             yield method, msg.SerializeToString(), "extreme"
         elif r < 0.97:
             bad = imgs[int(rng.integers(0, len(imgs)))]
-            msg = [("Search", pb.SearchRequest(image=bad, k=5)), ("GetCode", pb.GetCodeRequest(images=[image, bad])),
-                   ("Add", pb.AddRequest(items=[pb.Item(id=7, image=bad)])),
-                   ("BatchSearch", pb.BatchSearchRequest(requests=[pb.SearchRequest(image=bad, k=1)]))][i % 4]
+            msg = [
+                ("Search", pb.SearchRequest(image=bad, k=5)),
+                ("GetCode", pb.GetCodeRequest(images=[image, bad])),
+                ("Add", pb.AddRequest(items=[pb.Item(id=7, image=bad)])),
+                ("BatchSearch", pb.BatchSearchRequest(requests=[pb.SearchRequest(image=bad, k=1)])),
+            ][i % 4]
             yield msg[0], msg[1].SerializeToString(), "image"
         else:
             method, msg = _huge(rng, nbits, image)[0]

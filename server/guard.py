@@ -21,11 +21,18 @@ import grpc
 
 __all__ = ["RpcError", "invalid", "Budget", "parse_request", "response_bytes_bound", "log_level"]
 
-CLIENT_FAULTS = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-})
+CLIENT_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 
 
 class RpcError(Exception):
@@ -94,9 +101,11 @@ class Budget:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         if self.cpu_limit is not None and self._cpu0 is not None and time.thread_time() - self._cpu0 > self.cpu_limit:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"this call used more than {self.cpu_limit:g} s of CPU (the per-call work limit); "
-                           "split it into smaller calls")
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this call used more than {self.cpu_limit:g} s of CPU (the per-call work limit); "
+                "split it into smaller calls",
+            )
 
 
 def _varint_len(v: int) -> int:

@@ -78,8 +78,16 @@ def _child(target: Callable, args: Any, address: str, index: int, conn) -> None:
     os._exit(code)
 
 
-def run_workers(n: int, target: Callable, args: Any, address: str, *, grace: float,
-                ready_timeout: float = 600.0, on_ready: Callable[[list], None] | None = None) -> int:
+def run_workers(
+    n: int,
+    target: Callable,
+    args: Any,
+    address: str,
+    *,
+    grace: float,
+    ready_timeout: float = 600.0,
+    on_ready: Callable[[list], None] | None = None,
+) -> int:
     """Fork ``n`` workers running ``target(args, address, i, ready)`` (``ready(info)`` once it is
     SERVING; it returns after its own drain) and supervise them until SIGTERM/SIGINT."""
     import multiprocessing as mp
@@ -116,7 +124,8 @@ def run_workers(n: int, target: Callable, args: Any, address: str, *, grace: flo
                     raise RuntimeError(f"worker {i}: {info}")
                 infos[i] = info
             if any(not p.is_alive() and i not in infos for i, p in enumerate(procs)) and not any(
-                    c.poll(0) for c in conns):
+                c.poll(0) for c in conns
+            ):
                 dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in infos]
                 raise RuntimeError(f"worker {dead[0]} exited (code {procs[dead[0]].exitcode}) before SERVING")
             if time.monotonic() > deadline:
@@ -126,8 +135,12 @@ def run_workers(n: int, target: Callable, args: Any, address: str, *, grace: flo
         while not stopping:
             dead = [i for i, p in enumerate(procs) if not p.is_alive()]
             if dead:
-                print(f"cbir serve: worker {dead[0]} (pid {procs[dead[0]].pid}) exited with code "
-                      f"{procs[dead[0]].exitcode}; stopping the others", file=sys.stderr, flush=True)
+                print(
+                    f"cbir serve: worker {dead[0]} (pid {procs[dead[0]].pid}) exited with code "
+                    f"{procs[dead[0]].exitcode}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 code = 1
                 break
             time.sleep(0.2)

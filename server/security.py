@@ -118,7 +118,11 @@ class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor):
     def intercept_unary_unary(self, continuation, client_call_details, request):
         md = list(client_call_details.metadata or [])
         md.append(self._header)
-        details = client_call_details._replace(metadata=md) if hasattr(client_call_details, "_replace") else _Details(client_call_details, md)
+        details = (
+            client_call_details._replace(metadata=md)
+            if hasattr(client_call_details, "_replace")
+            else _Details(client_call_details, md)
+        )
         return continuation(details, request)
 
 

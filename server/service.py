@@ -119,19 +119,30 @@ def _rpc(request_cls):
 class SearchServicer(pb_grpc.SearchServiceServicer):
     """Serves one :class:`IndexBackend` and (optionally) one hasher through a micro-batching encoder."""
 
-    def __init__(self, limits: Limits | None = None, offload_workers: int = 2,
-                 inline_modes: frozenset[str] | set[str] | tuple[str, ...] = INLINE_MODES) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        offload_workers: int = 2,
+        inline_modes: frozenset[str] | set[str] | tuple[str, ...] = INLINE_MODES,
+    ) -> None:
         if offload_workers < 0:
-            raise ValueError(f"offload_workers must be >= 0 (0 runs everything on the event loop), got {offload_workers}")
+            raise ValueError(
+                f"offload_workers must be >= 0 (0 runs everything on the event loop), got {offload_workers}"
+            )
         unknown = set(inline_modes) - set(MODE_NAMES.values())
         if unknown:
-            raise ValueError(f"unknown inline search mode(s) {sorted(unknown)}; choose from {sorted(MODE_NAMES.values())}")
+            raise ValueError(
+                f"unknown inline search mode(s) {sorted(unknown)}; choose from {sorted(MODE_NAMES.values())}"
+            )
         self.inline_modes = frozenset(inline_modes)
         self.limits = limits or Limits()
         self.backend: IndexBackend | None = None
         self.encoder: MicroBatchEncoder | None = None
-        self._pool = (concurrent.futures.ThreadPoolExecutor(offload_workers, thread_name_prefix="cbir-offload")
-                      if offload_workers else None)
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(offload_workers, thread_name_prefix="cbir-offload")
+            if offload_workers
+            else None
+        )
 
     def attach(self, backend: IndexBackend, encoder: MicroBatchEncoder | None) -> None:
         self.encoder = encoder
@@ -147,8 +158,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         svc = pb.DESCRIPTOR.services_by_name["SearchService"]
         handlers = {
             m.name: grpc.unary_unary_rpc_method_handler(
-                getattr(self, m.name), request_deserializer=None,
-                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+                getattr(self, m.name),
+                request_deserializer=None,
+                response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+            )
             for m in svc.methods
         }
         return grpc.method_handlers_generic_handler(svc.full_name, handlers)
@@ -163,6 +176,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def _offload(self, fn, *args, budget: Budget | None = None):
         """Run ``fn(*args)`` on the offload pool (inline when there is none); if the call is
         cancelled meanwhile, ``budget`` tells the thread to stop at its next check."""
+
         def work():
             if budget is not None:
                 budget.start_work()
@@ -191,12 +205,20 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this server has no model: query by code or id")
         lim = self.limits
         if len(images) > lim.max_images_per_call:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{len(images)} images in one call, over the per-call limit of {lim.max_images_per_call}; "
-                           "split it into smaller calls")
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(images)} images in one call, over the per-call limit of {lim.max_images_per_call}; "
+                "split it into smaller calls",
+            )
         try:
-            fut = enc.submit_images(images, budget.deadline, lim.max_image_pixels, names,
-                                    max_total_pixels=lim.max_request_pixels, formats=lim.image_formats)
+            fut = enc.submit_images(
+                images,
+                budget.deadline,
+                lim.max_image_pixels,
+                names,
+                max_total_pixels=lim.max_request_pixels,
+                formats=lim.image_formats,
+            )
         except EncoderBusy as e:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: retry later") from None
         except EncoderClosed as e:
@@ -292,23 +314,29 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         lim = self.limits
         hits = sum(int(r.offset) + k for r, (_, k) in zip(reqs, params))
         if hits > lim.max_hits_per_call:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"this call asks for {hits} ranked hits (k + offset over its {len(reqs)} queries), over "
-                           f"the per-call work limit of {lim.max_hits_per_call}; split it into smaller calls")
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this call asks for {hits} ranked hits (k + offset over its {len(reqs)} queries), over "
+                f"the per-call work limit of {lim.max_hits_per_call}; split it into smaller calls",
+            )
         size = sum(response_bytes_bound(r, k, nbits) for r, (_, k) in zip(reqs, params))
         if size > lim.max_response_bytes:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the response could reach {size} bytes ({len(reqs)} queries, {hits} hits), over the "
-                           f"message limit of {lim.max_response_bytes} bytes; lower k, drop return_codes/"
-                           "return_metadata or split the call")
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the response could reach {size} bytes ({len(reqs)} queries, {hits} hits), over the "
+                f"message limit of {lim.max_response_bytes} bytes; lower k, drop return_codes/"
+                "return_metadata or split the call",
+            )
 
     def _check_size(self, resp) -> None:
         """The built response against the send limit (metadata is only known once read)."""
         n = resp.ByteSize()
         if n > self.limits.max_response_bytes:
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the response is {n} bytes, over the message limit of {self.limits.max_response_bytes} "
-                           "bytes; lower k, drop return_metadata or split the call")
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the response is {n} bytes, over the message limit of {self.limits.max_response_bytes} "
+                "bytes; lower k, drop return_metadata or split the call",
+            )
 
     def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, budget: Budget) -> pb.SearchResponse:
         backend = self._ready()
@@ -343,10 +371,12 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 budget.check()
                 scanned[0] += min(1024, len(res.ids) - at)
                 if scanned[0] > self.limits.max_filter_scan:
-                    raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the label filter examined {self.limits.max_filter_scan} items and found "
-                                   f"{len(ids)} of the {want} matches asked for (per-call scan limit); use a "
-                                   "smaller k/offset or a less selective filter")
+                    raise RpcError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the label filter examined {self.limits.max_filter_scan} items and found "
+                        f"{len(ids)} of the {want} matches asked for (per-call scan limit); use a "
+                        "smaller k/offset or a less selective filter",
+                    )
                 for j, meta in enumerate(backend.get_metadata(res.ids[at : at + 1024]), at):
                     if _labels_match(meta, labels, class_names) and len(ids) < want:
                         ids.append(int(res.ids[j]))
@@ -403,8 +433,13 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             cursor = bytes(r.cursor).decode("ascii") if r.cursor else None
             res, off = ix.search_prefix(query.prefix(r.prefix_bits), k, cursor, labels=labels), 0
         cur = (res.next_cursor or "").encode() if mode == "prefix" else b""
-        out = Result(res.ids[off:], res.codes[off:] if len(res.ids) > off else Codes.empty(backend.nbits), cur,
-                     getattr(res, "distances", None), getattr(res, "prefix_lengths", None))
+        out = Result(
+            res.ids[off:],
+            res.codes[off:] if len(res.ids) > off else Codes.empty(backend.nbits),
+            cur,
+            getattr(res, "distances", None),
+            getattr(res, "prefix_lengths", None),
+        )
         if out.distances is not None:
             out.distances, out.prefix_lengths = out.distances[off:], out.prefix_lengths[off:]
         return out, backend.get_metadata(out.ids) if r.return_metadata else None

@@ -24,10 +24,30 @@ from cbir.bench import (
 from cbir.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL = dict(limit_queries=40, limit_database=300, k=100, robustness_images=12,
-             jitter=(0.2, 0.5), occlusion=(0.1, 0.3), progress=False)
-SMALL_ARGS = ["--limit-queries", "30", "--limit-database", "200", "--k", "50", "--robustness-images", "8",
-              "--jitter", "0.3", "--occlusion", "0.2", "--no-progress"]
+SMALL = dict(
+    limit_queries=40,
+    limit_database=300,
+    k=100,
+    robustness_images=12,
+    jitter=(0.2, 0.5),
+    occlusion=(0.1, 0.3),
+    progress=False,
+)
+SMALL_ARGS = [
+    "--limit-queries",
+    "30",
+    "--limit-database",
+    "200",
+    "--k",
+    "50",
+    "--robustness-images",
+    "8",
+    "--jitter",
+    "0.3",
+    "--occlusion",
+    "0.2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +55,19 @@ def model_dir(tmp_path_factory):
     from cbir.engine import TrainConfig, train
 
     out = tmp_path_factory.mktemp("bench_model")
-    train(TrainConfig(method="ddtl", dataset="digits", backbone="convnet", depth=4, epochs=1,
-                      max_steps_per_epoch=3, batch_size=64, out=str(out), progress=False))
+    train(
+        TrainConfig(
+            method="ddtl",
+            dataset="digits",
+            backbone="convnet",
+            depth=4,
+            epochs=1,
+            max_steps_per_epoch=3,
+            batch_size=64,
+            out=str(out),
+            progress=False,
+        )
+    )
     return out
 
 
@@ -90,7 +121,9 @@ def test_report_matches_direct_metric_calls(report_run, hasher):
     for order in ("lex", "hamming"):
         assert r["map_at_k"][order] == M.mean_average_precision(qc, ql, dc, dl, 100, order=order)
         assert r["map_all"][order] == M.mean_average_precision(qc, ql, dc, dl, None, order=order)
-        np.testing.assert_array_equal(r["precision_at_k"][order], M.precision_at_k(qc, ql, dc, dl, r["ks"], order=order))
+        np.testing.assert_array_equal(
+            r["precision_at_k"][order], M.precision_at_k(qc, ql, dc, dl, r["ks"], order=order)
+        )
         np.testing.assert_array_equal(r["recall_at_k"][order], M.recall_at_k(qc, ql, dc, dl, r["ks"], order=order))
         assert r["tie_aware_map_at_k"][order] == M.tie_aware_average_precision(qc, ql, dc, dl, 100, order)
         assert r["tie_aware_map_all"][order] == M.tie_aware_average_precision(qc, ql, dc, dl, None, order)
@@ -195,8 +228,7 @@ def test_overlap_check_raises(model_dir, hasher, tmp_path):
     rep = build_report(cfg, hasher=hasher)
     assert rep["overlap"] == {"checked_by": "path", "overlapping_queries": 12, "allowed": True}
     # in-memory sets: the digits protocol's query images used as the database too
-    cfg2 = BenchConfig(model=str(model_dir), queries="digits", database="digits", robustness=False,
-                       progress=False)
+    cfg2 = BenchConfig(model=str(model_dir), queries="digits", database="digits", robustness=False, progress=False)
     with pytest.raises(ValueError, match="overlap check \\(pixels\\)"):
         build_report(cfg2, hasher=hasher)
 
@@ -236,9 +268,28 @@ def _write_manifest(folder: Path, n: int = 24, name: str = "manifest.csv", label
 def test_multilabel_manifest_end_to_end(model_dir, tmp_path, capsys):
     src = _write_manifest(tmp_path)
     out = tmp_path / "ml_report"
-    rc = main(["bench", "--model", str(model_dir), "--dataset", str(src), "--query-fraction", "0.25",
-               "--k", "10", "--robustness-images", "4", "--jitter", "0.3", "--occlusion", "0.2",
-               "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(src),
+            "--query-fraction",
+            "0.25",
+            "--k",
+            "10",
+            "--robustness-images",
+            "4",
+            "--jitter",
+            "0.3",
+            "--occlusion",
+            "0.2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "multi-label" in printed and "mAP@10 (lexicographic)" in printed
@@ -277,15 +328,33 @@ def test_separate_query_and_database_manifests_share_a_vocabulary(model_dir, has
 # --- CLI ---------------------------------------------------------------------------------------
 def test_cli_bench_and_compare(model_dir, second_model, tmp_path, capsys):
     out = tmp_path / "one"
-    assert main(["bench", "--model", str(model_dir), "--dataset", "digits", *SMALL_ARGS, "--no-plots",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["bench", "--model", str(model_dir), "--dataset", "digits", *SMALL_ARGS, "--no-plots", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mAP@50 (Hamming)" in printed and "30 queries x 200 database" in printed
     assert (out / "report.json").is_file() and not list(out.glob("*.png"))
 
     cmp_out = tmp_path / "cmp"
-    assert main(["bench", "compare", str(model_dir), str(second_model), "--dataset", "digits", *SMALL_ARGS,
-                 "--no-robustness", "--no-plots", "--out", str(cmp_out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "compare",
+                str(model_dir),
+                str(second_model),
+                "--dataset",
+                "digits",
+                *SMALL_ARGS,
+                "--no-robustness",
+                "--no-plots",
+                "--out",
+                str(cmp_out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     lines = [ln for ln in table.splitlines() if ln.startswith("ddtl")]
     assert len(lines) == 4  # a retrieval table and a coverage table, one row per model each
@@ -309,8 +378,12 @@ def test_cli_bench_and_compare(model_dir, second_model, tmp_path, capsys):
 def test_cli_compare_accepts_reports_and_options_before_compare(tmp_path, report_run, capsys):
     _, _, out, _ = report_run
     cmp_out = tmp_path / "cmp2"
-    assert main(["bench", "--k", "7", "compare", str(out / "report.json"), str(out / "report.json"),
-                 "--out", str(cmp_out)]) == 0
+    assert (
+        main(
+            ["bench", "--k", "7", "compare", str(out / "report.json"), str(out / "report.json"), "--out", str(cmp_out)]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert sum(ln.startswith("ddtl") for ln in table.splitlines()) == 4  # two tables
     assert "mAP@100 lex" in table and "tie@100 lex" in table  # the reports' own k, not re-run
@@ -353,14 +426,23 @@ def digits_index(model_dir, tmp_path_factory):
     """The digits database indexed by the real `cbir index build` (ids = database positions)."""
     pytest.importorskip("cbir.indexer")
     out = tmp_path_factory.mktemp("bench_ix") / "index"
-    assert main(["index", "build", "--model", str(model_dir), "--dataset", "digits", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["index", "build", "--model", str(model_dir), "--dataset", "digits", "--out", str(out), "--no-progress"])
+        == 0
+    )
     return out
 
 
 def test_index_gives_the_same_figures(model_dir, hasher, digits_index):
-    base = dict(model=str(model_dir), dataset="digits", limit_queries=20, limit_database=400, robustness=False,
-                progress=False, k=50)
+    base = dict(
+        model=str(model_dir),
+        dataset="digits",
+        limit_queries=20,
+        limit_database=400,
+        robustness=False,
+        progress=False,
+        k=50,
+    )
     enc = build_report(BenchConfig(**base), hasher=hasher)
     ix = build_report(BenchConfig(**base, index=str(digits_index)), hasher=hasher)
     assert ix["data"]["database_codes"].startswith("index")
@@ -369,26 +451,46 @@ def test_index_gives_the_same_figures(model_dir, hasher, digits_index):
     assert ix["headline"] == enc["headline"] and ix["retrieval"] == enc["retrieval"]
 
 
-def test_index_from_another_model_or_data_is_refused(model_dir, hasher, second_model, digits_db, digits_index,
-                                                     tmp_path):
+def test_index_from_another_model_or_data_is_refused(
+    model_dir, hasher, second_model, digits_db, digits_index, tmp_path
+):
     from cbir.indexer import build_index
     from cbir.models.hasher import Hasher
 
     other = Hasher.load(second_model, device="cpu")
     with pytest.raises(ValueError, match="built with model"):
-        build_report(BenchConfig(model=str(second_model), dataset="digits", index=str(digits_index),
-                                 limit_queries=5, robustness=False, progress=False), hasher=other)
+        build_report(
+            BenchConfig(
+                model=str(second_model),
+                dataset="digits",
+                index=str(digits_index),
+                limit_queries=5,
+                robustness=False,
+                progress=False,
+            ),
+            hasher=other,
+        )
     # right model hash, but codes that are not the images' codes (every bit inverted): the spot
     # check (re-encoding a sample of database images) catches it
     from cbir.codes import Codes
 
     data, codes, idx = digits_db
     flipped = Codes.from_bits(1 - codes.to_bits())
-    bad = build_index(tmp_path / "bad", data.database_positions[idx], flipped, layout=hasher.layout,
-                      model_hash=hasher.content_hash)
+    bad = build_index(
+        tmp_path / "bad", data.database_positions[idx], flipped, layout=hasher.layout, model_hash=hasher.content_hash
+    )
     with pytest.raises(ValueError, match="spot-checked"):
-        build_report(BenchConfig(model=str(model_dir), dataset="digits", index=str(bad), limit_queries=5,
-                                 robustness=False, progress=False), hasher=hasher)
+        build_report(
+            BenchConfig(
+                model=str(model_dir),
+                dataset="digits",
+                index=str(bad),
+                limit_queries=5,
+                robustness=False,
+                progress=False,
+            ),
+            hasher=hasher,
+        )
 
 
 def _write_folder(root: Path, per_class: int, seed: int) -> Path:
@@ -410,8 +512,10 @@ def test_index_of_a_folder_is_matched_by_path(model_dir, hasher, tmp_path):
     qdir = _write_folder(tmp_path / "q", 2, seed=1)
     ddir = _write_folder(tmp_path / "db", 8, seed=2)
     ix = tmp_path / "ix"
-    assert main(["index", "build", "--model", str(model_dir), "--images", str(ddir), "--out", str(ix),
-                 "--no-progress"]) == 0
+    assert (
+        main(["index", "build", "--model", str(model_dir), "--images", str(ddir), "--out", str(ix), "--no-progress"])
+        == 0
+    )
     base = dict(model=str(model_dir), queries=str(qdir), database=str(ddir), robustness=False, progress=False, k=5)
     enc = build_report(BenchConfig(**base), hasher=hasher)
     rep = build_report(BenchConfig(**base, index=str(ix)), hasher=hasher)
@@ -423,9 +527,26 @@ def test_address_figures_equal_in_process(model_dir, hasher, digits_index, tmp_p
     server = pytest.importorskip("cbir.server")
     with server.serve_in_process(digits_index, hasher) as (address, _stub):
         out = tmp_path / "srv"
-        rc = main(["bench", "--model", str(model_dir), "--dataset", "digits", "--address", address,
-                   "--limit-queries", "25", "--k", "100", "--no-robustness", "--no-plots", "--no-progress",
-                   "--out", str(out)])
+        rc = main(
+            [
+                "bench",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "digits",
+                "--address",
+                address,
+                "--limit-queries",
+                "25",
+                "--k",
+                "100",
+                "--no-robustness",
+                "--no-plots",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"server {address}" in printed and "(equal)" in printed

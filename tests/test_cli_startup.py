@@ -27,11 +27,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args", [
-    ["-m", "cbir.cli", "--help"],
-    ["-m", "cbir.cli", "search", "--help"],
-    ["-c", "import cbir.client"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "cbir.cli", "--help"],
+        ["-m", "cbir.cli", "search", "--help"],
+        ["-c", "import cbir.client"],
+    ],
+)
 def test_no_torch_on_the_client_paths(args):
     mods, proc = _imported(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -41,8 +44,9 @@ def test_no_torch_on_the_client_paths(args):
 
 def test_cbir_search_runs_without_torch():
     """A real ``cbir search`` call (no server listening: UNAVAILABLE after the client's retries)."""
-    mods, proc = _imported(["-m", "cbir.cli", "search", "--address", f"127.0.0.1:{_free_port()}", "--id", "1",
-                            "--timeout", "2"])
+    mods, proc = _imported(
+        ["-m", "cbir.cli", "search", "--address", f"127.0.0.1:{_free_port()}", "--id", "1", "--timeout", "2"]
+    )
     assert proc.returncode == 1 and "UNAVAILABLE" in proc.stderr
     assert "grpc" in mods and not mods & set(HEAVY)
 

@@ -14,7 +14,6 @@ from cbir.codes import (
     lex_order,
     pack_bits,
     rank,
-    unpack_bits,
 )
 
 
@@ -45,7 +44,7 @@ def test_pack_unpack_roundtrip_and_zero_padding(bits):
     np.testing.assert_array_equal(c.to_bits(), bits)
     # pad bits are zero: re-expanding the whole bytes gives zeros after B
     full = np.unpackbits(c.packed, axis=1, bitorder="big")
-    assert not full[:, bits.shape[1]:].any()
+    assert not full[:, bits.shape[1] :].any()
     assert Codes.from_hex(c.to_hex(), c.nbits) == c
     assert Codes.from_bytes(c.to_bytes_list(), c.nbits) == c
 
@@ -89,10 +88,12 @@ def test_rank_equals_brute_force_sort_with_ties(bits, seed, order):
     ids = rng.permutation(1000)[:n]
     got = rank(Codes.from_bits(q), Codes.from_bits(bits), order=order, ids=ids)
     for i in range(2):
-        def key(j):
+
+        def key(j, i=i):
             x = _brute_xor_int(q[i], bits[j])
             ham = int((q[i] != bits[j]).sum())
             return (ham, x, ids[j]) if order == "hamming" else (x, ids[j])
+
         expect = sorted(range(n), key=key)
         assert got[i].tolist() == expect
 

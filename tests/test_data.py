@@ -43,9 +43,12 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 def _union(splits) -> ImageSet:
     """database + query of a file-backed split, with the database (eval) transform."""
-    return ImageSet(np.concatenate([splits.database.labels, splits.query.labels]),
-                    splits.class_names, paths=splits.database.paths + splits.query.paths,
-                    transform=splits.database.transform)
+    return ImageSet(
+        np.concatenate([splits.database.labels, splits.query.labels]),
+        splits.class_names,
+        paths=splits.database.paths + splits.query.paths,
+        transform=splits.database.transform,
+    )
 
 
 @pytest.fixture
@@ -53,12 +56,9 @@ def image_folder(tmp_path):
     """3 classes of small real images (PNG, JPEG, grey, palette, RGBA) + 2 broken files."""
     root = tmp_path / "imgs"
     specs = {
-        "cat": [("a.png", "PNG", "RGB"), ("b.jpg", "JPEG", "RGB"), ("c.png", "PNG", "L"),
-                ("d.png", "PNG", "RGBA")],
-        "dog": [("a.jpeg", "JPEG", "RGB"), ("b.png", "PNG", "P"), ("c.bmp", "BMP", "RGB"),
-                ("d.png", "PNG", "RGB")],
-        "fox": [("a.png", "PNG", "RGB"), ("b.png", "PNG", "RGB"), ("c.jpg", "JPEG", "L"),
-                ("d.png", "PNG", "RGB")],
+        "cat": [("a.png", "PNG", "RGB"), ("b.jpg", "JPEG", "RGB"), ("c.png", "PNG", "L"), ("d.png", "PNG", "RGBA")],
+        "dog": [("a.jpeg", "JPEG", "RGB"), ("b.png", "PNG", "P"), ("c.bmp", "BMP", "RGB"), ("d.png", "PNG", "RGB")],
+        "fox": [("a.png", "PNG", "RGB"), ("b.png", "PNG", "RGB"), ("c.jpg", "JPEG", "L"), ("d.png", "PNG", "RGB")],
     }
     seed = 0
     for cls, files in specs.items():
@@ -98,10 +98,8 @@ def test_digits_split_is_deterministic_and_disjoint():
     a, b = load_dataset("digits"), load_dataset("digits", seed=5)
     assert torch.equal(a.query.images, b.query.images)  # the named protocol is fixed
     assert np.array_equal(a.query.labels, b.query.labels)
-    qa = {bytes(t.numpy().tobytes()) + bytes([int(l)])
-          for t, l in zip(a.query.images, a.query.labels)}
-    da = {bytes(t.numpy().tobytes()) + bytes([int(l)])
-          for t, l in zip(a.database.images, a.database.labels)}
+    qa = {bytes(t.numpy().tobytes()) + bytes([int(l)]) for t, l in zip(a.query.images, a.query.labels)}
+    da = {bytes(t.numpy().tobytes()) + bytes([int(l)]) for t, l in zip(a.database.images, a.database.labels)}
     # digits has a few exact duplicate images; the overlap may only come from those
     assert len(qa & da) <= 5
     c = load_dataset("digits", image_size=16)
@@ -128,8 +126,7 @@ def test_image_folder_skips_corrupt_and_truncated(image_folder, caplog):
     assert s.class_names == ("cat", "dog", "fox")
     n_all = len(s.database) + len(s.query)
     assert n_all == 14  # 12 good + 2 broken; notes.txt ignored
-    assert s.database.paths is not None and all(p.startswith(str(image_folder))
-                                                  for p in s.database.paths)
+    assert s.database.paths is not None and all(p.startswith(str(image_folder)) for p in s.database.paths)
     allset = _union(s)
     skip_log = SkipLog()
     seen, skipped_paths = [], []
@@ -165,8 +162,7 @@ def test_image_folder_loader_with_workers(image_folder):
     full = _union(s)  # database + query, so every broken file is in this set
     skip_log = SkipLog()
     n = 0
-    loader = make_loader(full, batch_size=2, shuffle=True, num_workers=2, seed=0,
-                         skip_log=skip_log)
+    loader = make_loader(full, batch_size=2, shuffle=True, num_workers=2, seed=0, skip_log=skip_log)
     for b in loader:
         n += len(b)
         assert b.images.shape[1:] == (3, 16, 16)
@@ -182,9 +178,12 @@ def test_all_corrupt_batch_is_dropped(tmp_path):
         (tmp_path / "c").mkdir(exist_ok=True)
         (tmp_path / "c" / f"bad{k}.png").write_bytes(b"\x89PNG not really" * k)
     (tmp_path / "c" / "ok.png").write_bytes(_encode(_rgb(1), "PNG"))
-    ds = ImageSet(np.zeros(3, np.int64), ["c"],
-                  paths=sorted(str(p) for p in (tmp_path / "c").iterdir()),
-                  transform=eval_transform(8))
+    ds = ImageSet(
+        np.zeros(3, np.int64),
+        ["c"],
+        paths=sorted(str(p) for p in (tmp_path / "c").iterdir()),
+        transform=eval_transform(8),
+    )
     log = SkipLog()
     batches = list(make_loader(ds, batch_size=2, skip_log=log))  # [bad0, bad1], [ok]
     assert len(batches) == 1 and len(batches[0]) == 1 and log.count == 2
@@ -193,8 +192,10 @@ def test_all_corrupt_batch_is_dropped(tmp_path):
 
 def test_seeded_shuffle_is_reproducible():
     s = load_dataset("digits")
-    order = lambda seed: torch.cat([b.indices for b in make_loader(
-        s.database, 256, shuffle=True, seed=seed)])
+
+    def order(seed):
+        return torch.cat([b.indices for b in make_loader(s.database, 256, shuffle=True, seed=seed)])
+
     a, b, c = order(3), order(3), order(4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.sort(a).values, torch.arange(len(s.database)))
@@ -249,16 +250,16 @@ def test_csv_manifest_multilabel(tmp_path):
 def test_jsonl_manifest_single_and_multi(tmp_path):
     imgs = _write_images(tmp_path, 6)
     single = tmp_path / "s.jsonl"
-    single.write_text("\n".join(json.dumps({"path": p.name, "label": k % 2})
-                                for k, p in enumerate(imgs)) + "\n\n")
+    single.write_text("\n".join(json.dumps({"path": p.name, "label": k % 2}) for k, p in enumerate(imgs)) + "\n\n")
     s = load_dataset(str(single), query_fraction=0.34, seed=0, image_size=8)
     assert not s.multilabel and s.class_names == ("0", "1")
     assert len(s.query) == 2 and sorted(s.query.labels.tolist()) == [0, 1]
     x, y, _ = s.query[0]
     assert x.shape == (3, 8, 8) and isinstance(y, int)
     multi = tmp_path / "m.jsonl"
-    multi.write_text("\n".join(json.dumps({"path": p.name, "labels": ["a", "b"][: 1 + k % 2]})
-                               for k, p in enumerate(imgs)))
+    multi.write_text(
+        "\n".join(json.dumps({"path": p.name, "labels": ["a", "b"][: 1 + k % 2]}) for k, p in enumerate(imgs))
+    )
     m = load_dataset(str(multi), seed=0)
     assert m.multilabel and m.num_classes == 2
     nolab = tmp_path / "n.jsonl"
@@ -296,8 +297,16 @@ def test_two_views_and_transforms():
 
 # -- decode_image --------------------------------------------------------------------------
 def test_decode_image_formats_and_errors(monkeypatch):
-    for fmt, mode in [("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"), ("JPEG", "RGB"),
-                      ("BMP", "RGB"), ("GIF", "P"), ("TIFF", "RGB"), ("WEBP", "RGB")]:
+    for fmt, mode in [
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+        ("PNG", "P"),
+        ("JPEG", "RGB"),
+        ("BMP", "RGB"),
+        ("GIF", "P"),
+        ("TIFF", "RGB"),
+        ("WEBP", "RGB"),
+    ]:
         try:
             data = _encode(_rgb(1, mode=mode), fmt)
         except (OSError, KeyError):  # codec not built into this Pillow
@@ -358,14 +367,17 @@ def test_mnist_protocol():
 def test_npz_path_source(tmp_path):
     rng = np.random.default_rng(0)
     p = tmp_path / "toy.npz"
-    np.savez(p, images=rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8),
-             labels=np.repeat(np.arange(4), 10), split=np.array(["train"] * 30 + ["test"] * 10))
+    np.savez(
+        p,
+        images=rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8),
+        labels=np.repeat(np.arange(4), 10),
+        split=np.array(["train"] * 30 + ["test"] * 10),
+    )
     s = load_dataset(str(p), image_size=16)
     assert len(s.query) == 10 and len(s.database) == 30 and s.num_classes == 4
     assert s.query[0][0].shape == (3, 16, 16)
     p2 = tmp_path / "grey.npz"
-    np.savez(p2, images=rng.integers(0, 256, (20, 10, 10), dtype=np.uint8),
-             labels=np.repeat(np.arange(2), 10))
+    np.savez(p2, images=rng.integers(0, 256, (20, 10, 10), dtype=np.uint8), labels=np.repeat(np.arange(2), 10))
     s2 = load_dataset(str(p2), query_fraction=0.2)
     assert len(s2.query) == 4 and s2.class_names == ("0", "1")
     empty = tmp_path / "empty.npz"

@@ -103,15 +103,38 @@ def test_global_batch_ntxent_matches_one_process_on_two_gloo_processes(tmp_path)
     assert abs(float(local.detach()) - float(ref.detach())) > 1e-3
 
 
-ARGS = ["--method", "ddtl", "--backbone", "convnet", "--width", "8", "--dataset", "digits", "--image-size", "12",
-        "--epochs", "3", "--batch-size", "64", "--images-per-class", "16", "--threads", "1", "--no-progress",
-        "--seed", "0"]
+ARGS = [
+    "--method",
+    "ddtl",
+    "--backbone",
+    "convnet",
+    "--width",
+    "8",
+    "--dataset",
+    "digits",
+    "--image-size",
+    "12",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "64",
+    "--images-per-class",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--seed",
+    "0",
+]
 TOL = 0.03  # relative difference of each epoch's mean loss (measured: < 1.5 %)
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -157,7 +180,28 @@ def test_torchrun_two_gloo_processes_match_one_process():
         c3 = json.loads((d / "p2" / "config.json").read_text())
         assert c3["content_hash"] == c2["content_hash"] and _history(d / "p2") == h2
         # frozen-feature paths are refused under torchrun
-        bad = subprocess.run([_torchrun(), "--standalone", "--nproc-per-node", "1", "-m", "cbir.cli", "train",
-                              "--freeze-backbone", "--method", "itq", "--init-from", str(d / "p1"), "--threads", "1",
-                              "--out", str(d / "bad")], capture_output=True, text=True, env=_env(), timeout=300)
+        bad = subprocess.run(
+            [
+                _torchrun(),
+                "--standalone",
+                "--nproc-per-node",
+                "1",
+                "-m",
+                "cbir.cli",
+                "train",
+                "--freeze-backbone",
+                "--method",
+                "itq",
+                "--init-from",
+                str(d / "p1"),
+                "--threads",
+                "1",
+                "--out",
+                str(d / "bad"),
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert bad.returncode != 0 and "single-process only" in bad.stdout + bad.stderr

@@ -1,6 +1,5 @@
 """DDTL (Darlow 2022, ch. 3): tree head, per-class contrastive loss, training and checkpoints."""
 
-import itertools
 import json
 import math
 
@@ -131,8 +130,19 @@ def test_class_bits_are_argmax_class_msb_first():
 
 
 def test_training_lowers_loss_and_checkpoint_roundtrip(tmp_path):
-    cfg = TrainConfig(method="ddtl", dataset="digits", backbone="convnet", depth=6, epochs=4, batch_size=64,
-                      lr=3e-3, max_steps_per_epoch=6, out=str(tmp_path / "m"), progress=False, seed=3)
+    cfg = TrainConfig(
+        method="ddtl",
+        dataset="digits",
+        backbone="convnet",
+        depth=6,
+        epochs=4,
+        batch_size=64,
+        lr=3e-3,
+        max_steps_per_epoch=6,
+        out=str(tmp_path / "m"),
+        progress=False,
+        seed=3,
+    )
     res = train(cfg)
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0]
@@ -157,8 +167,17 @@ def test_training_lowers_loss_and_checkpoint_roundtrip(tmp_path):
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
-    base = dict(method="ddtl", dataset="digits", backbone="convnet", depth=4, batch_size=64, lr=3e-3,
-                max_steps_per_epoch=2, progress=False, seed=5)
+    base = dict(
+        method="ddtl",
+        dataset="digits",
+        backbone="convnet",
+        depth=4,
+        batch_size=64,
+        lr=3e-3,
+        max_steps_per_epoch=2,
+        progress=False,
+        seed=5,
+    )
     full = train(TrainConfig(epochs=2, out=str(tmp_path / "full"), **base))
     train(TrainConfig(epochs=1, out=str(tmp_path / "part"), **base))
     # resuming with a different epoch count is a different run: refused
@@ -176,8 +195,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         Hasher.load(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("depth,max_d,expected", [(12, 12, [12]), (8, 12, [8]), (20, 12, [10, 10]),
-                                                  (28, 12, [10, 9, 9]), (44, 12, [11, 11, 11, 11]), (5, 2, [2, 2, 1])])
+@pytest.mark.parametrize(
+    "depth,max_d,expected",
+    [
+        (12, 12, [12]),
+        (8, 12, [8]),
+        (20, 12, [10, 10]),
+        (28, 12, [10, 9, 9]),
+        (44, 12, [11, 11, 11, 11]),
+        (5, 2, [2, 2, 1]),
+    ],
+)
 def test_split_depth_balances_trees(depth, max_d, expected):
     from cbir.models.heads import split_depth
 
@@ -205,12 +233,12 @@ def test_forest_is_concatenation_of_independent_trees():
     assert z.shape == (7, 8 + 4 + 4) and bits.shape == nodes.shape == (7, 7)
     start, col, leaf_col = 0, 0, 0
     for d in depths:
-        sub = u[:, start:start + 2**d - 1]
-        assert torch.allclose(z[:, leaf_col:leaf_col + 2**d], leaf_log_probs(sub, d).exp())
-        assert torch.allclose(z[:, leaf_col:leaf_col + 2**d].sum(1), torch.ones(7, dtype=torch.float64))
+        sub = u[:, start : start + 2**d - 1]
+        assert torch.allclose(z[:, leaf_col : leaf_col + 2**d], leaf_log_probs(sub, d).exp())
+        assert torch.allclose(z[:, leaf_col : leaf_col + 2**d].sum(1), torch.ones(7, dtype=torch.float64))
         b, nd = greedy_path(sub, d)
-        assert torch.equal(bits[:, col:col + d], b)
-        assert torch.equal(nodes[:, col:col + d], nd + start)
+        assert torch.equal(bits[:, col : col + d], b)
+        assert torch.equal(nodes[:, col : col + d], nd + start)
         start, col, leaf_col = start + 2**d - 1, col + d, leaf_col + 2**d
 
 
@@ -285,7 +313,8 @@ def test_node_balance_matches_hand_computation():
     # a perfectly balanced split costs log 2; a class piled on one side costs more
     even = torch.tensor([[5.0, 0, 0], [-5.0, 0, 0]], dtype=torch.float64)
     assert PerClassNodeBalance(min_items=1.0)(even, 2, torch.tensor([0, 0])).item() == pytest.approx(
-        math.log(2), abs=1e-2)
+        math.log(2), abs=1e-2
+    )
     piled = torch.tensor([[5.0, 5.0, 0], [5.0, 5.0, 0]], dtype=torch.float64)
     assert PerClassNodeBalance(min_items=1.0)(piled, 2, torch.tensor([0, 0])).item() > 1.5
 

@@ -10,16 +10,37 @@ import pytest
 def test_cbir_demo_tiny_run_leads_with_tie_aware_map_and_random_coverage(tmp_path, capsys):
     from cbir.cli import main
 
-    rc = main(["demo", "--out", str(tmp_path), "--no-progress", "--epochs", "1", "--head-steps", "10",
-               "--image-size", "16", "--width", "8", "--grpc-queries", "2", "--feature-views", "1",
-               "--threads", "1", "--depth", "6"])
+    rc = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--epochs",
+            "1",
+            "--head-steps",
+            "10",
+            "--image-size",
+            "16",
+            "--width",
+            "8",
+            "--grpc-queries",
+            "2",
+            "--feature-views",
+            "1",
+            "--threads",
+            "1",
+            "--depth",
+            "6",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     report = json.loads((tmp_path / "demo_report.json").read_text())
     k = report["k"]
     assert "two-stage" in report["trained"] and "convnet width 8" in report["trained"]
     assert report["train"]["head_stage"] == ["tree"] and report["train"]["head_steps"] == 10
-    scores = out[out.index("tie-aware mAP@"):]
+    scores = out[out.index("tie-aware mAP@") :]
     lines = scores.splitlines()
     assert lines[0].strip().startswith(f"tie-aware mAP@{k} (lexicographic)")
     assert lines[1].strip().startswith(f"tie-aware mAP@{k} (Hamming)")
@@ -33,8 +54,12 @@ def test_cbir_demo_tiny_run_leads_with_tie_aware_map_and_random_coverage(tmp_pat
 
 @pytest.mark.slow
 def test_cbir_demo_default_runs_and_scores(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cbir", "demo", "--out", str(tmp_path), "--no-progress"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "cbir", "demo", "--out", str(tmp_path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "demo_report.json").read_text())
     k = report["k"]

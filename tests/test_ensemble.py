@@ -15,8 +15,14 @@ from cbir.uncertainty import class_decision
 
 def _member(seed, method="ddtl"):
     torch.manual_seed(seed)
-    spec = MethodSpec(backbone="convnet", num_classes=4, nbits=None, depth=6 if method == "ddtl" else None,
-                      class_names=tuple("abcd"), backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=4,
+        nbits=None,
+        depth=6 if method == "ddtl" else None,
+        class_names=tuple("abcd"),
+        backbone_kwargs=(("width", 8),),
+    )
     params = resolve_params(method, None)
     return Hasher(create_method(method, spec, params), method, spec, params, image_size=32, device="cpu")
 
@@ -73,8 +79,22 @@ def test_ensemble_builds_an_index(tmp_path, ensemble):
     from cbir.indexer import open_index
 
     path = ensemble.save(tmp_path / "ens.pt")
-    assert main(["index", "build", "--model", str(path), "--dataset", "digits", "--out", str(tmp_path / "ix"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(path),
+                "--dataset",
+                "digits",
+                "--out",
+                str(tmp_path / "ix"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     from cbir.data import load_dataset
 
     db = load_dataset("digits").database
@@ -88,8 +108,18 @@ def test_ensemble_builds_an_index(tmp_path, ensemble):
 def test_train_ensemble_seed_members(tmp_path):
     from cbir.engine import TrainConfig
 
-    cfg = TrainConfig(method="ddtl", dataset="digits", backbone="convnet", depth=4, epochs=1, batch_size=32,
-                      max_steps=2, out=str(tmp_path / "e"), progress=False, threads=1)
+    cfg = TrainConfig(
+        method="ddtl",
+        dataset="digits",
+        backbone="convnet",
+        depth=4,
+        epochs=1,
+        batch_size=32,
+        max_steps=2,
+        out=str(tmp_path / "e"),
+        progress=False,
+        threads=1,
+    )
     path = train_ensemble(cfg, 2, "seed")
     ens = Hasher.load(path, device="cpu")
     assert isinstance(ens, EnsembleHasher) and len(ens.members) == 2

@@ -18,9 +18,14 @@ METHODS = ["ddtl", "ce", "dmuh", "hegh", "lsh"]
 
 def _hasher(method, tmp_path):
     torch.manual_seed(0)
-    spec = MethodSpec(backbone="convnet", num_classes=4, nbits=None if method in ("ddtl", "ce") else 16,
-                      depth=12 if method == "ddtl" else None, class_names=tuple("abcd"),
-                      backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=4,
+        nbits=None if method in ("ddtl", "ce") else 16,
+        depth=12 if method == "ddtl" else None,
+        class_names=tuple("abcd"),
+        backbone_kwargs=(("width", 8),),
+    )
     params = resolve_params(method, None)
     h = Hasher(create_method(method, spec, params), method, spec, params, image_size=32, device="cpu")
     path = h.save(tmp_path / f"{method}.pt")

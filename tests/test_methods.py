@@ -101,7 +101,9 @@ def test_hegh_loss_hand_computed_and_gamma0_is_plain_pair_loss():
     logits = torch.tensor([[2.0, 0.1, -1.0], [0.3, 0.2, 0.1], [0.0, 1.5, 0.2], [1.0, 1.0, 0.5]], dtype=torch.float64)
     for gamma in (1.0, 2.0, 0.0):
         loss, _ = HEGHLoss(gamma=gamma, lam=0.01, mu=1.0, weight_norm="none")(b, logits, Y)
-        assert float(loss) == pytest.approx(_hegh_numpy(b.numpy(), logits.numpy(), Y.numpy(), gamma, 0.01, 1.0), rel=1e-10)
+        assert float(loss) == pytest.approx(
+            _hegh_numpy(b.numpy(), logits.numpy(), Y.numpy(), gamma, 0.01, 1.0), rel=1e-10
+        )
         loss_g, _ = HEGHLoss(gamma=gamma, lam=0.01, mu=1.0)(b, logits, Y)  # default: group-normalised weights
         want_g = _hegh_numpy(b.numpy(), logits.numpy(), Y.numpy(), gamma, 0.01, 1.0, group_norm=True)
         assert float(loss_g) == pytest.approx(want_g, rel=1e-10)
@@ -109,9 +111,14 @@ def test_hegh_loss_hand_computed_and_gamma0_is_plain_pair_loss():
             assert float(loss_g) != pytest.approx(float(loss), rel=1e-6)  # the normalisation changes something
     # gamma = 0: every hard weight is 1 -> plain eq. 1 pair loss (+ regulariser + class terms)
     loss0, logs = HEGHLoss(gamma=0.0, lam=0.0, mu=0.0)(b, logits, Y)
-    plain = np.mean([0.5 * np.sum((b[i] - b[j]).numpy() ** 2) if Y[i] == Y[j]
-                     else 0.5 * max(4 - np.sum((b[i] - b[j]).numpy() ** 2), 0)
-                     for i, j in itertools.combinations(range(4), 2)])
+    plain = np.mean(
+        [
+            0.5 * np.sum((b[i] - b[j]).numpy() ** 2)
+            if Y[i] == Y[j]
+            else 0.5 * max(4 - np.sum((b[i] - b[j]).numpy() ** 2), 0)
+            for i, j in itertools.combinations(range(4), 2)
+        ]
+    )
     assert float(loss0) == pytest.approx(plain, rel=1e-10)
     assert logs["hard_w"] == pytest.approx(1.0)
 
@@ -142,8 +149,17 @@ def test_similarity_matrix_multilabel():
     assert similarity_matrix(t).tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
 
 
-@pytest.mark.parametrize("bad", [lambda: DPSHLoss(-1), lambda: DMUHLoss(gamma=-1), lambda: DPSHLoss(ref_pairs=0), lambda: HEGHLoss(margin=-2),
-                                 lambda: DualHingeLoss(delta_s=0.6, delta_d=0.5), lambda: DualHingeLoss(tau=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: DPSHLoss(-1),
+        lambda: DMUHLoss(gamma=-1),
+        lambda: DPSHLoss(ref_pairs=0),
+        lambda: HEGHLoss(margin=-2),
+        lambda: DualHingeLoss(delta_s=0.6, delta_d=0.5),
+        lambda: DualHingeLoss(tau=0),
+    ],
+)
 def test_loss_arguments_validated(bad):
     with pytest.raises(ValueError):
         bad()
@@ -275,9 +291,22 @@ def test_every_method_trains_encodes_and_round_trips(method, tmp_path, digits_qu
     from cbir.engine import TrainConfig, train
     from cbir.models.hasher import Hasher
 
-    res = train(TrainConfig(method=method, dataset="digits", backbone="convnet", backbone_kwargs={"width": 8},
-                            epochs=1, max_steps_per_epoch=2, batch_size=32, out=str(tmp_path), progress=False,
-                            seed=0, image_size=IMG, threads=1))
+    res = train(
+        TrainConfig(
+            method=method,
+            dataset="digits",
+            backbone="convnet",
+            backbone_kwargs={"width": 8},
+            epochs=1,
+            max_steps_per_epoch=2,
+            batch_size=32,
+            out=str(tmp_path),
+            progress=False,
+            seed=0,
+            image_size=IMG,
+            threads=1,
+        )
+    )
     hasher = res.hasher
     assert res.history and res.history[0]["step"] == 2 and math.isfinite(res.history[0]["loss"])
     codes, conf = hasher.encode(digits_query)
@@ -315,9 +344,22 @@ def test_every_method_trains_encodes_and_round_trips(method, tmp_path, digits_qu
 def test_untrained_backbone_floor_skips_training(method, tmp_path):
     from cbir.engine import TrainConfig, train
 
-    res = train(TrainConfig(method=method, dataset="digits", backbone="convnet", backbone_kwargs={"width": 8},
-                            bits=16, params={"train_backbone": False}, epochs=1, batch_size=32, out=str(tmp_path),
-                            progress=False, image_size=IMG, threads=1))
+    res = train(
+        TrainConfig(
+            method=method,
+            dataset="digits",
+            backbone="convnet",
+            backbone_kwargs={"width": 8},
+            bits=16,
+            params={"train_backbone": False},
+            epochs=1,
+            batch_size=32,
+            out=str(tmp_path),
+            progress=False,
+            image_size=IMG,
+            threads=1,
+        )
+    )
     assert res.history == [] and res.config["steps"] == 0
     assert res.hasher.layout.nbits == 16 and float(res.hasher.method.scale.min()) > 0
 

@@ -168,9 +168,7 @@ def test_map_validation_messages():
     with pytest.raises(ValueError, match="positive integer"):
         mean_average_precision(q, [0], db, [0, 1, 0], k=0)
     with pytest.raises(ValueError, match="order only selects"):
-        mean_average_precision(
-            q, [0], db, [0, 1, 0], searcher=BruteForceSearcher(db), order="hamming"
-        )
+        mean_average_precision(q, [0], db, [0, 1, 0], searcher=BruteForceSearcher(db), order="hamming")
     # an order that agrees with the searcher's is accepted
     assert mean_average_precision(
         q, [0], db, [0, 1, 0], searcher=BruteForceSearcher(db, "hamming"), order="hamming"

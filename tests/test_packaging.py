@@ -2,10 +2,10 @@
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,16 +40,45 @@ def test_subcommand_help(cmd):
 
 
 def test_cli_user_error_is_one_line_not_a_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cbir.cli", "train", "--dataset", str(tmp_path / "nope"),
-                          "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cbir.cli",
+            "train",
+            "--dataset",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "error:" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "cbir.cli", "train", "--param", "nonsense=1", "--epochs", "0",
-                          "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cbir.cli",
+            "train",
+            "--param",
+            "nonsense=1",
+            "--epochs",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "unknown parameter" in out.stderr
 
 
 def test_train_list_methods():
-    out = subprocess.run([sys.executable, "-m", "cbir.cli", "train", "--list-methods"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cbir.cli", "train", "--list-methods"], capture_output=True, text=True, check=True
+    )
     assert "ddtl" in out.stdout and "beta=0.1" in out.stdout

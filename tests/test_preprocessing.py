@@ -29,11 +29,16 @@ def hasher():
     from cbir.models.registry import MethodSpec, create_method, resolve_params
 
     torch.manual_seed(0)
-    spec = MethodSpec(backbone="convnet", num_classes=10, nbits=16, depth=12,
-                      class_names=tuple(str(i) for i in range(10)), backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=10,
+        nbits=16,
+        depth=12,
+        class_names=tuple(str(i) for i in range(10)),
+        backbone_kwargs=(("width", 8),),
+    )
     params = resolve_params("ddtl", None)
-    return Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32,
-                  device="cpu", batch_size=64)
+    return Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu", batch_size=64)
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28), (40, 30, 3), (20, 52, 3), (8, 8)])
@@ -64,8 +69,7 @@ def test_npz_and_folder_give_equal_codes(tmp_path, hasher):
         p.write_bytes(_png_bytes(a))
         paths.append(str(p))
     files = ImageSet(labels, tuple("abcd"), paths=paths)
-    for part, idx in ((npz.database, np.flatnonzero(split == "train")),
-                      (npz.query, np.flatnonzero(split == "test"))):
+    for part, idx in ((npz.database, np.flatnonzero(split == "train")), (npz.query, np.flatnonzero(split == "test"))):
         assert np.array_equal(part.labels, labels[idx])
         c_npz, _ = hasher.encode(part)
         c_files, _ = hasher.encode(files.subset(idx))
@@ -81,14 +85,14 @@ def _shared(name):
     return root / name
 
 
-@pytest.mark.parametrize("dataset,file", [("cifar10-subset", "cifar10-subset.npz"),
-                                          ("mnist", "mnist-test.npz")])
+@pytest.mark.parametrize("dataset,file", [("cifar10-subset", "cifar10-subset.npz"), ("mnist", "mnist-test.npz")])
 def test_shared_sets_npz_vs_files_vs_payload_100_percent_equal(tmp_path, hasher, dataset, file):
     """Real query images (CIFAR 32x32 as is; MNIST 28x28 grey, resized to 32): all codes equal."""
     with np.load(_shared(file)) as z:
         raw = z["images"]
-        idx = (np.flatnonzero(z["split"] == "test") if "split" in z.files
-               else np.arange(len(raw) - 1000, len(raw)))  # MNIST: the last 1,000 are queries
+        idx = (
+            np.flatnonzero(z["split"] == "test") if "split" in z.files else np.arange(len(raw) - 1000, len(raw))
+        )  # MNIST: the last 1,000 are queries
     q = load_dataset(dataset, image_size=32).query
     assert len(q) == len(idx)
     c_npz, _ = hasher.encode(q)

@@ -64,9 +64,21 @@ def test_resolve_pk_defaults_and_errors():
 def test_ddtl_trains_on_balanced_batches_and_logs_tree_statistics(tmp_path):
     from cbir.engine import TrainConfig, train
 
-    cfg = TrainConfig(method="ddtl", dataset="digits", backbone="convnet", backbone_kwargs={"width": 8}, depth=4,
-                      epochs=1, max_steps_per_epoch=3, batch_size=32, images_per_class=8, image_size=16,
-                      out=str(tmp_path), progress=False, threads=1)
+    cfg = TrainConfig(
+        method="ddtl",
+        dataset="digits",
+        backbone="convnet",
+        backbone_kwargs={"width": 8},
+        depth=4,
+        epochs=1,
+        max_steps_per_epoch=3,
+        batch_size=32,
+        images_per_class=8,
+        image_size=16,
+        out=str(tmp_path),
+        progress=False,
+        threads=1,
+    )
     res = train(cfg)
     assert res.config["batches"] == {"sampler": "balanced", "classes_per_batch": 4, "images_per_class": 8}
     rec = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[0])

@@ -56,8 +56,9 @@ def test_lex_tie_aware_equals_plain_map_when_codes_are_distinct():
     q = Codes(rng.integers(0, 256, (7, 2), dtype=np.uint8), 16)
     dl, ql = rng.integers(0, 3, 50), rng.integers(0, 3, 7)
     rel = ql[:, None] == dl[rank(q, db, 20, order="lex")]
-    np.testing.assert_allclose(tie_aware_average_precisions(q, ql, db, dl, 20, order="lex"),
-                               average_precision_at_k(rel), atol=1e-12)
+    np.testing.assert_allclose(
+        tie_aware_average_precisions(q, ql, db, dl, 20, order="lex"), average_precision_at_k(rel), atol=1e-12
+    )
 
 
 def test_lex_counts_groups_and_multilabel():
@@ -87,6 +88,6 @@ def test_random_expectation_matches_simulation():
     assert abs(e["unique_percent"] - sims[:, 0].mean()) < 4 * se[0] + 1e-9
     assert abs(e["average_collision_count"] - sims[:, 1].mean()) < 4 * se[1] + 1e-9
     # all-uniform case, closed form: collisions (N - 1) / 2^B
-    assert random_expectation(codes)["average_collision_count"] == pytest.approx((n - 1) / 2 ** b)
+    assert random_expectation(codes)["average_collision_count"] == pytest.approx((n - 1) / 2**b)
     with pytest.raises(ValueError, match="fixed_bits"):
         random_expectation(codes, b + 1)

@@ -11,8 +11,15 @@ from cbir.models.backbones import create_backbone
 from cbir.models.hasher import Hasher
 from cbir.models.warmstart import InputNorm, parse_input_norm, resolve_init
 
-TINY = dict(dataset="digits", backbone="convnet", backbone_kwargs={"width": 8}, image_size=16, batch_size=32,
-            progress=False, threads=1)
+TINY = dict(
+    dataset="digits",
+    backbone="convnet",
+    backbone_kwargs={"width": 8},
+    image_size=16,
+    batch_size=32,
+    progress=False,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +100,37 @@ def test_input_norm_is_saved_with_the_checkpoint(tmp_path):
 def test_frozen_backbone_fits_the_head_on_cached_features(tmp_path, ce_run):
     ce_dir, ce_res = ce_run
     before = {k: v.clone() for k, v in ce_res.hasher.method.backbone.state_dict().items()}
-    res = train(TrainConfig(method="ce", epochs=5, init_from=str(ce_dir), freeze_backbone=True, head_steps=30,
-                            feature_views=2, out=str(tmp_path), **TINY))
+    res = train(
+        TrainConfig(
+            method="ce",
+            epochs=5,
+            init_from=str(ce_dir),
+            freeze_backbone=True,
+            head_steps=30,
+            feature_views=2,
+            out=str(tmp_path),
+            **TINY,
+        )
+    )
     assert res.config["steps"] == 0 and res.config["head_steps"] == 30
     assert res.config["feature_cache"] == {"views": 2, "images": 1497, "dim": 16}
     after = res.hasher.method.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(res.hasher.method.head.fc.weight, ce_res.hasher.method.head.fc.weight)
     # LSH/ITQ fit their projection on the cached eval-view features
-    res = train(TrainConfig(method="itq", bits=8, epochs=0, init_from=str(ce_dir), freeze_backbone=True,
-                            head_steps=0, feature_views=1, out=str(tmp_path / "itq"), **TINY))
+    res = train(
+        TrainConfig(
+            method="itq",
+            bits=8,
+            epochs=0,
+            init_from=str(ce_dir),
+            freeze_backbone=True,
+            head_steps=0,
+            feature_views=1,
+            out=str(tmp_path / "itq"),
+            **TINY,
+        )
+    )
     assert res.hasher.nbits == 8 and res.config["feature_cache"]["views"] == 0  # no head steps: eval view only
 
 
@@ -110,8 +138,20 @@ def test_two_stage_ddtl_keeps_the_ce_class_bits_and_fits_the_tree(tmp_path, ce_r
     from cbir.data import load_dataset
 
     ce_dir, ce_res = ce_run
-    res = train(TrainConfig(method="ddtl", depth=6, epochs=0, init_from=str(ce_dir), params={"two_stage": True},
-                            head_steps=40, head_images_per_class=8, feature_views=2, out=str(tmp_path), **TINY))
+    res = train(
+        TrainConfig(
+            method="ddtl",
+            depth=6,
+            epochs=0,
+            init_from=str(ce_dir),
+            params={"two_stage": True},
+            head_steps=40,
+            head_images_per_class=8,
+            feature_views=2,
+            out=str(tmp_path),
+            **TINY,
+        )
+    )
     assert res.config["head_stage"] == ["tree"] and res.config["init"]["class_head_loaded"]
     x = load_dataset("digits", image_size=16).query
     ce_codes = ce_res.hasher.encode(x)[0].to_bits()
@@ -122,5 +162,14 @@ def test_two_stage_ddtl_keeps_the_ce_class_bits_and_fits_the_tree(tmp_path, ce_r
     assert end["stage"] == "head:tree" and 1 <= end["train_paths_per_class"] <= 64
     assert 0 <= end["train_saturation"] <= 1
     with pytest.raises(ValueError, match="drop --input-norm"):
-        train(TrainConfig(method="ddtl", epochs=0, init_from=str(ce_dir), input_norm="imagenet",
-                          params={"two_stage": True}, out=str(tmp_path / "x"), **TINY))
+        train(
+            TrainConfig(
+                method="ddtl",
+                epochs=0,
+                init_from=str(ce_dir),
+                input_norm="imagenet",
+                params={"two_stage": True},
+                out=str(tmp_path / "x"),
+                **TINY,
+            )
+        )

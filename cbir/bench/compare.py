@@ -16,6 +16,7 @@ from cbir.bench.report import build_report
 
 log = logging.getLogger("cbir.bench")
 
+
 # ============================================================================================
 # compare
 # ============================================================================================
@@ -54,20 +55,33 @@ def compare_rows(reports: Sequence[dict]) -> list[dict]:
 
 #: two tables, each narrow enough for a terminal: ranked retrieval, then coverage
 _RETRIEVAL_COLS = [
-    ("method", "method", None), ("bits", "bits", None), ("model", "model", None),
-    ("tie@{k} lex", "tie_aware_map_at_k_lex", 4), ("tie@{k} Ham", "tie_aware_map_at_k_hamming", 4),
-    ("tie@all lex", "tie_aware_map_all_lex", 4), ("tie@all Ham", "tie_aware_map_all_hamming", 4),
-    ("mAP@{k} lex*", "map_at_k_lex", 4), ("mAP@{k} Ham*", "map_at_k_hamming", 4),
+    ("method", "method", None),
+    ("bits", "bits", None),
+    ("model", "model", None),
+    ("tie@{k} lex", "tie_aware_map_at_k_lex", 4),
+    ("tie@{k} Ham", "tie_aware_map_at_k_hamming", 4),
+    ("tie@all lex", "tie_aware_map_all_lex", 4),
+    ("tie@all Ham", "tie_aware_map_all_hamming", 4),
+    ("mAP@{k} lex*", "map_at_k_lex", 4),
+    ("mAP@{k} Ham*", "map_at_k_hamming", 4),
 ]
 _COVERAGE_COLS = [
-    ("method", "method", None), ("bits", "bits", None), ("model", "model", None),
-    ("P@H<=2", "p_at_h2", 4), ("empty H<=2 %", "p_at_h2_empty", "pct"), ("entropy", "entropy", 3),
-    ("unique %", "unique_percent", 2), ("random %", "random_unique_percent", 2),
-    ("collisions", "collisions", 3), ("random coll.", "random_collisions", 3),
+    ("method", "method", None),
+    ("bits", "bits", None),
+    ("model", "model", None),
+    ("P@H<=2", "p_at_h2", 4),
+    ("empty H<=2 %", "p_at_h2_empty", "pct"),
+    ("entropy", "entropy", 3),
+    ("unique %", "unique_percent", 2),
+    ("random %", "random_unique_percent", 2),
+    ("collisions", "collisions", 3),
+    ("random coll.", "random_collisions", 3),
 ]
-_LEGEND = ("tie = tie-aware mAP (expected AP over every order of tied items; independent of database "
-           "order); * = ties broken by id (depends on database order); random = what random codes give "
-           "at the same N and B (below the class bits when there are any)")
+_LEGEND = (
+    "tie = tie-aware mAP (expected AP over every order of tied items; independent of database "
+    "order); * = ties broken by id (depends on database order); random = what random codes give "
+    "at the same N and B (below the class bits when there are any)"
+)
 
 
 def _cells(rows: list[dict], cols) -> tuple[list[str], list[list[str]]]:
@@ -89,13 +103,16 @@ def compare_table(rows: list[dict], markdown: bool = False) -> str:
     parts = []
     for cols in (_RETRIEVAL_COLS, _COVERAGE_COLS):
         header, body = _cells(rows, cols)
-        parts.append(_md_table(header, body, "lrl" + "r" * (len(header) - 3)) if markdown
-                     else _text_table(header, body))
+        parts.append(
+            _md_table(header, body, "lrl" + "r" * (len(header) - 3)) if markdown else _text_table(header, body)
+        )
     legend = _LEGEND if markdown else "\n".join(textwrap.wrap(_LEGEND, 100))
     return "\n\n".join(parts) + "\n\n" + legend
 
 
-def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, hasher_loader=None) -> tuple[list[dict], dict]:
+def run_compare(
+    model_paths: Sequence[str], base: BenchConfig, out: str | Path, hasher_loader=None
+) -> tuple[list[dict], dict]:
     """Bench every model of ``model_paths`` (see :func:`find_models`) on the data of ``base``,
     writing each report into ``out/<n>-<method>/``, then ``compare.md`` and ``compare.json``."""
     out = Path(out)
@@ -106,8 +123,9 @@ def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, 
     data_desc = set()
     models = find_models(model_paths)
     errors = []
-    for i, p in enumerate(tqdm(models, desc="compare", unit="model", disable=not base.progress or len(models) < 2,
-                               leave=False)):
+    for i, p in enumerate(
+        tqdm(models, desc="compare", unit="model", disable=not base.progress or len(models) < 2, leave=False)
+    ):
         try:
             if p.name == "report.json":
                 rep = json.loads(p.read_text())
@@ -128,15 +146,25 @@ def run_compare(model_paths: Sequence[str], base: BenchConfig, out: str | Path, 
     rows = compare_rows(reports)
     if len(data_desc) > 1:
         log.warning("the models were benchmarked on different data: %s", sorted(data_desc))
-    summary = {"format": FORMAT + "/compare", "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "rows": rows, "reports": [r.get("report_dir") for r in reports],
-               "same_data": len(data_desc) <= 1, "errors": errors}
+    summary = {
+        "format": FORMAT + "/compare",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "rows": rows,
+        "reports": [r.get("report_dir") for r in reports],
+        "same_data": len(data_desc) <= 1,
+        "errors": errors,
+    }
     dd = sorted(data_desc)
-    md = ["# cbir bench compare", "",
-          "Data: " + "; ".join(f"{a} ({q} queries x {n} database)" for a, q, n in dd) + ".",
-          "tie-aware: lex - identical codes tie; Hamming - equal distances tie; mAP@k: DeepHash AP@k; "
-          "P@H<=2: empty balls score 0; entropy in bits; collisions: average collision count.", "",
-          compare_table(rows, markdown=True), ""]
+    md = [
+        "# cbir bench compare",
+        "",
+        "Data: " + "; ".join(f"{a} ({q} queries x {n} database)" for a, q, n in dd) + ".",
+        "tie-aware: lex - identical codes tie; Hamming - equal distances tie; mAP@k: DeepHash AP@k; "
+        "P@H<=2: empty balls score 0; entropy in bits; collisions: average collision count.",
+        "",
+        compare_table(rows, markdown=True),
+        "",
+    ]
     md += ["Reports:", ""] + [f"- {r.get('report_dir') or r['model']['path']}" for r in reports] + [""]
     if errors:
         md += ["Failed:", ""] + [f"- {e['path']}: {e['error']}" for e in errors] + [""]

@@ -20,8 +20,7 @@ DEFAULT_JITTER = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_OCCLUSION = (0.05, 0.1, 0.2, 0.3, 0.4)
 DEFAULT_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 SERVER_MAX_K = 10_000  # the server's default cap on k (mAP@all through it needs k = N)
-PLOT_FILES = ("pr_curve.png", "precision_at_k.png", "retention.png", "bucket_sizes.png",
-              "prefix_entropy.png")
+PLOT_FILES = ("pr_curve.png", "precision_at_k.png", "retention.png", "bucket_sizes.png", "prefix_entropy.png")
 
 
 @dataclass
@@ -29,11 +28,11 @@ class BenchConfig:
     """Everything that determines a ``cbir bench`` run (written into ``report.json``)."""
 
     model: str
-    dataset: str | None = None          # named protocol / folder / manifest / .npz (split)
-    queries: str | None = None          # a whole source used as queries ...
-    database: str | None = None         # ... and a whole source used as the database
+    dataset: str | None = None  # named protocol / folder / manifest / .npz (split)
+    queries: str | None = None  # a whole source used as queries ...
+    database: str | None = None  # ... and a whole source used as the database
     data_root: str | None = None
-    query_fraction: float = 0.1         # split of folders/manifests given as --dataset
+    query_fraction: float = 0.1  # split of folders/manifests given as --dataset
     seed: int = 0
     k: int = 1000
     ks: Sequence[int] = DEFAULT_KS
@@ -87,9 +86,9 @@ class BenchConfig:
 class BenchData:
     """The query and database sets of a run, labels already in one shared vocabulary."""
 
-    query: Any                      # ImageSet
-    database: Any                   # ImageSet
-    query_labels: np.ndarray        # (Q,) int or (Q, L) uint8 multi-hot
+    query: Any  # ImageSet
+    database: Any  # ImageSet
+    query_labels: np.ndarray  # (Q,) int or (Q, L) uint8 multi-hot
     db_labels: np.ndarray
     class_names: tuple[str, ...]
     multilabel: bool
@@ -116,13 +115,17 @@ def _whole_source(src: str, root, image_size: int):
         parts.insert(1, sp.database)
     labels = np.concatenate([p.labels for p in parts])
     if all(p.in_memory for p in parts):
-        return ImageSet(labels, sp.class_names, images=torch.cat([p.images for p in parts if p.images is not None]),
-                        multilabel=sp.multilabel, name=Path(src).stem or src)
+        return ImageSet(
+            labels,
+            sp.class_names,
+            images=torch.cat([p.images for p in parts if p.images is not None]),
+            multilabel=sp.multilabel,
+            name=Path(src).stem or src,
+        )
     if any(p.in_memory for p in parts):  # pragma: no cover - sources are all-files or all-memory
         raise ValueError(f"{src}: mixed in-memory and file-backed splits")
     paths = [x for p in parts for x in (p.paths or [])]  # all file-backed here
-    return ImageSet(labels, sp.class_names, paths=paths, multilabel=sp.multilabel,
-                    name=Path(src).stem or src)
+    return ImageSet(labels, sp.class_names, paths=paths, multilabel=sp.multilabel, name=Path(src).stem or src)
 
 
 def _to_vocab(imageset, vocab: list[str], multilabel: bool) -> np.ndarray:
@@ -167,8 +170,9 @@ def load_bench_data(cfg: BenchConfig, image_size: int, model_dataset: str | None
         dataset = cfg.dataset or model_dataset
         if dataset is None:
             raise ValueError("no data: pass --dataset NAME or --queries SRC --database SRC")
-        sp = load_dataset(dataset, root=cfg.data_root, image_size=image_size,
-                          query_fraction=cfg.query_fraction, seed=cfg.seed)
+        sp = load_dataset(
+            dataset, root=cfg.data_root, image_size=image_size, query_fraction=cfg.query_fraction, seed=cfg.seed
+        )
         q_full, d_full = sp.query, sp.database
         vocab = list(sp.class_names)
         multilabel = sp.multilabel
@@ -180,11 +184,17 @@ def load_bench_data(cfg: BenchConfig, image_size: int, model_dataset: str | None
     query = q_full if qsel is None else q_full.subset(qsel)
     database = d_full if dsel is None else d_full.subset(dsel)
     return BenchData(
-        query=query, database=database,
+        query=query,
+        database=database,
         query_labels=_to_vocab(query, vocab, multilabel),
         db_labels=_to_vocab(database, vocab, multilabel),
-        class_names=tuple(vocab), multilabel=bool(multilabel), name=name, train_size=train_size,
-        query_source_size=len(q_full), database_source_size=len(d_full), source=source,
+        class_names=tuple(vocab),
+        multilabel=bool(multilabel),
+        name=name,
+        train_size=train_size,
+        query_source_size=len(q_full),
+        database_source_size=len(d_full),
+        source=source,
         query_positions=np.arange(len(q_full), dtype=np.int64) if qsel is None else qsel.astype(np.int64),
         database_positions=np.arange(len(d_full), dtype=np.int64) if dsel is None else dsel.astype(np.int64),
     )

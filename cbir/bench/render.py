@@ -43,19 +43,29 @@ def _headline_rows(report: dict) -> list[list[str]]:
     for kk in (10, 100):
         if kk in r["ks"]:
             i = r["ks"].index(kk)
-            rows.append([f"P@{kk} (lex / Hamming)", f"{r['precision_at_k']['lex'][i]:.4f} / "
-                                                    f"{r['precision_at_k']['hamming'][i]:.4f}"])
+            rows.append(
+                [
+                    f"P@{kk} (lex / Hamming)",
+                    f"{r['precision_at_k']['lex'][i]:.4f} / {r['precision_at_k']['hamming'][i]:.4f}",
+                ]
+            )
     i = r["ks"].index(k)
-    rows.append([f"recall@{k} (lex / Hamming)", f"{r['recall_at_k']['lex'][i]:.4f} / {r['recall_at_k']['hamming'][i]:.4f}"])
+    rows.append(
+        [f"recall@{k} (lex / Hamming)", f"{r['recall_at_k']['lex'][i]:.4f} / {r['recall_at_k']['hamming'][i]:.4f}"]
+    )
     cov = report["coverage"]["database"]
     rows += [
         ["code entropy (bits)", f"{h['entropy']:.3f} (max {cov['max_entropy_bits']:.3f})"],
         ["unique codes", f"{cov['unique_codes']} / {cov['n']} ({h['unique_percent']:.2f} %)"],
         ["average collision count", f"{h['collisions']:.3f}"],
-        [f"random codes at this N, B ({_yardstick_name(cov)})",
-         f"{h['random_unique_percent']:.2f} % unique, {h['random_collisions']:.3f} collisions"],
-        ["unique % / random unique %", f"{h['unique_percent'] / h['random_unique_percent']:.3f}"
-         if h["random_unique_percent"] > 0 else "n/a"],
+        [
+            f"random codes at this N, B ({_yardstick_name(cov)})",
+            f"{h['random_unique_percent']:.2f} % unique, {h['random_collisions']:.3f} collisions",
+        ],
+        [
+            "unique % / random unique %",
+            f"{h['unique_percent'] / h['random_unique_percent']:.3f}" if h["random_unique_percent"] > 0 else "n/a",
+        ],
         ["largest bucket", f"{cov['largest_bucket']}"],
     ]
     rob = report.get("robustness")
@@ -66,9 +76,13 @@ def _headline_rows(report: dict) -> list[list[str]]:
                 rows.append([f"retention, full code ({kind} {last['strength']:g})", f"{last['retention'][-1]:.3f}"])
     srv = report.get("server")
     if srv:
-        rows.append([f"server {srv['address']}: mAP@{k} lex / Hamming",
-                     f"{srv['lex']['map_at_k']:.4f} / {srv['hamming']['map_at_k']:.4f} "
-                     f"({'equal' if srv['equal_in_process'] else 'DIFFERENT'})"])
+        rows.append(
+            [
+                f"server {srv['address']}: mAP@{k} lex / Hamming",
+                f"{srv['lex']['map_at_k']:.4f} / {srv['hamming']['map_at_k']:.4f} "
+                f"({'equal' if srv['equal_in_process'] else 'DIFFERENT'})",
+            ]
+        )
     return rows
 
 
@@ -79,9 +93,11 @@ def _yardstick_name(cov: dict) -> str:
 
 def _title(report: dict) -> str:
     m, d = report["model"], report["data"]
-    return (f"{m['method']} ({m['backbone']}), {m['nbits']} bits, model {m['content_hash'][:12]} | {d['name']}: "
-            f"{d['query_size']} queries x {d['database_size']} database (train {d['train_size']})"
-            f"{', multi-label' if d['multilabel'] else ''}")
+    return (
+        f"{m['method']} ({m['backbone']}), {m['nbits']} bits, model {m['content_hash'][:12]} | {d['name']}: "
+        f"{d['query_size']} queries x {d['database_size']} database (train {d['train_size']})"
+        f"{', multi-label' if d['multilabel'] else ''}"
+    )
 
 
 def headline_table(report: dict) -> str:
@@ -95,59 +111,122 @@ def _fmt(v, nd=4):
 
 def report_markdown(report: dict) -> str:
     r, cov, d, m = report["retrieval"], report["coverage"]["database"], report["data"], report["model"]
-    parts = [f"# cbir bench report\n\n{_title(report)}\n\nCreated {report['created_utc']}; definitions: "
-             "`cbir.metrics` docstrings. Relevance: " + d["relevance"] + ".\n"]
+    parts = [
+        f"# cbir bench report\n\n{_title(report)}\n\nCreated {report['created_utc']}; definitions: "
+        "`cbir.metrics` docstrings. Relevance: " + d["relevance"] + ".\n"
+    ]
     parts.append("## Headline\n\n" + _md_table(["metric", "value"], _headline_rows(report)))
-    rows = [[k, _fmt(r["precision_at_k"]["lex"][i]), _fmt(r["precision_at_k"]["hamming"][i]),
-             _fmt(r["recall_at_k"]["lex"][i]), _fmt(r["recall_at_k"]["hamming"][i])] for i, k in enumerate(r["ks"])]
+    rows = [
+        [
+            k,
+            _fmt(r["precision_at_k"]["lex"][i]),
+            _fmt(r["precision_at_k"]["hamming"][i]),
+            _fmt(r["recall_at_k"]["lex"][i]),
+            _fmt(r["recall_at_k"]["hamming"][i]),
+        ]
+        for i, k in enumerate(r["ks"])
+    ]
     parts.append("## P@k and recall@k\n\n" + _md_table(["k", "P@k lex", "P@k Hamming", "R@k lex", "R@k Hamming"], rows))
     pr = r["pr_by_radius"]
-    rows = [[rad, _fmt(pr["precision"][rad]), _fmt(pr["recall"][rad]), f"{100 * pr['empty_fraction'][rad]:.1f}"]
-            for rad in pr["radius"]]
-    parts.append("## Hamming-ball retrieval (precision / recall by radius)\n\nAn empty ball scores precision 0.\n\n"
-                 + _md_table(["radius", "precision", "recall", "empty balls %"], rows))
-    rows = [[f"{i + 1}", _fmt(cov["prefix_entropy"][i], 3), _fmt(cov["prefix_balance"][i], 3),
-             _fmt(cov["bit_balance"][i], 3)] for i in range(cov["nbits"])]
-    parts.append("## Coverage of the database codes\n\n" + _md_table(
-        ["figure", "value"],
-        [["codes", cov["n"]], ["unique codes", f"{cov['unique_codes']} ({cov['unique_percent']:.2f} %)"],
-         ["entropy (bits)", f"{cov['entropy_bits']:.3f} of max {cov['max_entropy_bits']:.3f}"],
-         ["average collision count", f"{cov['average_collision_count']:.3f}"],
-         ["largest bucket", cov["largest_bucket"]],
-         ["mean abs bit correlation", f"{cov['mean_abs_bit_correlation']:.3f}"]])
+    rows = [
+        [rad, _fmt(pr["precision"][rad]), _fmt(pr["recall"][rad]), f"{100 * pr['empty_fraction'][rad]:.1f}"]
+        for rad in pr["radius"]
+    ]
+    parts.append(
+        "## Hamming-ball retrieval (precision / recall by radius)\n\nAn empty ball scores precision 0.\n\n"
+        + _md_table(["radius", "precision", "recall", "empty balls %"], rows)
+    )
+    rows = [
+        [
+            f"{i + 1}",
+            _fmt(cov["prefix_entropy"][i], 3),
+            _fmt(cov["prefix_balance"][i], 3),
+            _fmt(cov["bit_balance"][i], 3),
+        ]
+        for i in range(cov["nbits"])
+    ]
+    parts.append(
+        "## Coverage of the database codes\n\n"
+        + _md_table(
+            ["figure", "value"],
+            [
+                ["codes", cov["n"]],
+                ["unique codes", f"{cov['unique_codes']} ({cov['unique_percent']:.2f} %)"],
+                ["entropy (bits)", f"{cov['entropy_bits']:.3f} of max {cov['max_entropy_bits']:.3f}"],
+                ["average collision count", f"{cov['average_collision_count']:.3f}"],
+                ["largest bucket", cov["largest_bucket"]],
+                ["mean abs bit correlation", f"{cov['mean_abs_bit_correlation']:.3f}"],
+            ],
+        )
         + "\n\nPer depth d (prefix entropy and balance) and per bit d (balance = fraction of 1s):\n\n"
-        + _md_table(["d", "prefix entropy", "prefix balance", "bit balance"], rows))
+        + _md_table(["d", "prefix entropy", "prefix balance", "bit balance"], rows)
+    )
     hist = cov["bucket_size_histogram"]
-    parts.append("Bucket sizes:\n\n" + _md_table(["bucket size", "buckets"],
-                                                 [[s, b] for s, b in zip(hist["sizes"], hist["buckets"])]))
+    parts.append(
+        "Bucket sizes:\n\n"
+        + _md_table(["bucket size", "buckets"], [[s, b] for s, b in zip(hist["sizes"], hist["buckets"])])
+    )
     rob = report.get("robustness")
     if rob and rob.get("n_images"):
         depths = sorted({1, 2, 4, 8, 12, 16, 24, 32, 48, 64} & set(range(1, m["nbits"] + 1)) | {m["nbits"]})
-        rows = [[f"{kind} {e['strength']:g}"] + [f"{e['retention'][dd - 1]:.3f}" for dd in depths]
-                for kind in ("jitter", "occlusion") for e in rob[kind]]
-        parts.append(f"## Hash-code retention ({rob['n_images']} query images)\n\nFraction of images whose "
-                     "first d bits are unchanged (jitter: brightness/contrast/saturation factors in [1-s, 1+s], "
-                     "hue in [-s/4, s/4]; occlusion: black square over a fraction s of the area).\n\n"
-                     + _md_table(["perturbation"] + [f"d={dd}" for dd in depths], rows))
+        rows = [
+            [f"{kind} {e['strength']:g}"] + [f"{e['retention'][dd - 1]:.3f}" for dd in depths]
+            for kind in ("jitter", "occlusion")
+            for e in rob[kind]
+        ]
+        parts.append(
+            f"## Hash-code retention ({rob['n_images']} query images)\n\nFraction of images whose "
+            "first d bits are unchanged (jitter: brightness/contrast/saturation factors in [1-s, 1+s], "
+            "hue in [-s/4, s/4]; occlusion: black square over a fraction s of the area).\n\n"
+            + _md_table(["perturbation"] + [f"d={dd}" for dd in depths], rows)
+        )
     srv = report.get("server")
     if srv:
-        rows = [[o, _fmt(srv[o]["map_at_k"]), _fmt(r["map_at_k"][o]), _fmt(srv[o].get("map_all", "n/a")),
-                 _fmt(r["map_all"][o]), srv[o]["equal_in_process"], srv[o]["search_calls"], srv[o]["search_wall_s"]]
-                for o in ("lex", "hamming")]
-        parts.append(f"## Through the server at {srv['address']}\n\nmAP@k, mAP@all, P@k and recall@k measured "
-                     "with the server's BatchSearch (code queries); 'equal' compares all of them with the "
-                     "in-process figures.\n\n" + _md_table(
-                         ["order", f"mAP@{r['k']} server", "in-process", "mAP@all server", "in-process", "equal",
-                          "BatchSearch calls", "wall s"], rows))
+        rows = [
+            [
+                o,
+                _fmt(srv[o]["map_at_k"]),
+                _fmt(r["map_at_k"][o]),
+                _fmt(srv[o].get("map_all", "n/a")),
+                _fmt(r["map_all"][o]),
+                srv[o]["equal_in_process"],
+                srv[o]["search_calls"],
+                srv[o]["search_wall_s"],
+            ]
+            for o in ("lex", "hamming")
+        ]
+        parts.append(
+            f"## Through the server at {srv['address']}\n\nmAP@k, mAP@all, P@k and recall@k measured "
+            "with the server's BatchSearch (code queries); 'equal' compares all of them with the "
+            "in-process figures.\n\n"
+            + _md_table(
+                [
+                    "order",
+                    f"mAP@{r['k']} server",
+                    "in-process",
+                    "mAP@all server",
+                    "in-process",
+                    "equal",
+                    "BatchSearch calls",
+                    "wall s",
+                ],
+                rows,
+            )
+        )
     ov = report["overlap"]
-    facts = [["model", f"{m['path']} ({m['method']}, hash {m['content_hash']})"],
-             ["data source", json.dumps(d["source"])],
-             ["train / query / database", f"{d['train_size']} / {d['query_size']} / {d['database_size']}"],
-             ["unreadable images skipped", f"{d['unreadable_queries']} queries, {d['unreadable_database']} database"],
-             ["database codes", d["database_codes"]],
-             ["queries without any relevant item", r["queries_without_relevant_items"]],
-             ["overlap check", f"by {ov['checked_by']}: {ov['overlapping_queries']} overlapping queries"
-                               f"{' (allowed)' if ov['allowed'] else ''}"]]
+    facts = [
+        ["model", f"{m['path']} ({m['method']}, hash {m['content_hash']})"],
+        ["data source", json.dumps(d["source"])],
+        ["train / query / database", f"{d['train_size']} / {d['query_size']} / {d['database_size']}"],
+        ["unreadable images skipped", f"{d['unreadable_queries']} queries, {d['unreadable_database']} database"],
+        ["database codes", d["database_codes"]],
+        ["queries without any relevant item", r["queries_without_relevant_items"]],
+        [
+            "overlap check",
+            f"by {ov['checked_by']}: {ov['overlapping_queries']} overlapping queries"
+            f"{' (allowed)' if ov['allowed'] else ''}",
+        ],
+    ]
     facts += [[f"wall time {k}", f"{v:.2f} s"] for k, v in report["wall_s"].items()]
     parts.append("## Run\n\n" + _md_table(["fact", "value"], facts, "ll"))
     if report.get("files"):
@@ -166,8 +245,8 @@ def _label_groups(xs, ys, which, min_dist: float = 0.05) -> list[tuple[tuple[flo
         if i >= len(xs):
             continue
         p = (float(xs[i]), float(ys[i]))
-        for (q, members) in groups:
-            if (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 < min_dist ** 2:
+        for q, members in groups:
+            if (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 < min_dist**2:
                 members.append(i)
                 break
         else:
@@ -202,8 +281,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
     fig, ax = subplots(figsize=(5, 4))
     ax.plot(pr["recall"], pr["precision"], "o-", ms=3)
     for (x, y), rads in _label_groups(pr["recall"], pr["precision"], (0, 1, 2, 4, 8)):
-        ax.annotate("r=" + ",".join(map(str, rads)), (x, y), xytext=(4, 4),
-                    textcoords="offset points", fontsize=7)
+        ax.annotate("r=" + ",".join(map(str, rads)), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision (empty ball = 0)")
     ax.set_xlim(0, 1.02)

@@ -21,6 +21,7 @@ from cbir.bench.sources import GrpcSearcher, index_database
 
 log = logging.getLogger("cbir.bench")
 
+
 # ============================================================================================
 # the report
 # ============================================================================================
@@ -76,8 +77,13 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
     qk, how = item_keys(data.query, np.arange(len(data.query)))
     dk, how_d = item_keys(data.database, np.arange(len(data.database)))
     if how != how_d:  # one set in memory, the other on disk: compare pixels
-        qk = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in raw_images(data.query, range(len(data.query)))[0]]
-        dk = [hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in raw_images(data.database, range(len(data.database)))[0]]
+        qk = [
+            hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in raw_images(data.query, range(len(data.query)))[0]
+        ]
+        dk = [
+            hashlib.sha1(im.numpy().tobytes()).hexdigest()
+            for im in raw_images(data.database, range(len(data.database)))[0]
+        ]
         how = "pixels"
     try:
         hits = M.check_overlap(qk, dk, allow=cfg.allow_overlap)
@@ -87,8 +93,9 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
 
     # -- encode ------------------------------------------------------------------------------
     with torch.inference_mode():
-        q_codes, _, q_idx = hasher.encode_imageset(data.query, progress=cfg.progress, desc="encode queries",
-                                                   num_workers=cfg.num_workers)
+        q_codes, _, q_idx = hasher.encode_imageset(
+            data.query, progress=cfg.progress, desc="encode queries", num_workers=cfg.num_workers
+        )
         t = lap("encode_queries", t)
         db_source, index_facts = "encoded", None
         db_item_ids = None  # ids of the database rows in an index / the server (default: positions)
@@ -96,12 +103,12 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
             db_codes, db_idx, db_item_ids, index_facts = index_database(cfg.index, hasher, data)
             db_source = f"index {cfg.index}"
         else:
-            db_codes, _, db_idx = hasher.encode_imageset(data.database, progress=cfg.progress,
-                                                         desc="encode database", num_workers=cfg.num_workers)
+            db_codes, _, db_idx = hasher.encode_imageset(
+                data.database, progress=cfg.progress, desc="encode database", num_workers=cfg.num_workers
+            )
         t = lap("encode_database", t)
     if len(q_codes) == 0 or len(db_codes) == 0:
-        raise ValueError(f"nothing to score: {len(q_codes)} readable queries, {len(db_codes)} readable "
-                         "database images")
+        raise ValueError(f"nothing to score: {len(q_codes)} readable queries, {len(db_codes)} readable database images")
     ql = data.query_labels[q_idx]
     dl = data.db_labels[db_idx]
     n, nq, B = len(db_codes), len(q_codes), q_codes.nbits
@@ -130,13 +137,20 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         ret["tie_aware_map_all"][order] = M.tie_aware_average_precision(q_codes, ql, db_codes, dl, None, order)
         steps.update()
     pr = M.precision_recall_by_radius(q_codes, ql, db_codes, dl)
-    ret["pr_by_radius"] = {"radius": [int(v) for v in pr.radius], "precision": [_f(v) for v in pr.precision],
-                           "recall": [_f(v) for v in pr.recall],
-                           "empty_fraction": [_f(v) for v in pr.empty_fraction]}
+    ret["pr_by_radius"] = {
+        "radius": [int(v) for v in pr.radius],
+        "precision": [_f(v) for v in pr.precision],
+        "recall": [_f(v) for v in pr.recall],
+        "empty_fraction": [_f(v) for v in pr.empty_fraction],
+    }
     steps.update()
     rp = M.precision_within_radius(q_codes, ql, db_codes, dl, 2)
-    ret["p_at_h2"] = {"radius": 2, "precision": rp.precision, "empty_fraction": rp.empty_fraction,
-                      "note": "a query whose Hamming ball of radius 2 is empty scores 0 and counts"}
+    ret["p_at_h2"] = {
+        "radius": 2,
+        "precision": rp.precision,
+        "empty_fraction": rp.empty_fraction,
+        "note": "a query whose Hamming ball of radius 2 is empty scores 0 and counts",
+    }
     steps.update()
     rc = M.relevant_counts(ql, dl)
     ret["queries_without_relevant_items"] = int((rc == 0).sum())
@@ -161,8 +175,9 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         pos = np.arange(len(data.query))[q_idx]
         if len(pos) > cfg.robustness_images:
             pos = np.sort(np.random.default_rng(cfg.seed + 2).permutation(pos)[: cfg.robustness_images])
-        robust = robustness_report(hasher, data.query, pos, cfg.jitter, cfg.occlusion, seed=cfg.seed,
-                                   progress=cfg.progress)
+        robust = robustness_report(
+            hasher, data.query, pos, cfg.jitter, cfg.occlusion, seed=cfg.seed, progress=cfg.progress
+        )
     t = lap("robustness", t)
 
     # -- the server path ---------------------------------------------------------------------
@@ -212,9 +227,13 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         "coverage": coverage,
         "robustness": robust,
         "server": server,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "device": str(hasher.device), "threads": torch.get_num_threads(),
-                        "host": platform.node()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(hasher.device),
+            "threads": torch.get_num_threads(),
+            "host": platform.node(),
+        },
         "wall_s": walls,
     }
     walls["total"] = round(time.perf_counter() - t_start, 3)
@@ -244,16 +263,18 @@ def _server_figures(cfg, hasher, q_codes, ql, dl, db_ids, ks, ret) -> dict:
                 out["server_count"] = int(st.count)
                 out["server_model_content_hash"] = st.model_content_hash
                 if st.model_content_hash and st.model_content_hash != hasher.content_hash:
-                    raise ValueError(f"the server at {cfg.address} runs model {st.model_content_hash[:12]}, "
-                                     f"not {hasher.content_hash[:12]}; its figures would not be comparable")
+                    raise ValueError(
+                        f"the server at {cfg.address} runs model {st.model_content_hash[:12]}, "
+                        f"not {hasher.content_hash[:12]}; its figures would not be comparable"
+                    )
                 if int(st.count) != n:
                     log.warning("server holds %d items, the benchmark database %d", st.count, n)
             fig: dict[str, Any] = {
                 "map_at_k": M.mean_average_precision(q_codes, ql, None, dl, kk, searcher=s, db_ids=db_ids),
-                "precision_at_k": [_f(v) for v in M.precision_at_k(q_codes, ql, None, dl, ks, searcher=s,
-                                                                    db_ids=db_ids)],
-                "recall_at_k": [_f(v) for v in M.recall_at_k(q_codes, ql, None, dl, ks, searcher=s,
-                                                              db_ids=db_ids)],
+                "precision_at_k": [
+                    _f(v) for v in M.precision_at_k(q_codes, ql, None, dl, ks, searcher=s, db_ids=db_ids)
+                ],
+                "recall_at_k": [_f(v) for v in M.recall_at_k(q_codes, ql, None, dl, ks, searcher=s, db_ids=db_ids)],
             }
             if n <= SERVER_MAX_K:  # the whole ranking fits in one Search response
                 fig["map_all"] = M.mean_average_precision(q_codes, ql, None, dl, None, searcher=s, db_ids=db_ids)
@@ -264,7 +285,8 @@ def _server_figures(cfg, hasher, q_codes, ql, dl, db_ids, ks, ret) -> dict:
             np.isclose(fig["map_at_k"], ret["map_at_k"][order], rtol=0, atol=1e-12)
             and ("map_all" not in fig or np.isclose(fig["map_all"], ret["map_all"][order], rtol=0, atol=1e-12))
             and np.allclose(fig["precision_at_k"], ret["precision_at_k"][order], rtol=0, atol=1e-12)
-            and np.allclose(fig["recall_at_k"], ret["recall_at_k"][order], rtol=0, atol=1e-12))
+            and np.allclose(fig["recall_at_k"], ret["recall_at_k"][order], rtol=0, atol=1e-12)
+        )
         out[order] = fig
     out["equal_in_process"] = bool(out["lex"]["equal_in_process"] and out["hamming"]["equal_in_process"])
     return out
@@ -299,8 +321,7 @@ def headline(report: dict) -> dict:
 def yardstick(cov: dict) -> dict:
     """The random-code expectation codes are compared with: random bits below the class prefix
     when the layout has class bits, else uniformly random codes."""
-    rnd = cov.get("random") or [{"fixed_bits": 0, "unique_percent": float("nan"),
-                                 "average_collision_count": float("nan")}]
+    rnd = cov.get("random") or [
+        {"fixed_bits": 0, "unique_percent": float("nan"), "average_collision_count": float("nan")}
+    ]
     return rnd[-1]
-
-

@@ -103,13 +103,11 @@ def raw_images(imageset, positions) -> tuple[list, list[int]]:
 
 
 def encode_raw(hasher, imgs: list, chunk: int = 256) -> Codes:
-    parts = [hasher.encode_tensor(hasher.preprocess(imgs[s : s + chunk]))[0]
-             for s in range(0, len(imgs), chunk)]
+    parts = [hasher.encode_tensor(hasher.preprocess(imgs[s : s + chunk]))[0] for s in range(0, len(imgs), chunk)]
     return Codes.concat(parts) if parts else Codes.empty(hasher.nbits)
 
 
-def robustness_report(hasher, imageset, positions, jitter, occlusion, seed: int = 0,
-                      progress: bool = True) -> dict:
+def robustness_report(hasher, imageset, positions, jitter, occlusion, seed: int = 0, progress: bool = True) -> dict:
     """Hash-code retention (:func:`cbir.metrics.code_retention`) per depth for every strength
     of colour jitter and occlusion, on the query images at ``positions``."""
     from tqdm.auto import tqdm
@@ -120,20 +118,25 @@ def robustness_report(hasher, imageset, positions, jitter, occlusion, seed: int 
     if not imgs:
         return {"n_images": 0, "jitter": [], "occlusion": []}
     clean = encode_raw(hasher, imgs)
-    out: dict[str, Any] = {"n_images": len(imgs), "seed": seed,
-                           "definition": "retention[d-1] = fraction of images whose first d bits "
-                                         "are unchanged by the perturbation (cbir.metrics.code_retention)"}
+    out: dict[str, Any] = {
+        "n_images": len(imgs),
+        "seed": seed,
+        "definition": "retention[d-1] = fraction of images whose first d bits "
+        "are unchanged by the perturbation (cbir.metrics.code_retention)",
+    }
     jobs = [("jitter", s, perturb_jitter) for s in jitter] + [("occlusion", s, perturb_occlusion) for s in occlusion]
     bar = tqdm(jobs, desc="robustness", unit="level", disable=not progress, leave=False)
     for li, (kind, s, fn) in enumerate(bar):
         rng = np.random.default_rng([seed, li])
         pert = encode_raw(hasher, fn(imgs, s, rng))
         ret = code_retention(clean, pert)
-        out.setdefault(kind, []).append({
-            "strength": float(s),
-            "retention": [float(v) for v in ret],
-            "bit_flip_rate": [float(v) for v in bit_flip_rate(clean, pert)],
-        })
+        out.setdefault(kind, []).append(
+            {
+                "strength": float(s),
+                "retention": [float(v) for v in ret],
+                "bit_flip_rate": [float(v) for v in bit_flip_rate(clean, pert)],
+            }
+        )
     out.setdefault("jitter", [])
     out.setdefault("occlusion", [])
     return out

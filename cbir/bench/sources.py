@@ -26,8 +26,15 @@ class GrpcSearcher:
     address and status.
     """
 
-    def __init__(self, address: str, order: str = "lex", token: str | None = None,
-                 timeout: float = 120.0, max_batch: int = 256, client=None):
+    def __init__(
+        self,
+        address: str,
+        order: str = "lex",
+        token: str | None = None,
+        timeout: float = 120.0,
+        max_batch: int = 256,
+        client=None,
+    ):
         self.address = address
         self.order = order
         self.token = token
@@ -111,8 +118,10 @@ def index_database(path: str, hasher, data, spot_check: int = 32) -> tuple[Codes
         if reader.nbits != hasher.nbits:
             raise ValueError(f"index {path} holds {reader.nbits}-bit codes, the model makes {hasher.nbits}-bit codes")
         if reader.model_hash and reader.model_hash != hasher.content_hash:
-            raise ValueError(f"index {path} was built with model {reader.model_hash[:12]}, not "
-                             f"{hasher.content_hash[:12]}; its codes are not this model's")
+            raise ValueError(
+                f"index {path} was built with model {reader.model_hash[:12]}, not "
+                f"{hasher.content_hash[:12]}; its codes are not this model's"
+            )
         # every item, through the public prefix scan (empty prefix = all, ascending code order)
         id_parts, code_parts, cursor = [], [], None
         while True:
@@ -139,9 +148,11 @@ def index_database(path: str, hasher, data, spot_check: int = 32) -> tuple[Codes
         matched_by = "id"
         n_source = data.database_source_size
         if ids.size and (ids.min() < 0 or ids.max() >= n_source):
-            raise ValueError(f"index {path}: item ids must be the positions 0..{n_source - 1} of the benchmark's "
-                             f"database items (found ids {int(ids.min())}..{int(ids.max())}); build the index "
-                             "from the same database source (`cbir index build --dataset SRC`)")
+            raise ValueError(
+                f"index {path}: item ids must be the positions 0..{n_source - 1} of the benchmark's "
+                f"database items (found ids {int(ids.min())}..{int(ids.max())}); build the index "
+                "from the same database source (`cbir index build --dataset SRC`)"
+            )
         row_of = np.full(n_source, -1, dtype=np.int64)
         row_of[data.database_positions] = np.arange(n_rows)
         rows = row_of[ids]
@@ -162,8 +173,17 @@ def index_database(path: str, hasher, data, spot_check: int = 32) -> tuple[Codes
         stored = codes[np.searchsorted(rows, np.asarray(kept))]
         mismatched = int((enc.packed != stored.packed).any(axis=1).sum())
         if mismatched:
-            raise ValueError(f"index {path}: {mismatched} of {len(kept)} spot-checked database images encode to "
-                             "other codes than the index stores (built from other data or another model)")
-    facts = {"path": str(path), "count": count, "model_hash": model_hash, "matched_by": matched_by,
-             "used": int(len(rows)), "missing_from_index": int(n_rows - len(rows)), "spot_checked": len(kept)}
+            raise ValueError(
+                f"index {path}: {mismatched} of {len(kept)} spot-checked database images encode to "
+                "other codes than the index stores (built from other data or another model)"
+            )
+    facts = {
+        "path": str(path),
+        "count": count,
+        "model_hash": model_hash,
+        "matched_by": matched_by,
+        "used": int(len(rows)),
+        "missing_from_index": int(n_rows - len(rows)),
+        "spot_checked": len(kept),
+    }
     return codes, rows, ids, facts

@@ -13,13 +13,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a trained hasher (TorchScript / ONNX)",
-                              description=__doc__)
+    p = subparsers.add_parser("export", help="export a trained hasher (TorchScript / ONNX)", description=__doc__)
     p.add_argument("--model", required=True, type=Path, help="model checkpoint (from `cbir train`)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
-                   help="output format (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output file (default: the model's path with .onnx / .ts.pt)")
+    p.add_argument(
+        "--format", default="onnx", choices=["onnx", "torchscript"], help="output format (default: %(default)s)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output file (default: the model's path with .onnx / .ts.pt)")
     p.set_defaults(func=run)
 
 
@@ -30,6 +29,8 @@ def run(args) -> int:
     hasher = Hasher.load(args.model, device="cpu")
     out = args.out or args.model.with_suffix(".onnx" if args.format == "onnx" else ".ts.pt")
     meta = export_hasher(hasher, out, args.format)
-    print(f"exported {meta['method']} ({hasher.nbits}-bit codes, input uint8 N x 3 x "
-          f"{hasher.image_size} x {hasher.image_size}) as {args.format} to {out} (+ {out}.json)")
+    print(
+        f"exported {meta['method']} ({hasher.nbits}-bit codes, input uint8 N x 3 x "
+        f"{hasher.image_size} x {hasher.image_size}) as {args.format} to {out} (+ {out}.json)"
+    )
     return 0

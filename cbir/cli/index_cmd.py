@@ -41,8 +41,7 @@ log = logging.getLogger("cbir.index")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("index", help="build an on-disk index / print index statistics",
-                              description=__doc__)
+    p = subparsers.add_parser("index", help="build an on-disk index / print index statistics", description=__doc__)
     sub = p.add_subparsers(dest="index_command", metavar="ACTION")
     sub.required = True
 
@@ -51,28 +50,51 @@ def register(subparsers) -> None:
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images (class = first sub-folder, if any)")
     src.add_argument("--dataset", help="dataset name or path understood by cbir.data.load_dataset")
-    b.add_argument("--split", default="database", choices=["database", "query", "train"],
-                   help="--dataset split to index (default: %(default)s)")
-    b.add_argument("--out", required=True, type=Path,
-                   help="index directory to create, or an existing cbir index to replace; any "
-                        "other existing path is refused (see --force)")
-    b.add_argument("--force", action="store_true",
-                   help="write into an --out that is not a cbir index (or lies inside the image "
-                        "source): only manifest.json, lmdb/ and derived/ are written there, every "
-                        "other file stays")
+    b.add_argument(
+        "--split",
+        default="database",
+        choices=["database", "query", "train"],
+        help="--dataset split to index (default: %(default)s)",
+    )
+    b.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="index directory to create, or an existing cbir index to replace; any "
+        "other existing path is refused (see --force)",
+    )
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out that is not a cbir index (or lies inside the image "
+        "source): only manifest.json, lmdb/ and derived/ are written there, every "
+        "other file stays",
+    )
     b.add_argument("--batch-size", type=int, default=128, help="encoding batch size (default: %(default)s)")
-    b.add_argument("--workers", type=int, default=0,
-                   help="DataLoader worker processes; with --engine ray: encoder actors (0 = one per "
-                        "GPU, else half the CPUs) (default: %(default)s)")
-    b.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this process (and --workers DataLoader workers); ray: Ray Data reads "
-                        "the files in parallel tasks and encodes on actors (GPU actors when CUDA is "
-                        "available), needs pip install -e \".[distributed]\" (default: %(default)s)")
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes; with --engine ray: encoder actors (0 = one per "
+        "GPU, else half the CPUs) (default: %(default)s)",
+    )
+    b.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (and --workers DataLoader workers); ray: Ray Data reads "
+        "the files in parallel tasks and encodes on actors (GPU actors when CUDA is "
+        'available), needs pip install -e ".[distributed]" (default: %(default)s)',
+    )
     b.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
-    b.add_argument("--shards", type=int, default=1,
-                   help="split the index by its leading code bits into this many LMDB indexes "
-                        "(a power of two; each shard a complete index; read-only; default: "
-                        "%(default)s = one plain index)")
+    b.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="split the index by its leading code bits into this many LMDB indexes "
+        "(a power of two; each shard a complete index; read-only; default: "
+        "%(default)s = one plain index)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=run_build)
 
@@ -103,8 +125,9 @@ def _image_folder(root: Path):
     if "(none)" in cls:
         classes = ["(none)"] + classes
     cidx = {c: i for i, c in enumerate(classes)}
-    return ImageSet(np.array([cidx[c] for c in cls], dtype=np.int64), classes,
-                    paths=[str(p) for p in files], name=root.name)
+    return ImageSet(
+        np.array([cidx[c] for c in cls], dtype=np.int64), classes, paths=[str(p) for p in files], name=root.name
+    )
 
 
 def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> list[dict]:
@@ -137,10 +160,20 @@ def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> l
     return out
 
 
-def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: int = 128,
-                     workers: int = 0, device: str = "auto", progress: bool = True,
-                     extra_params: dict | None = None, force: bool = False, shards: int = 1,
-                     engine: str = "local") -> dict:
+def build_from_model(
+    model: Path,
+    out: Path,
+    imageset,
+    source: str,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    extra_params: dict | None = None,
+    force: bool = False,
+    shards: int = 1,
+    engine: str = "local",
+) -> dict:
     """Encode ``imageset`` with the checkpoint ``model`` and build the index at ``out``
     (``shards`` > 1: a sharded index, :func:`cbir.indexer.build_sharded_index`)."""
     from cbir.data import SkipLog
@@ -160,29 +193,55 @@ def build_from_model(model: Path, out: Path, imageset, source: str, batch_size: 
     if engine == "ray":  # same batches, same model: the same codes (cbir.distributed.ray_encode)
         from cbir.distributed.ray_encode import encode_with_ray
 
-        codes, conf, idx = encode_with_ray(model, imageset, batch_size, actors=workers, device=device,
-                                           skip_log=skip, progress=progress)
+        codes, conf, idx = encode_with_ray(
+            model, imageset, batch_size, actors=workers, device=device, skip_log=skip, progress=progress
+        )
     elif engine == "local":
-        codes, conf, idx = hasher.encode_imageset(imageset, batch_size=batch_size, num_workers=workers,
-                                                  progress=progress, skip_log=skip, desc="index: encode")
+        codes, conf, idx = hasher.encode_imageset(
+            imageset, batch_size=batch_size, num_workers=workers, progress=progress, skip_log=skip, desc="index: encode"
+        )
     else:
         raise ValueError(f"unknown engine {engine!r}: use local or ray")
     t_enc = time.perf_counter() - t0
     order = np.argsort(idx, kind="stable")
     codes, conf, idx = codes[order] if len(codes) else codes, conf[order], idx[order]
     meta = _metadata(imageset, idx, source, hasher.layout.class_names)
-    params = {"model": str(model), "source": source, "batch_size": batch_size, "workers": workers,
-              "engine": engine,
-              "images": len(imageset), "skipped": skip.count, "encode_seconds": round(t_enc, 3),
-              "resume": "none (an interrupted build restarts from scratch)"}
+    params = {
+        "model": str(model),
+        "source": source,
+        "batch_size": batch_size,
+        "workers": workers,
+        "engine": engine,
+        "images": len(imageset),
+        "skipped": skip.count,
+        "encode_seconds": round(t_enc, 3),
+        "resume": "none (an interrupted build restarts from scratch)",
+    }
     params.update(extra_params or {})
     t1 = time.perf_counter()
-    path = build_sharded_index(out, idx, codes, shards, meta, conf=conf, layout=hasher.layout,
-                               model_hash=hasher.content_hash, build_params=params,
-                               progress=progress, force=force)
-    return {"path": str(path), "count": int(len(idx)), "skipped": skip.count,
-            "skipped_items": skip.items, "encode_s": t_enc, "write_s": time.perf_counter() - t1,
-            "nbits": hasher.nbits, "model_hash": hasher.content_hash}
+    path = build_sharded_index(
+        out,
+        idx,
+        codes,
+        shards,
+        meta,
+        conf=conf,
+        layout=hasher.layout,
+        model_hash=hasher.content_hash,
+        build_params=params,
+        progress=progress,
+        force=force,
+    )
+    return {
+        "path": str(path),
+        "count": int(len(idx)),
+        "skipped": skip.count,
+        "skipped_items": skip.items,
+        "encode_s": t_enc,
+        "write_s": time.perf_counter() - t1,
+        "nbits": hasher.nbits,
+        "model_hash": hasher.content_hash,
+    }
 
 
 def run_build(args) -> int:
@@ -194,9 +253,11 @@ def run_build(args) -> int:
 
     src_dir = args.images if args.images is not None else Path(args.dataset)
     if src_dir.is_dir() and inside(args.out, src_dir) and not args.force:
-        raise OutputExistsError(f"--out {args.out} lies inside the image source {src_dir}: its "
-                                "files would mix with your images. Choose an --out outside it "
-                                "(or pass --force)")
+        raise OutputExistsError(
+            f"--out {args.out} lies inside the image source {src_dir}: its "
+            "files would mix with your images. Choose an --out outside it "
+            "(or pass --force)"
+        )
     check_output(args.out, args.force)
     if args.engine == "ray":
         from cbir.distributed.ray_encode import require_ray
@@ -211,14 +272,25 @@ def run_build(args) -> int:
         splits = load_dataset(args.dataset)
         imageset = getattr(splits, args.split)
         source = f"{args.dataset}:{args.split}"
-    res = build_from_model(args.model, args.out, imageset, source, args.batch_size, args.workers,
-                           args.device, progress=not args.no_progress and sys.stderr.isatty(),
-                           force=args.force, shards=args.shards, engine=args.engine)
+    res = build_from_model(
+        args.model,
+        args.out,
+        imageset,
+        source,
+        args.batch_size,
+        args.workers,
+        args.device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        force=args.force,
+        shards=args.shards,
+        engine=args.engine,
+    )
     # each unreadable image was already reported (path and reason) as it was met
-    print(f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
-          f"{res['nbits']}-bit codes into {res['path']}"
-          + (f" ({args.shards} shards)" if args.shards > 1 else "") + " "
-          f"(encode {res['encode_s']:.1f} s, write {res['write_s']:.1f} s)")
+    print(
+        f"indexed {res['count']} images ({res['skipped']} unreadable skipped) with "
+        f"{res['nbits']}-bit codes into {res['path']}" + (f" ({args.shards} shards)" if args.shards > 1 else "") + " "
+        f"(encode {res['encode_s']:.1f} s, write {res['write_s']:.1f} s)"
+    )
     return 0
 
 
@@ -231,8 +303,16 @@ def _fmt_stats(st: dict) -> str:
         f" method {lay.get('method') or '-'})",
         f"model hash   {st['model_hash'] or '-'}",
         f"generation   {st['generation']}",
-        *([(f"shards       {len(st['shards'])} by the leading {st['shard_bits']} bits, items "
-            + " ".join(str(x["count"]) for x in st["shards"]))] if st.get("shards") else []),
+        *(
+            [
+                (
+                    f"shards       {len(st['shards'])} by the leading {st['shard_bits']} bits, items "
+                    + " ".join(str(x["count"]) for x in st["shards"])
+                )
+            ]
+            if st.get("shards")
+            else []
+        ),
         f"disk         {st['disk_bytes']} bytes"
         + (f" ({st['disk_bytes_per_item']:.1f} per item)" if st.get("disk_bytes_per_item") else ""),
     ]
@@ -252,8 +332,7 @@ def _fmt_stats(st: dict) -> str:
             pairs = list(zip(h["sizes"], h["buckets"]))
             shown = pairs[:12]
             more = f" ... (+{len(pairs) - 12} sizes)" if len(pairs) > 12 else ""
-            lines.append("bucket sizes (size x buckets): "
-                         + " ".join(f"{s}x{b}" for s, b in shown) + more)
+            lines.append("bucket sizes (size x buckets): " + " ".join(f"{s}x{b}" for s, b in shown) + more)
     return "\n".join(lines)
 
 
@@ -278,6 +357,8 @@ def run_compact(args) -> int:
         return 2
     out = compact_index(args.index)
     mb = 1 << 20
-    print(f"compacted {args.index}: {out['before'] / mb:.1f} MiB -> {out['after'] / mb:.1f} MiB "
-          f"(generation {out['generation']})")
+    print(
+        f"compacted {args.index}: {out['before'] / mb:.1f} MiB -> {out['after'] / mb:.1f} MiB "
+        f"(generation {out['generation']})"
+    )
     return 0

@@ -12,8 +12,9 @@ MODES = ("lex", "hamming", "hybrid", "prefix")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("search", help="query a cbir gRPC server",
-                              description="Search a running `cbir serve` by image, code or id.")
+    p = subparsers.add_parser(
+        "search", help="query a cbir gRPC server", description="Search a running `cbir serve` by image, code or id."
+    )
     p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT (default: %(default)s)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", type=Path, help="image file to search with (encoded by the server)")
@@ -57,8 +58,17 @@ def format_table(res) -> str:
     for j in range(len(res)):
         meta = res.metadata[j] if res.metadata else {}
         code = _code_str(res.codes.packed[j].tobytes(), res.codes.nbits) if res.codes is not None else ""
-        rows.append((str(int(res.rank[j])), str(int(res.ids[j])), str(int(res.hamming[j])), str(int(res.prefix[j])),
-                     code, _labels_str(meta), str(meta.get("source", meta.get("path", "")))))
+        rows.append(
+            (
+                str(int(res.rank[j])),
+                str(int(res.ids[j])),
+                str(int(res.hamming[j])),
+                str(int(res.prefix[j])),
+                code,
+                _labels_str(meta),
+                str(meta.get("source", meta.get("path", ""))),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     keep = [i for i in range(len(widths)) if i < 4 or any(r[i] for r in rows[1:])]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in keep).rstrip() for r in rows]
@@ -67,13 +77,23 @@ def format_table(res) -> str:
 
 
 def as_json(res) -> dict:
-    hits = [{"rank": int(res.rank[j]), "id": int(res.ids[j]), "hamming_distance": int(res.hamming[j]),
-             "common_prefix_length": int(res.prefix[j]),
-             **({"code": res.codes.packed[j].tobytes().hex()} if res.codes is not None else {}),
-             **({"metadata": res.metadata[j]} if res.metadata else {})} for j in range(len(res))]
+    hits = [
+        {
+            "rank": int(res.rank[j]),
+            "id": int(res.ids[j]),
+            "hamming_distance": int(res.hamming[j]),
+            "common_prefix_length": int(res.prefix[j]),
+            **({"code": res.codes.packed[j].tobytes().hex()} if res.codes is not None else {}),
+            **({"metadata": res.metadata[j]} if res.metadata else {}),
+        }
+        for j in range(len(res))
+    ]
     q = res.query_code
-    return {"query_code": {"hex": q.packed[0].tobytes().hex(), "nbits": q.nbits} if q is not None else None,
-            "hits": hits, "next_cursor": res.next_cursor.decode(errors="replace")}
+    return {
+        "query_code": {"hex": q.packed[0].tobytes().hex(), "nbits": q.nbits} if q is not None else None,
+        "hits": hits,
+        "next_cursor": res.next_cursor.decode(errors="replace"),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,15 +115,30 @@ def run(args: argparse.Namespace) -> int:
             query["code"] = bytes.fromhex(args.code)
         except ValueError:
             raise ValueError(f"--code must be hex, got {args.code!r}") from None
-    with CbirClient(args.address, token=args.token, tls=args.tls, tls_ca=args.tls_ca,
-                    server_name=args.server_name, timeout=args.timeout) as client:
+    with CbirClient(
+        args.address,
+        token=args.token,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        server_name=args.server_name,
+        timeout=args.timeout,
+    ) as client:
         try:
             if "code" in query:
                 query["nbits"] = args.nbits if args.nbits is not None else client.stats().nbits
             t0 = time.perf_counter()
-            res = client.search(**query, k=args.k, offset=args.offset, mode=args.mode, prefix_bits=args.prefix_bits,
-                                radius=args.radius, labels=args.label, return_codes=True, return_metadata=True,
-                                cursor=args.cursor)
+            res = client.search(
+                **query,
+                k=args.k,
+                offset=args.offset,
+                mode=args.mode,
+                prefix_bits=args.prefix_bits,
+                radius=args.radius,
+                labels=args.label,
+                return_codes=True,
+                return_metadata=True,
+                cursor=args.cursor,
+            )
             ms = (time.perf_counter() - t0) * 1e3
         except CbirError as e:
             print(f"cbir search: {e.code}: {e.details}", file=sys.stderr)

@@ -24,70 +24,141 @@ def register(subparsers) -> None:
         "address needs TLS and/or a bearer token unless --insecure.",
     )
     p.add_argument("--index", required=True, type=Path, help="index directory (cbir index build)")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model checkpoint used to encode image queries (without it: code/id queries only)")
-    p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT to bind (default: %(default)s; port 0 = any free)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model checkpoint used to encode image queries (without it: code/id queries only)",
+    )
+    p.add_argument(
+        "--address", default="127.0.0.1:50051", help="HOST:PORT to bind (default: %(default)s; port 0 = any free)"
+    )
     p.add_argument("--read-only", action="store_true", help="open the index read-only (Add/Delete fail)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="server processes sharing the port (SO_REUSEPORT), each with its own index handle, "
-                        "model and event loop; with more than 1 the index is served read-only and Add/Delete "
-                        "are FAILED_PRECONDITION (default: %(default)s)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own index handle, "
+        "model and event loop; with more than 1 the index is served read-only and Add/Delete "
+        "are FAILED_PRECONDITION (default: %(default)s)",
+    )
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key")
     s.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (default: $CBIR_TOKEN)")
-    s.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback address without TLS or token (not recommended)")
+    s.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without TLS or token (not recommended)"
+    )
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-message-mb", type=float, default=16.0, help="max request/response size in MiB (default: %(default)s)")
+    lim.add_argument(
+        "--max-message-mb", type=float, default=16.0, help="max request/response size in MiB (default: %(default)s)"
+    )
     lim.add_argument("--max-k", type=int, default=10_000, help="max hits per query (default: %(default)s)")
     lim.add_argument("--max-batch", type=int, default=10_000, help="max queries/items per call (default: %(default)s)")
-    lim.add_argument("--workers", type=int, default=4,
-                     help="offload threads for scans (HAMMING/HYBRID), filtered search and writes; RPCs and "
-                          "lexicographic/prefix lookups run on one asyncio event loop (default: %(default)s)")
-    lim.add_argument("--inline-modes", default="lex,prefix",
-                     help="search modes answered on the event loop without a thread hop (comma-separated from "
-                          "lex,prefix,hamming,hybrid; the others go to the offload threads; default: %(default)s)")
+    lim.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="offload threads for scans (HAMMING/HYBRID), filtered search and writes; RPCs and "
+        "lexicographic/prefix lookups run on one asyncio event loop (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--inline-modes",
+        default="lex,prefix",
+        help="search modes answered on the event loop without a thread hop (comma-separated from "
+        "lex,prefix,hamming,hybrid; the others go to the offload threads; default: %(default)s)",
+    )
     lim.add_argument("--max-concurrent-rpcs", type=int, default=None, help="refuse calls beyond this many in flight")
-    lim.add_argument("--max-hits-per-call", type=int, default=200_000,
-                     help="ranked hits (k + offset, summed over a BatchSearch) one call may ask for; more is "
-                          "RESOURCE_EXHAUSTED before any work (default: %(default)s)")
-    lim.add_argument("--max-filter-scan", type=int, default=50_000,
-                     help="items a label-filtered search may examine before RESOURCE_EXHAUSTED (default: %(default)s)")
-    lim.add_argument("--max-call-cpu-s", type=float, default=2.0,
-                     help="CPU seconds the search work of one call may use (checked between the queries of a "
-                          "BatchSearch and the pages of a filtered scan); more is RESOURCE_EXHAUSTED (default: %(default)s)")
+    lim.add_argument(
+        "--max-hits-per-call",
+        type=int,
+        default=200_000,
+        help="ranked hits (k + offset, summed over a BatchSearch) one call may ask for; more is "
+        "RESOURCE_EXHAUSTED before any work (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--max-filter-scan",
+        type=int,
+        default=50_000,
+        help="items a label-filtered search may examine before RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--max-call-cpu-s",
+        type=float,
+        default=2.0,
+        help="CPU seconds the search work of one call may use (checked between the queries of a "
+        "BatchSearch and the pages of a filtered scan); more is RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
     img = p.add_argument_group("image limits (checked from the header, before any pixel is decoded)")
-    img.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                     help="pixels (width x height) of one image (default: %(default)s = 4096x4096)")
-    img.add_argument("--max-request-pixels", type=int, default=2 * 4096 * 4096,
-                     help="pixels of all the images of one call together (default: %(default)s)")
-    img.add_argument("--max-images-per-call", type=int, default=256,
-                     help="images in one call (each costs a forward pass row); more is RESOURCE_EXHAUSTED "
-                          "(default: %(default)s)")
-    img.add_argument("--image-formats", default=",".join(_SAFE_FORMATS),
-                     help="accepted image formats, comma-separated Pillow names; EPS/PS/PDF are never read "
-                          "(default: %(default)s)")
+    img.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="pixels (width x height) of one image (default: %(default)s = 4096x4096)",
+    )
+    img.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=2 * 4096 * 4096,
+        help="pixels of all the images of one call together (default: %(default)s)",
+    )
+    img.add_argument(
+        "--max-images-per-call",
+        type=int,
+        default=256,
+        help="images in one call (each costs a forward pass row); more is RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    img.add_argument(
+        "--image-formats",
+        default=",".join(_SAFE_FORMATS),
+        help="accepted image formats, comma-separated Pillow names; EPS/PS/PDF are never read (default: %(default)s)",
+    )
     e = p.add_argument_group("encoder")
     e.add_argument("--encoder-batch", type=int, default=64, help="max images per forward pass (default: %(default)s)")
-    e.add_argument("--encoder-wait-ms", type=float, default=2.0,
-                   help="a batch keeps filling while images arrive less than this apart (default: %(default)s)")
-    e.add_argument("--encoder-max-delay-ms", type=float, default=None,
-                   help="...but starts at most this long after its first image (default: 8 x --encoder-wait-ms)")
-    e.add_argument("--encoder-step-pixels", type=int, default=8 << 20,
-                   help="decoded pixels per encoder step: a call with many big images is spread over steps "
-                        "shared round-robin with the other calls (default: %(default)s)")
+    e.add_argument(
+        "--encoder-wait-ms",
+        type=float,
+        default=2.0,
+        help="a batch keeps filling while images arrive less than this apart (default: %(default)s)",
+    )
+    e.add_argument(
+        "--encoder-max-delay-ms",
+        type=float,
+        default=None,
+        help="...but starts at most this long after its first image (default: 8 x --encoder-wait-ms)",
+    )
+    e.add_argument(
+        "--encoder-step-pixels",
+        type=int,
+        default=8 << 20,
+        help="decoded pixels per encoder step: a call with many big images is spread over steps "
+        "shared round-robin with the other calls (default: %(default)s)",
+    )
     e.add_argument("--device", default="auto", help="model device: auto, cpu, cuda ... (default: %(default)s)")
-    e.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads for the model's forward pass (default: torch's choice; on a small machine "
-                        "shared with the RPC loop, 1 avoids thread-barrier stalls)")
-    p.add_argument("--malloc-arenas", type=int, default=2,
-                   help="glibc malloc arenas (0 = glibc's default of 8 per core): every offload thread otherwise "
-                        "keeps its own arena holding the peak of its index-sized scratch arrays (default: %(default)s)")
+    e.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model's forward pass (default: torch's choice; on a small machine "
+        "shared with the RPC loop, 1 avoids thread-barrier stalls)",
+    )
+    p.add_argument(
+        "--malloc-arenas",
+        type=int,
+        default=2,
+        help="glibc malloc arenas (0 = glibc's default of 8 per core): every offload thread otherwise "
+        "keeps its own arena holding the peak of its index-sized scratch arrays (default: %(default)s)",
+    )
     p.add_argument("--no-access-log", action="store_true", help="no per-call INFO log lines (load tests)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: %(default)s)")
-    p.add_argument("--drain-delay", type=float, default=0.0,
-                   help="seconds to report NOT_SERVING before refusing new calls (default: %(default)s)")
+    p.add_argument(
+        "--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: %(default)s)"
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        help="seconds to report NOT_SERVING before refusing new calls (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -156,8 +227,9 @@ def _load_hasher(args: argparse.Namespace):
     return Hasher.load(args.model, device=args.device)
 
 
-def _serve(args: argparse.Namespace, address: str, opts, *, writable: bool, read_only_reason: str | None = None,
-           on_ready=None) -> int:
+def _serve(
+    args: argparse.Namespace, address: str, opts, *, writable: bool, read_only_reason: str | None = None, on_ready=None
+) -> int:
     """Run one server until SIGTERM/SIGINT, then drain. ``on_ready(info)`` instead of printing
     (a ``--processes`` worker reports to its parent)."""
     from cbir.server import CbirServer, open_backend
@@ -187,8 +259,10 @@ def _serve(args: argparse.Namespace, address: str, opts, *, writable: bool, read
             backend.close()
             raise
         info = {"pid": os.getpid(), "count": int(backend.count()), "nbits": backend.nbits, "model": hasher is not None}
-        say(f"cbir serve: SERVING {info['count']} items ({backend.nbits}-bit codes) on {server.address}"
-            f"{'' if hasher else ' [no model: code/id queries only]'}")
+        say(
+            f"cbir serve: SERVING {info['count']} items ({backend.nbits}-bit codes) on {server.address}"
+            f"{'' if hasher else ' [no model: code/id queries only]'}"
+        )
         if on_ready:
             on_ready(info)
         while not stop.wait(0.5):
@@ -202,8 +276,10 @@ def _serve(args: argparse.Namespace, address: str, opts, *, writable: bool, read
 
 
 def _worker(args: argparse.Namespace, address: str, index: int, ready) -> int:  # noqa: ARG001
-    reason = (f"writes are refused: this server runs {args.processes} read-only processes "
-              "(cbir serve --processes); send Add/Delete to a single-process cbir serve of the index")
+    reason = (
+        f"writes are refused: this server runs {args.processes} read-only processes "
+        "(cbir serve --processes); send Add/Delete to a single-process cbir serve of the index"
+    )
     opts = _options(args, [("grpc.so_reuseport", 1)])
     return _serve(args, address, opts, writable=False, read_only_reason=reason, on_ready=ready)
 
@@ -222,8 +298,12 @@ def run(args: argparse.Namespace) -> int:
     from cbir.server.security import check_bind_policy
 
     _read(args.tls_cert, "TLS certificate"), _read(args.tls_key, "TLS key")  # readable before any worker starts
-    check_bind_policy(args.address, args.tls_cert is not None, args.token if args.token is not None
-                      else os.environ.get("CBIR_TOKEN") or None, args.insecure)
+    check_bind_policy(
+        args.address,
+        args.tls_cert is not None,
+        args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None,
+        args.insecure,
+    )
     try:
         reserved = reserve_port(args.address)
         address = reserved.__enter__()
@@ -235,9 +315,12 @@ def run(args: argparse.Namespace) -> int:
 
         def ready(infos) -> None:
             i0 = infos[0]
-            print(f"cbir serve: SERVING {i0['count']} items ({i0['nbits']}-bit codes) on {address} "
-                  f"[{len(infos)} processes, pids {','.join(str(i['pid']) for i in infos)}; read-only]"
-                  f"{'' if i0['model'] else ' [no model: code/id queries only]'}", flush=True)
+            print(
+                f"cbir serve: SERVING {i0['count']} items ({i0['nbits']}-bit codes) on {address} "
+                f"[{len(infos)} processes, pids {','.join(str(i['pid']) for i in infos)}; read-only]"
+                f"{'' if i0['model'] else ' [no model: code/id queries only]'}",
+                flush=True,
+            )
 
         code = run_workers(args.processes, _worker, args, address, grace=args.grace, on_ready=ready)
     finally:

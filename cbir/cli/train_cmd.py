@@ -25,61 +25,156 @@ def add_training_args(p: argparse.ArgumentParser, defaults) -> None:
     from cbir.models.registry import list_methods
 
     g = p.add_argument_group("model")
-    g.add_argument("--method", default=defaults.method, choices=list_methods(), help="hashing method (default: %(default)s)")
-    g.add_argument("--backbone", default=defaults.backbone, choices=list_backbones(), help="backbone (default: %(default)s)")
-    g.add_argument("--width", type=int, default=defaults.backbone_kwargs.get("width"),
-                   help="backbone width where supported (resnet20: base width 16; convnet: 32; default: %(default)s)")
+    g.add_argument(
+        "--method", default=defaults.method, choices=list_methods(), help="hashing method (default: %(default)s)"
+    )
+    g.add_argument(
+        "--backbone", default=defaults.backbone, choices=list_backbones(), help="backbone (default: %(default)s)"
+    )
+    g.add_argument(
+        "--width",
+        type=int,
+        default=defaults.backbone_kwargs.get("width"),
+        help="backbone width where supported (resnet20: base width 16; convnet: 32; default: %(default)s)",
+    )
     g.add_argument("--bits", type=int, default=defaults.bits, help="code length B (DDTL: class bits + depth)")
-    g.add_argument("--depth", type=int, default=defaults.depth, help="DDTL path bits d (default 12; more than --param max_tree_depth=12 are split over a forest of trees)")
-    g.add_argument("--param", action="append", type=_kv, default=[], metavar="NAME=VALUE",
-                   help="method hyper-parameter, repeatable (e.g. --param beta=0.1); see `cbir train --list-methods`")
+    g.add_argument(
+        "--depth",
+        type=int,
+        default=defaults.depth,
+        help="DDTL path bits d (default 12; more than --param max_tree_depth=12 are split over a forest of trees)",
+    )
+    g.add_argument(
+        "--param",
+        action="append",
+        type=_kv,
+        default=[],
+        metavar="NAME=VALUE",
+        help="method hyper-parameter, repeatable (e.g. --param beta=0.1); see `cbir train --list-methods`",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default=defaults.dataset,
-                   help="digits (embedded), cifar10-subset, mnist, an image folder, a .csv/.jsonl manifest or a .npz (default: %(default)s)")
-    d.add_argument("--data-root", default=defaults.data_root, help="folder holding the named .npz datasets (default: ../shared/datasets or $CBIR_DATASETS)")
+    d.add_argument(
+        "--dataset",
+        default=defaults.dataset,
+        help="digits (embedded), cifar10-subset, mnist, an image folder, a .csv/.jsonl manifest or a .npz (default: %(default)s)",
+    )
+    d.add_argument(
+        "--data-root",
+        default=defaults.data_root,
+        help="folder holding the named .npz datasets (default: ../shared/datasets or $CBIR_DATASETS)",
+    )
     d.add_argument("--image-size", type=int, default=defaults.image_size, help="input size (default: per dataset)")
-    d.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes (default: %(default)s)")
-    d.add_argument("--aug-strength", type=float, default=defaults.aug_strength,
-                   help="colour-jitter / greyscale strength of the training augmentation, 0 = crops and flips only (default: %(default)s)")
+    d.add_argument(
+        "--workers", type=int, default=defaults.num_workers, help="DataLoader worker processes (default: %(default)s)"
+    )
+    d.add_argument(
+        "--aug-strength",
+        type=float,
+        default=defaults.aug_strength,
+        help="colour-jitter / greyscale strength of the training augmentation, 0 = crops and flips only (default: %(default)s)",
+    )
     b = p.add_argument_group("batches")
-    b.add_argument("--sampler", default=defaults.sampler, choices=["auto", "balanced", "random"],
-                   help="auto: class-balanced P x K batches for DDTL (per-class contrastive loss), shuffled otherwise (default: %(default)s)")
-    b.add_argument("--classes-per-batch", type=int, default=defaults.classes_per_batch, metavar="P",
-                   help="classes per balanced batch (default: batch size // K, at most the number of classes)")
-    b.add_argument("--images-per-class", type=int, default=defaults.images_per_class, metavar="K",
-                   help="images per class in a balanced batch (default: 32)")
+    b.add_argument(
+        "--sampler",
+        default=defaults.sampler,
+        choices=["auto", "balanced", "random"],
+        help="auto: class-balanced P x K batches for DDTL (per-class contrastive loss), shuffled otherwise (default: %(default)s)",
+    )
+    b.add_argument(
+        "--classes-per-batch",
+        type=int,
+        default=defaults.classes_per_batch,
+        metavar="P",
+        help="classes per balanced batch (default: batch size // K, at most the number of classes)",
+    )
+    b.add_argument(
+        "--images-per-class",
+        type=int,
+        default=defaults.images_per_class,
+        metavar="K",
+        help="images per class in a balanced batch (default: 32)",
+    )
     w = p.add_argument_group("warm start and frozen features")
-    w.add_argument("--init-from", default=defaults.init_from, metavar="SOURCE",
-                   help="backbone weights: a cbir model.pt (or run dir; also its class head and normalisation), a state_dict "
-                        "file, or a torchvision weights name already in the local torch hub cache (never downloaded)")
-    w.add_argument("--input-norm", default=defaults.input_norm, metavar="NORM",
-                   help="normalisation the --init-from weights expect: cbir (default), imagenet or 'm1,m2,m3/s1,s2,s3'")
-    w.add_argument("--freeze-backbone", action="store_true",
-                   help="no backbone training: cache its features once and fit the head on them (seconds)")
-    w.add_argument("--head-steps", type=int, default=defaults.head_steps,
-                   help="optimiser steps of the head stage on cached features (default: %(default)s)")
-    w.add_argument("--head-lr", type=float, default=defaults.head_lr, help="head-stage learning rate (default: %(default)s)")
-    w.add_argument("--head-classes-per-batch", type=int, default=defaults.head_classes_per_batch, metavar="P",
-                   help="classes per head-stage batch (default: all, at most 16)")
-    w.add_argument("--head-images-per-class", type=int, default=defaults.head_images_per_class, metavar="K",
-                   help="images per class per head-stage batch (default: %(default)s)")
-    w.add_argument("--feature-views", type=int, default=defaults.feature_views,
-                   help="augmented views cached per image for the head stage (default: %(default)s)")
-    w.add_argument("--feature-aug-strength", type=float, default=defaults.feature_aug_strength,
-                   help="augmentation strength of the cached views (default: --aug-strength)")
+    w.add_argument(
+        "--init-from",
+        default=defaults.init_from,
+        metavar="SOURCE",
+        help="backbone weights: a cbir model.pt (or run dir; also its class head and normalisation), a state_dict "
+        "file, or a torchvision weights name already in the local torch hub cache (never downloaded)",
+    )
+    w.add_argument(
+        "--input-norm",
+        default=defaults.input_norm,
+        metavar="NORM",
+        help="normalisation the --init-from weights expect: cbir (default), imagenet or 'm1,m2,m3/s1,s2,s3'",
+    )
+    w.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="no backbone training: cache its features once and fit the head on them (seconds)",
+    )
+    w.add_argument(
+        "--head-steps",
+        type=int,
+        default=defaults.head_steps,
+        help="optimiser steps of the head stage on cached features (default: %(default)s)",
+    )
+    w.add_argument(
+        "--head-lr", type=float, default=defaults.head_lr, help="head-stage learning rate (default: %(default)s)"
+    )
+    w.add_argument(
+        "--head-classes-per-batch",
+        type=int,
+        default=defaults.head_classes_per_batch,
+        metavar="P",
+        help="classes per head-stage batch (default: all, at most 16)",
+    )
+    w.add_argument(
+        "--head-images-per-class",
+        type=int,
+        default=defaults.head_images_per_class,
+        metavar="K",
+        help="images per class per head-stage batch (default: %(default)s)",
+    )
+    w.add_argument(
+        "--feature-views",
+        type=int,
+        default=defaults.feature_views,
+        help="augmented views cached per image for the head stage (default: %(default)s)",
+    )
+    w.add_argument(
+        "--feature-aug-strength",
+        type=float,
+        default=defaults.feature_aug_strength,
+        help="augmentation strength of the cached views (default: --aug-strength)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
-    o.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                   help="stop after this many optimiser steps (an equal-steps budget; the cosine schedule follows it)")
+    o.add_argument(
+        "--max-steps",
+        type=int,
+        default=defaults.max_steps,
+        help="stop after this many optimiser steps (an equal-steps budget; the cosine schedule follows it)",
+    )
     o.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     o.add_argument("--lr", type=float, default=defaults.lr, help="(default: %(default)s)")
     o.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
-    o.add_argument("--optimizer", default=defaults.optimizer, choices=["adam", "adamw", "sgd"], help="(default: %(default)s)")
+    o.add_argument(
+        "--optimizer", default=defaults.optimizer, choices=["adam", "adamw", "sgd"], help="(default: %(default)s)"
+    )
     o.add_argument("--scheduler", default=defaults.scheduler, choices=["cosine", "none"], help="(default: %(default)s)")
-    o.add_argument("--time-budget", type=float, default=defaults.time_budget_s,
-                   help="stop after this many seconds of training; the cosine schedule follows the budget")
-    o.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                   help="hold out this fraction of the training set for monitoring (never the query set)")
+    o.add_argument(
+        "--time-budget",
+        type=float,
+        default=defaults.time_budget_s,
+        help="stop after this many seconds of training; the cosine schedule follows the budget",
+    )
+    o.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="hold out this fraction of the training set for monitoring (never the query set)",
+    )
     o.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
     o.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
     o.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default: torch's choice)")
@@ -91,17 +186,42 @@ def config_from_args(args, **overrides):
 
     bk = {"width": args.width} if args.width else {}
     cfg = TrainConfig(
-        method=args.method, dataset=args.dataset, data_root=args.data_root, backbone=args.backbone,
-        backbone_kwargs=bk, bits=args.bits, depth=args.depth, params=dict(args.param), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        scheduler=args.scheduler, time_budget_s=args.time_budget, image_size=args.image_size,
-        val_fraction=args.val_fraction, seed=args.seed, device=args.device, num_workers=args.workers,
-        threads=args.threads, progress=not args.no_progress, aug_strength=args.aug_strength, sampler=args.sampler,
-        classes_per_batch=args.classes_per_batch, images_per_class=args.images_per_class, init_from=args.init_from,
-        input_norm=args.input_norm, freeze_backbone=args.freeze_backbone, head_steps=args.head_steps,
-        head_lr=args.head_lr, head_classes_per_batch=args.head_classes_per_batch,
-        head_images_per_class=args.head_images_per_class, feature_views=args.feature_views,
-        feature_aug_strength=args.feature_aug_strength, max_steps=args.max_steps,
+        method=args.method,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        backbone=args.backbone,
+        backbone_kwargs=bk,
+        bits=args.bits,
+        depth=args.depth,
+        params=dict(args.param),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        scheduler=args.scheduler,
+        time_budget_s=args.time_budget,
+        image_size=args.image_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.workers,
+        threads=args.threads,
+        progress=not args.no_progress,
+        aug_strength=args.aug_strength,
+        sampler=args.sampler,
+        classes_per_batch=args.classes_per_batch,
+        images_per_class=args.images_per_class,
+        init_from=args.init_from,
+        input_norm=args.input_norm,
+        freeze_backbone=args.freeze_backbone,
+        head_steps=args.head_steps,
+        head_lr=args.head_lr,
+        head_classes_per_batch=args.head_classes_per_batch,
+        head_images_per_class=args.head_images_per_class,
+        feature_views=args.feature_views,
+        feature_aug_strength=args.feature_aug_strength,
+        max_steps=args.max_steps,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -130,17 +250,27 @@ def run(args) -> int:
     result = train(cfg)
     if not result.config:  # a torchrun rank other than 0: rank 0 reports
         return 0
-    print(json.dumps({"checkpoint": str(result.checkpoint), "content_hash": result.hasher.content_hash,
-                      "layout": result.hasher.layout.to_dict(), "steps": result.config["steps"],
-                      "train_wall_s": result.config["train_wall_s"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint),
+                "content_hash": result.hasher.content_hash,
+                "layout": result.hasher.layout.to_dict(),
+                "steps": result.config["steps"],
+                "train_wall_s": result.config["train_wall_s"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def register(sub) -> None:
     from cbir.engine import TrainConfig
 
-    p = sub.add_parser("train", help="train a hashing model", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train", help="train a hashing model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_training_args(p, TrainConfig())
     p.add_argument("--out", default="runs/model", help="output directory (model.pt, config.json, history.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

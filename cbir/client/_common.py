@@ -29,7 +29,7 @@ class RetryPolicy:
     jitter: float = 0.2
 
     def backoff(self, attempt: int) -> float:
-        base = min(self.max_s, self.initial_s * self.multiplier ** attempt)
+        base = min(self.max_s, self.initial_s * self.multiplier**attempt)
         return max(0.0, base * (1.0 + random.uniform(-self.jitter, self.jitter)))
 
 
@@ -75,8 +75,10 @@ def pb():
 
 
 def channel_options(max_message_bytes: int, server_name: str | None, extra: Iterable = ()) -> list:
-    opts = [("grpc.max_receive_message_length", int(max_message_bytes)),
-            ("grpc.max_send_message_length", int(max_message_bytes))]
+    opts = [
+        ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ("grpc.max_send_message_length", int(max_message_bytes)),
+    ]
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts + list(extra)
@@ -94,8 +96,9 @@ def credentials(tls: bool, tls_ca: bytes | str | os.PathLike | None, tls_cert=No
         with open(x, "rb") as f:
             return f.read()
 
-    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca), private_key=read(tls_key),
-                                        certificate_chain=read(tls_cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
 
 
 def auth_metadata(token: str | None) -> tuple:
@@ -125,10 +128,23 @@ def as_codes(code: Any, nbits: int | None = None) -> Codes:
     return Codes(np.frombuffer(data, dtype=np.uint8).reshape(1, -1).copy(), int(nbits))
 
 
-def search_request(query: Any = None, *, image: bytes | None = None, code: Any = None, id: int | None = None,
-                   nbits: int | None = None, k: int = 10, offset: int = 0, mode: str = "lex",
-                   prefix_bits: int = 0, radius: int | None = None, labels: Sequence[str] = (),
-                   return_codes: bool = False, return_metadata: bool = False, cursor: bytes | str = b""):
+def search_request(
+    query: Any = None,
+    *,
+    image: bytes | None = None,
+    code: Any = None,
+    id: int | None = None,
+    nbits: int | None = None,
+    k: int = 10,
+    offset: int = 0,
+    mode: str = "lex",
+    prefix_bits: int = 0,
+    radius: int | None = None,
+    labels: Sequence[str] = (),
+    return_codes: bool = False,
+    return_metadata: bool = False,
+    cursor: bytes | str = b"",
+):
     """A ``SearchRequest``: exactly one of ``image`` (encoded file bytes), ``code`` (``Codes`` row
     0 / bytes / hex) or ``id``; ``query`` guesses which from its type (bytes = image)."""
     P = pb()
@@ -147,11 +163,16 @@ def search_request(query: Any = None, *, image: bytes | None = None, code: Any =
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    req = P.SearchRequest(k=int(k), offset=int(offset), prefix_bits=int(prefix_bits),
-                          mode={"lex": P.LEXICOGRAPHIC, "hamming": P.HAMMING, "hybrid": P.HYBRID,
-                                "prefix": P.PREFIX}[mode],
-                          label_filter=list(labels), return_codes=return_codes, return_metadata=return_metadata,
-                          cursor=cursor.encode() if isinstance(cursor, str) else bytes(cursor))
+    req = P.SearchRequest(
+        k=int(k),
+        offset=int(offset),
+        prefix_bits=int(prefix_bits),
+        mode={"lex": P.LEXICOGRAPHIC, "hamming": P.HAMMING, "hybrid": P.HYBRID, "prefix": P.PREFIX}[mode],
+        label_filter=list(labels),
+        return_codes=return_codes,
+        return_metadata=return_metadata,
+        cursor=cursor.encode() if isinstance(cursor, str) else bytes(cursor),
+    )
     if radius is not None:
         req.radius = int(radius)
     if image is not None:
@@ -196,8 +217,7 @@ def search_result(resp, return_codes: bool, return_metadata: bool) -> SearchResu
         query_code=codes_of([resp.query_code]) if resp.HasField("query_code") else None,
         rank=np.fromiter((h.rank for h in hits), dtype=np.int64, count=len(hits)),
         codes=(codes_of([h.code for h in hits]) or Codes.empty(resp.query_code.nbits)) if return_codes else None,
-        metadata=[struct_dict(h.metadata) if h.HasField("metadata") else {} for h in hits]
-        if return_metadata else None,
+        metadata=[struct_dict(h.metadata) if h.HasField("metadata") else {} for h in hits] if return_metadata else None,
         next_cursor=bytes(resp.next_cursor),
     )
 
@@ -206,24 +226,44 @@ def stats_of(resp) -> Stats:
     lay = resp.layout
     layout = None
     if resp.HasField("layout") and lay.nbits:
-        layout = CodeLayout(nbits=lay.nbits, class_bits=lay.class_bits, depth=lay.depth, multilabel=lay.multilabel,
-                            class_names=tuple(lay.class_names), method=lay.method,
-                            **({"bit_order": lay.bit_order} if lay.bit_order else {}))
-    return Stats(count=int(resp.count), layout=layout, model_content_hash=resp.model_content_hash,
-                 entropy=resp.entropy, unique_percent=resp.unique_percent,
-                 average_collisions=resp.average_collisions, prefix_entropy=list(resp.prefix_entropy),
-                 details=struct_dict(resp.details) if resp.HasField("details") else {})
+        layout = CodeLayout(
+            nbits=lay.nbits,
+            class_bits=lay.class_bits,
+            depth=lay.depth,
+            multilabel=lay.multilabel,
+            class_names=tuple(lay.class_names),
+            method=lay.method,
+            **({"bit_order": lay.bit_order} if lay.bit_order else {}),
+        )
+    return Stats(
+        count=int(resp.count),
+        layout=layout,
+        model_content_hash=resp.model_content_hash,
+        entropy=resp.entropy,
+        unique_percent=resp.unique_percent,
+        average_collisions=resp.average_collisions,
+        prefix_entropy=list(resp.prefix_entropy),
+        details=struct_dict(resp.details) if resp.HasField("details") else {},
+    )
 
 
-def add_request(ids, codes: Codes | None = None, images: Sequence[bytes] | None = None,
-                metadata: Sequence[dict | None] | None = None, upsert: bool = False, return_codes: bool = False):
+def add_request(
+    ids,
+    codes: Codes | None = None,
+    images: Sequence[bytes] | None = None,
+    metadata: Sequence[dict | None] | None = None,
+    upsert: bool = False,
+    return_codes: bool = False,
+):
     P = pb()
     ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
     if (codes is None) == (images is None):
         raise ValueError("give exactly one of codes or images")
     n = len(codes) if codes is not None else len(images)
     if n != len(ids) or (metadata is not None and len(metadata) != n):
-        raise ValueError(f"{len(ids)} ids for {n} items" + ("" if metadata is None else f" and {len(metadata)} metadata"))
+        raise ValueError(
+            f"{len(ids)} ids for {n} items" + ("" if metadata is None else f" and {len(metadata)} metadata")
+        )
     items = []
     for j, i in enumerate(ids):
         it = P.Item(id=i)

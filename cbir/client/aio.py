@@ -18,10 +18,21 @@ class AsyncCbirClient(ClientCalls):
 
     Create it inside the running event loop."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 tls_ca=None, tls_cert=None, tls_key=None, server_name: str | None = None,
-                 timeout: float = C.DEFAULT_TIMEOUT_S, retry: C.RetryPolicy | None = None,
-                 max_message_bytes: int = 64 * C.MiB, options=()) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        server_name: str | None = None,
+        timeout: float = C.DEFAULT_TIMEOUT_S,
+        retry: C.RetryPolicy | None = None,
+        max_message_bytes: int = 64 * C.MiB,
+        options=(),
+    ) -> None:
         import grpc
 
         from cbir.v1 import search_pb2_grpc
@@ -33,8 +44,9 @@ class AsyncCbirClient(ClientCalls):
         self._metadata = C.auth_metadata(C.resolve_token(token))
         opts = C.channel_options(max_message_bytes, server_name, options)
         creds = C.credentials(tls, tls_ca, tls_cert, tls_key)
-        self.channel = (grpc.aio.secure_channel(address, creds, opts) if creds
-                        else grpc.aio.insecure_channel(address, opts))
+        self.channel = (
+            grpc.aio.secure_channel(address, creds, opts) if creds else grpc.aio.insecure_channel(address, opts)
+        )
         self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
 
     async def _run(self, call: Call, timeout: float | None):
@@ -52,8 +64,12 @@ class AsyncCbirClient(ClientCalls):
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc)
             wait = self.retry.backoff(attempt)
-            if (not isinstance(err, Unavailable) or not call.idempotent or attempt + 1 >= self.retry.attempts
-                    or time.monotonic() + wait >= deadline):
+            if (
+                not isinstance(err, Unavailable)
+                or not call.idempotent
+                or attempt + 1 >= self.retry.attempts
+                or time.monotonic() + wait >= deadline
+            ):
                 raise err
             await asyncio.sleep(wait)
             attempt += 1

@@ -29,23 +29,61 @@ class ClientCalls:
         raise NotImplementedError
 
     # --- searches --------------------------------------------------------------------------
-    def search(self, query: Any = None, *, image: bytes | None = None, code: Any = None, id: int | None = None,
-               nbits: int | None = None, k: int = 10, offset: int = 0, mode: str = "lex", prefix_bits: int = 0,
-               radius: int | None = None, labels: Sequence[str] = (), return_codes: bool = False,
-               return_metadata: bool = False, cursor: bytes | str = b"", timeout: float | None = None):
+    def search(
+        self,
+        query: Any = None,
+        *,
+        image: bytes | None = None,
+        code: Any = None,
+        id: int | None = None,
+        nbits: int | None = None,
+        k: int = 10,
+        offset: int = 0,
+        mode: str = "lex",
+        prefix_bits: int = 0,
+        radius: int | None = None,
+        labels: Sequence[str] = (),
+        return_codes: bool = False,
+        return_metadata: bool = False,
+        cursor: bytes | str = b"",
+        timeout: float | None = None,
+    ):
         """One ranked search by image bytes, code (``Codes`` row 0, bytes or hex) or indexed id
         -> :class:`SearchResult` (numpy ids/distances, ``Codes``)."""
-        req = C.search_request(query, image=image, code=code, id=id, nbits=nbits, k=k, offset=offset, mode=mode,
-                               prefix_bits=prefix_bits, radius=radius, labels=labels, return_codes=return_codes,
-                               return_metadata=return_metadata, cursor=cursor)
+        req = C.search_request(
+            query,
+            image=image,
+            code=code,
+            id=id,
+            nbits=nbits,
+            k=k,
+            offset=offset,
+            mode=mode,
+            prefix_bits=prefix_bits,
+            radius=radius,
+            labels=labels,
+            return_codes=return_codes,
+            return_metadata=return_metadata,
+            cursor=cursor,
+        )
         return self._run(Call("Search", req, lambda r: C.search_result(r, return_codes, return_metadata)), timeout)
 
-    def batch_search(self, queries: Any, *, k: int = 10, mode: str = "lex", timeout: float | None = None,
-                     return_codes: bool = False, return_metadata: bool = False, **kw):
+    def batch_search(
+        self,
+        queries: Any,
+        *,
+        k: int = 10,
+        mode: str = "lex",
+        timeout: float | None = None,
+        return_codes: bool = False,
+        return_metadata: bool = False,
+        **kw,
+    ):
         """One ``BatchSearch`` call: ``queries`` = a ``Codes`` (one query per row) or a sequence
         of image bytes / ids / codes -> list of :class:`SearchResult`."""
-        reqs = C.batch_requests(queries, k=k, mode=mode, return_codes=return_codes,
-                                return_metadata=return_metadata, **kw)
+        reqs = C.batch_requests(
+            queries, k=k, mode=mode, return_codes=return_codes, return_metadata=return_metadata, **kw
+        )
 
         def convert(resp):
             return [C.search_result(r, return_codes, return_metadata) for r in resp.responses]
@@ -53,9 +91,17 @@ class ClientCalls:
         return self._run(Call("BatchSearch", C.pb().BatchSearchRequest(requests=reqs), convert), timeout)
 
     # --- writes ----------------------------------------------------------------------------
-    def add(self, ids, codes: Codes | None = None, *, images: Sequence[bytes] | None = None,
-            metadata: Sequence[dict | None] | None = None, upsert: bool = False, return_codes: bool = False,
-            timeout: float | None = None):
+    def add(
+        self,
+        ids,
+        codes: Codes | None = None,
+        *,
+        images: Sequence[bytes] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+        upsert: bool = False,
+        return_codes: bool = False,
+        timeout: float | None = None,
+    ):
         """Add items by code or image -> the number added (and their ``Codes`` with ``return_codes``).
         Retried on UNAVAILABLE only with ``upsert`` (a repeated upsert is harmless)."""
         req = C.add_request(ids, codes, images, metadata, upsert, return_codes)
@@ -68,8 +114,9 @@ class ClientCalls:
 
     def delete(self, ids, *, must_exist: bool = False, timeout: float | None = None):
         """Delete ids -> the number deleted (retried on UNAVAILABLE unless ``must_exist``)."""
-        req = C.pb().DeleteRequest(ids=[int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)],
-                                   must_exist=must_exist)
+        req = C.pb().DeleteRequest(
+            ids=[int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)], must_exist=must_exist
+        )
         return self._run(Call("Delete", req, lambda r: int(r.deleted), idempotent=not must_exist), timeout)
 
     # --- the rest --------------------------------------------------------------------------

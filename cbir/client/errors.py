@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 __all__ = [
-    "CbirError", "Cancelled", "UnknownError", "InvalidArgument", "DeadlineExceeded", "NotFound",
-    "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted",
-    "OutOfRange", "Unimplemented", "InternalError", "Unavailable", "DataLoss", "Unauthenticated",
+    "CbirError",
+    "Cancelled",
+    "UnknownError",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "InternalError",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
     "error_from_rpc",
 ]
 
@@ -37,10 +51,16 @@ DeadlineExceeded = _make("DeadlineExceeded", "DEADLINE_EXCEEDED", "The call's de
 NotFound = _make("NotFound", "NOT_FOUND", "An id is not in the index.")
 AlreadyExists = _make("AlreadyExists", "ALREADY_EXISTS", "An id is already in the index (use upsert).")
 PermissionDenied = _make("PermissionDenied", "PERMISSION_DENIED", "The server refuses this operation.")
-ResourceExhausted = _make("ResourceExhausted", "RESOURCE_EXHAUSTED",
-                          "A per-call limit was exceeded (hits, CPU, pixels, message size): split the call.")
-FailedPrecondition = _make("FailedPrecondition", "FAILED_PRECONDITION",
-                           "The server cannot do this in its state (e.g. read-only, no model loaded).")
+ResourceExhausted = _make(
+    "ResourceExhausted",
+    "RESOURCE_EXHAUSTED",
+    "A per-call limit was exceeded (hits, CPU, pixels, message size): split the call.",
+)
+FailedPrecondition = _make(
+    "FailedPrecondition",
+    "FAILED_PRECONDITION",
+    "The server cannot do this in its state (e.g. read-only, no model loaded).",
+)
 Aborted = _make("Aborted", "ABORTED", "The operation was aborted.")
 OutOfRange = _make("OutOfRange", "OUT_OF_RANGE", "A value is out of range.")
 Unimplemented = _make("Unimplemented", "UNIMPLEMENTED", "The server does not implement this call.")
@@ -49,10 +69,27 @@ Unavailable = _make("Unavailable", "UNAVAILABLE", "The server cannot be reached 
 DataLoss = _make("DataLoss", "DATA_LOSS", "Unrecoverable data loss.")
 Unauthenticated = _make("Unauthenticated", "UNAUTHENTICATED", "Missing or wrong bearer token.")
 
-_BY_NAME = {cls.code_name: cls for cls in (
-    Cancelled, UnknownError, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
-    ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, InternalError, Unavailable,
-    DataLoss, Unauthenticated)}
+_BY_NAME = {
+    cls.code_name: cls
+    for cls in (
+        Cancelled,
+        UnknownError,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        InternalError,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    )
+}
 
 
 def error_from_rpc(exc) -> CbirError:

@@ -22,10 +22,21 @@ class CbirClient(ClientCalls):
     calls, the only status retried. Failures raise :class:`~cbir.client.errors.CbirError`
     subclasses (``InvalidArgument``, ``ResourceExhausted``, ...)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 tls_ca=None, tls_cert=None, tls_key=None, server_name: str | None = None,
-                 timeout: float = C.DEFAULT_TIMEOUT_S, retry: C.RetryPolicy | None = None,
-                 max_message_bytes: int = 64 * C.MiB, options=()) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        server_name: str | None = None,
+        timeout: float = C.DEFAULT_TIMEOUT_S,
+        retry: C.RetryPolicy | None = None,
+        max_message_bytes: int = 64 * C.MiB,
+        options=(),
+    ) -> None:
         import grpc
 
         from cbir.v1 import search_pb2_grpc
@@ -55,8 +66,12 @@ class CbirClient(ClientCalls):
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc)
             wait = self.retry.backoff(attempt)
-            if (not isinstance(err, Unavailable) or not call.idempotent or attempt + 1 >= self.retry.attempts
-                    or time.monotonic() + wait >= deadline):
+            if (
+                not isinstance(err, Unavailable)
+                or not call.idempotent
+                or attempt + 1 >= self.retry.attempts
+                or time.monotonic() + wait >= deadline
+            ):
                 raise err
             time.sleep(wait)
             attempt += 1

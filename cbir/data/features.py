@@ -18,9 +18,8 @@ features once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,8 +66,18 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def build_feature_cache(backbone, imageset, eval_tf, aug_tf, views: int, device, batch_size: int = 256,
-                        seed: int = 0, num_workers: int = 0, skip_log=None) -> FeatureCache:
+def build_feature_cache(
+    backbone,
+    imageset,
+    eval_tf,
+    aug_tf,
+    views: int,
+    device,
+    batch_size: int = 256,
+    seed: int = 0,
+    num_workers: int = 0,
+    skip_log=None,
+) -> FeatureCache:
     """Run ``backbone`` over ``imageset`` once in ``eval_tf`` and ``views`` times in ``aug_tf``."""
     from cbir.data.imageset import make_loader
 
@@ -82,8 +91,12 @@ def build_feature_cache(backbone, imageset, eval_tf, aug_tf, views: int, device,
     out, idx = [], None
     for v in range(views + 1):
         torch.manual_seed(seed * 7919 + v)
-        loader = make_loader(imageset.with_transform(eval_tf if v == 0 else aug_tf), batch_size,
-                             num_workers=num_workers, skip_log=skip_log)
+        loader = make_loader(
+            imageset.with_transform(eval_tf if v == 0 else aug_tf),
+            batch_size,
+            num_workers=num_workers,
+            skip_log=skip_log,
+        )
         feats, ids = [], []
         for batch in loader:
             feats.append(backbone(batch.images.to(device, non_blocking=True)).float().cpu())

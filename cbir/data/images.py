@@ -85,8 +85,9 @@ def _check_png_data(data: bytes, img: Image.Image) -> None:
     """Refuse a PNG whose compressed data cannot possibly fill its declared size, before Pillow
     allocates the full image (the 69-byte "4000x4000 with an empty IDAT" bomb)."""
     w, h = img.size
-    bits = {"1": 1, "L": 8, "P": 8, "LA": 16, "RGB": 24, "RGBA": 32, "I;16": 16, "I;16B": 16,
-            "I": 32, "RGBX": 32}.get(img.mode, 8)
+    bits = {"1": 1, "L": 8, "P": 8, "LA": 16, "RGB": 24, "RGBA": 32, "I;16": 16, "I;16B": 16, "I": 32, "RGBX": 32}.get(
+        img.mode, 8
+    )
     raw = h * (1 + (w * bits + 7) // 8)
     idat, pos, n = 0, 8, len(data)
     while pos + 8 <= n:
@@ -113,8 +114,7 @@ def probe_image(data: bytes, *, formats: Sequence[str] | None = None) -> tuple[i
         img.close()
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None,
-                 formats: Sequence[str] | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None = None, formats: Sequence[str] | None = None) -> Image.Image:
     """Decode the bytes of an image file into a fully loaded RGB :class:`PIL.Image.Image`.
 
     * ``formats``: the Pillow formats accepted (e.g. :data:`SAFE_FORMATS`); default every format

@@ -78,27 +78,20 @@ class ImageSet(Dataset):
             if labels.ndim != 2:
                 raise ValueError(f"multi-label labels must be (N, m), got shape {labels.shape}")
             if labels.shape[1] != len(class_names):
-                raise ValueError(
-                    f"labels have {labels.shape[1]} columns but there are "
-                    f"{len(class_names)} class names"
-                )
+                raise ValueError(f"labels have {labels.shape[1]} columns but there are {len(class_names)} class names")
             labels = (labels != 0).astype(np.uint8)
         else:
             if labels.ndim != 1:
                 raise ValueError(f"single-label labels must be (N,), got shape {labels.shape}")
             labels = labels.astype(np.int64)
             if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-                raise ValueError(
-                    f"labels must lie in 0..{len(class_names) - 1}, got "
-                    f"{labels.min()}..{labels.max()}"
-                )
+                raise ValueError(f"labels must lie in 0..{len(class_names) - 1}, got {labels.min()}..{labels.max()}")
         n = labels.shape[0]
         if images is not None:
             images = torch.as_tensor(images)
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(
-                    f"in-memory images must be a uint8 tensor (N, 3, H, W), got "
-                    f"{images.dtype} {tuple(images.shape)}"
+                    f"in-memory images must be a uint8 tensor (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
                 )
             if images.shape[0] != n:
                 raise ValueError(f"{images.shape[0]} images but {n} labels")
@@ -230,8 +223,7 @@ class Batch:
             imgs = tuple(t.to(device, non_blocking=non_blocking) for t in imgs)
         else:
             imgs = imgs.to(device, non_blocking=non_blocking)
-        return Batch(imgs, self.targets.to(device, non_blocking=non_blocking),
-                     self.indices, list(self.skipped))
+        return Batch(imgs, self.targets.to(device, non_blocking=non_blocking), self.indices, list(self.skipped))
 
 
 def _stack(xs: list):
@@ -246,8 +238,7 @@ def collate(items: list) -> Batch:
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [(it.path, it.reason) for it in items if isinstance(it, Skipped)]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64),
-                     torch.empty(0, dtype=torch.int64), skipped)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), skipped)
     images = _stack([it[0] for it in good])
     t0 = good[0][1]
     if isinstance(t0, torch.Tensor):

@@ -31,8 +31,9 @@ import numpy as np
 __all__ = ["ClassBalancedBatchSampler", "DistributedClassBalancedBatchSampler", "resolve_pk"]
 
 
-def resolve_pk(num_classes: int, batch_size: int, classes_per_batch: int | None,
-               images_per_class: int | None) -> tuple[int, int]:
+def resolve_pk(
+    num_classes: int, batch_size: int, classes_per_batch: int | None, images_per_class: int | None
+) -> tuple[int, int]:
     """``(P, K)`` from what the user gave: ``P`` defaults to ``batch_size // K`` (at least 2, at most the
     number of classes), ``K`` to ``batch_size // P`` or 32."""
     if num_classes < 1:
@@ -40,7 +41,9 @@ def resolve_pk(num_classes: int, batch_size: int, classes_per_batch: int | None,
     if classes_per_batch is not None and classes_per_batch < 1:
         raise ValueError(f"classes_per_batch (P) must be >= 1, got {classes_per_batch}")
     if images_per_class is not None and images_per_class < 2:
-        raise ValueError(f"images_per_class (K) must be >= 2 so each class has a positive and negatives, got {images_per_class}")
+        raise ValueError(
+            f"images_per_class (K) must be >= 2 so each class has a positive and negatives, got {images_per_class}"
+        )
     if images_per_class is None:
         k = max(2, batch_size // classes_per_batch) if classes_per_batch else 32
     else:
@@ -56,8 +59,9 @@ class ClassBalancedBatchSampler:
     ``ceil(N / (P K))`` (about one pass over the data per epoch).
     """
 
-    def __init__(self, labels, classes_per_batch: int, images_per_class: int, num_batches: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, labels, classes_per_batch: int, images_per_class: int, num_batches: int | None = None, seed: int = 0
+    ):
         labels = np.asarray(labels)
         if labels.ndim not in (1, 2) or labels.shape[0] == 0:
             raise ValueError(f"labels must be a non-empty (N,) or (N, m) array, got shape {labels.shape}")
@@ -125,8 +129,16 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
     """Rank ``rank``'s part (items ``rank::world_size``) of each global batch of
     :class:`ClassBalancedBatchSampler` with the same arguments (see the module docstring)."""
 
-    def __init__(self, labels, classes_per_batch: int, images_per_class: int, rank: int, world_size: int,
-                 num_batches: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        labels,
+        classes_per_batch: int,
+        images_per_class: int,
+        rank: int,
+        world_size: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
         super().__init__(labels, classes_per_batch, images_per_class, num_batches=num_batches, seed=seed)
@@ -135,6 +147,8 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
     def __iter__(self):
         for batch in super().__iter__():
             if len(batch) < self.world_size:
-                raise ValueError(f"a global batch of {len(batch)} items cannot be split over {self.world_size} "
-                                 "processes; use a larger batch or fewer processes")
+                raise ValueError(
+                    f"a global batch of {len(batch)} items cannot be split over {self.world_size} "
+                    "processes; use a larger batch or fewer processes"
+                )
             yield batch[self.rank :: self.world_size]

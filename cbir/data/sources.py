@@ -52,8 +52,13 @@ log = logging.getLogger("cbir.data")
 DEFAULT_IMAGE_SIZE = 32
 NAMED_DATASETS = ("digits", "cifar10-subset", "mnist")
 _NAMED_FILES = {"cifar10-subset": "cifar10-subset.npz", "mnist": "mnist-test.npz"}
-_ALIASES = {"cifar10_subset": "cifar10-subset", "cifar10-subset.npz": "cifar10-subset",
-            "mnist-test": "mnist", "mnist-test.npz": "mnist", "sklearn-digits": "digits"}
+_ALIASES = {
+    "cifar10_subset": "cifar10-subset",
+    "cifar10-subset.npz": "cifar10-subset",
+    "mnist-test": "mnist",
+    "mnist-test.npz": "mnist",
+    "sklearn-digits": "digits",
+}
 # Pre-resize in-memory images at load time only while they stay small.
 _MAX_PRERESIZE = 64
 
@@ -122,13 +127,14 @@ class DatasetSplits:
 
     def describe(self) -> str:
         kind = "multi-label" if self.multilabel else "single-label"
-        return (f"{self.name}: {self.num_classes} classes ({kind}), train {len(self.train)}, "
-                f"database {len(self.database)}, query {len(self.query)}, "
-                f"image size {self.image_size}")
+        return (
+            f"{self.name}: {self.num_classes} classes ({kind}), train {len(self.train)}, "
+            f"database {len(self.database)}, query {len(self.query)}, "
+            f"image size {self.image_size}"
+        )
 
 
-def _make_splits(name, full: ImageSet, train_idx, query_idx, image_size, flip_ok,
-                 db_idx=None) -> DatasetSplits:
+def _make_splits(name, full: ImageSet, train_idx, query_idx, image_size, flip_ok, db_idx=None) -> DatasetSplits:
     full = full.with_transform(None)
     train = full.subset(train_idx)
     database = train if db_idx is None else full.subset(db_idx)
@@ -146,8 +152,9 @@ def _make_splits(name, full: ImageSet, train_idx, query_idx, image_size, flip_ok
 
 
 # ----------------------------------------------------------------------------------------
-def stratified_split(labels: np.ndarray, fraction: float | None = None, seed: int = 0,
-                     per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float | None = None, seed: int = 0, per_class: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Split item indices into ``(rest, picked)``, picking ``per_class`` items of each class
     or ``round(fraction * n_c)`` (at least 1 when a class has 2 or more items). Multi-label
     ``(N, m)`` labels are split at random (``fraction`` of all items). Both index arrays are
@@ -179,8 +186,7 @@ def stratified_split(labels: np.ndarray, fraction: float | None = None, seed: in
     return np.flatnonzero(mask).astype(np.int64), picked.astype(np.int64)
 
 
-def split_validation(imageset: ImageSet, fraction: float = 0.1, seed: int = 0
-                     ) -> tuple[ImageSet, ImageSet]:
+def split_validation(imageset: ImageSet, fraction: float = 0.1, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """Hold out a validation part of a training set (stratified by class; random for
     multi-label) for model selection that never touches the query set.
     Returns ``(train_part, val_part)``, both with the transform of ``imageset``."""
@@ -207,8 +213,9 @@ def _to_chw3(images: np.ndarray, where: str) -> torch.Tensor:
     elif a.ndim == 4 and a.shape[-1] in (1, 3, 4):
         t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(0, 3, 1, 2)
     else:
-        raise ValueError(f"{where}: cannot interpret images of shape {a.shape} "
-                         "(expected (N,H,W), (N,H,W,C) or (N,C,H,W))")
+        raise ValueError(
+            f"{where}: cannot interpret images of shape {a.shape} (expected (N,H,W), (N,H,W,C) or (N,C,H,W))"
+        )
     if t.shape[1] == 1:
         t = t.expand(-1, 3, -1, -1)
     return t.contiguous()
@@ -235,8 +242,9 @@ def _load_npz_arrays(path: Path, image_size: int):
     with np.load(path, allow_pickle=False) as z:
         for key in ("images", "labels"):
             if key not in z.files:
-                raise ValueError(f"{path}: no '{key}' array (found {sorted(z.files)}); "
-                                 "an .npz source needs 'images' and 'labels'")
+                raise ValueError(
+                    f"{path}: no '{key}' array (found {sorted(z.files)}); an .npz source needs 'images' and 'labels'"
+                )
         labels = z["labels"]
         if labels.size == 0 or z["images"].shape[0] == 0:
             raise ValueError(f"{path}: the dataset is empty")
@@ -291,12 +299,10 @@ def _load_mnist(path: Path, image_size: int) -> DatasetSplits:
     n = len(full)
     n_query = 1000 if n > 1000 else max(1, n // 10)
     idx = np.arange(n)
-    return _make_splits("mnist", full, idx[: n - n_query], idx[n - n_query:], image_size,
-                        flip_ok=False)
+    return _make_splits("mnist", full, idx[: n - n_query], idx[n - n_query :], image_size, flip_ok=False)
 
 
-def _load_npz_generic(path: Path, image_size: int, query_fraction: float, seed: int,
-                      flip_ok: bool) -> DatasetSplits:
+def _load_npz_generic(path: Path, image_size: int, query_fraction: float, seed: int, flip_ok: bool) -> DatasetSplits:
     full, split = _load_npz_arrays(path, image_size)
     name = path.stem
     if split is not None and np.isin(split, ("test", "query")).any():
@@ -313,17 +319,20 @@ def _image_extensions() -> set[str]:
     from cbir.data.images import NEVER_FORMATS
 
     Image.init()
-    return {e.lower() for e, f in Image.registered_extensions().items()
-            if f in Image.OPEN and f not in NEVER_FORMATS}
+    return {e.lower() for e, f in Image.registered_extensions().items() if f in Image.OPEN and f not in NEVER_FORMATS}
 
 
 def image_files(root: Path) -> list[Path]:
     """Every image file under ``root`` (recursively), sorted; hidden files and folders skipped.
     The one rule for what counts as an image in a folder (datasets and ``cbir index build``)."""
     exts = _image_extensions()
-    return sorted(p for p in Path(root).rglob("*")
-                  if p.is_file() and p.suffix.lower() in exts
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in Path(root).rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in exts
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _label_key(s: str):
@@ -342,8 +351,7 @@ def _load_folder(root: Path) -> ImageSet:
     for d in class_dirs:
         files = image_files(d)
         if not files:
-            log.warning("image folder %s: class folder '%s' holds no image files; ignored",
-                        root, d.name)
+            log.warning("image folder %s: class folder '%s' holds no image files; ignored", root, d.name)
             continue
         names.append(d.name)
         paths += [str(p) for p in files]
@@ -356,8 +364,10 @@ def _load_folder(root: Path) -> ImageSet:
                 "the labels come from sub-folder names (root/<class>/<image>); "
                 "use a CSV/JSONL manifest for other layouts"
             )
-        raise ValueError(f"image folder {root} is empty: no image files found in class "
-                         f"sub-folders (root/<class>/<image>; extensions Pillow reads)")
+        raise ValueError(
+            f"image folder {root} is empty: no image files found in class "
+            f"sub-folders (root/<class>/<image>; extensions Pillow reads)"
+        )
     return ImageSet(np.array(labels, dtype=np.int64), names, paths=paths, name=root.name)
 
 
@@ -370,18 +380,23 @@ def _split_folders(root: Path) -> dict[str, list[Path]] | None:
     """``{"train": [...], "query": [...]}`` when ``root``'s sub-folders are split names (at least
     one query and one train/database folder, nothing else), else None (class folders)."""
     subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    kinds = {d: ("query" if d.name.lower() in _QUERY_SPLITS else
-                 "train" if d.name.lower() in _TRAIN_SPLITS else None) for d in subs}
+    kinds = {
+        d: ("query" if d.name.lower() in _QUERY_SPLITS else "train" if d.name.lower() in _TRAIN_SPLITS else None)
+        for d in subs
+    }
     named = [d for d, k in kinds.items() if k]
     if not named:
         return None
     if len(named) < len(subs) or {kinds[d] for d in named} != {"train", "query"}:
-        log.warning("image folder %s: sub-folder(s) %s look like split folders but the layout is "
-                    "not root/<train|query>/<class>/<image> throughout; reading every sub-folder "
-                    "as a class", root, ", ".join(sorted(d.name for d in named)))
+        log.warning(
+            "image folder %s: sub-folder(s) %s look like split folders but the layout is "
+            "not root/<train|query>/<class>/<image> throughout; reading every sub-folder "
+            "as a class",
+            root,
+            ", ".join(sorted(d.name for d in named)),
+        )
         return None
-    return {k: sorted((d for d in named if kinds[d] == k), key=lambda d: d.name)
-            for k in ("train", "query")}
+    return {k: sorted((d for d in named if kinds[d] == k), key=lambda d: d.name) for k in ("train", "query")}
 
 
 def _load_split_folder(root: Path, parts: dict[str, list[Path]]):
@@ -419,8 +434,9 @@ def _split_value(value, where: str) -> str | None:
         return "query"
     if v in _TRAIN_SPLITS:
         return "train"
-    raise ValueError(f"{where}: unknown split {value!r}; use one of "
-                     f"{', '.join(_TRAIN_SPLITS + _QUERY_SPLITS)} (or leave it empty)")
+    raise ValueError(
+        f"{where}: unknown split {value!r}; use one of {', '.join(_TRAIN_SPLITS + _QUERY_SPLITS)} (or leave it empty)"
+    )
 
 
 def _read_manifest(path: Path) -> list[tuple[str, list[str], int, str | None]]:
@@ -430,11 +446,12 @@ def _read_manifest(path: Path) -> list[tuple[str, list[str], int, str | None]]:
             reader = csv.DictReader(f)
             fields = [c.strip().lower() for c in (reader.fieldnames or [])]
             if "path" not in fields:
-                raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column "
-                                 f"and a 'labels' (or 'label') column; got {reader.fieldnames}")
+                raise ValueError(
+                    f"{path}: a CSV manifest needs a header with a 'path' column "
+                    f"and a 'labels' (or 'label') column; got {reader.fieldnames}"
+                )
             if "labels" not in fields and "label" not in fields:
-                raise ValueError(f"{path}: no 'labels' (or 'label') column: the manifest "
-                                 "has no labels")
+                raise ValueError(f"{path}: no 'labels' (or 'label') column: the manifest has no labels")
             for lineno, row in enumerate(reader, start=2):
                 row = {(k or "").strip().lower(): v for k, v in row.items()}
                 p = (row.get("path") or "").strip()
@@ -453,13 +470,15 @@ def _read_manifest(path: Path) -> list[tuple[str, list[str], int, str | None]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
                 if not isinstance(obj, dict) or not obj.get("path"):
-                    raise ValueError(f"{path}:{lineno}: each line needs an object with a "
-                                     "'path' and 'labels' (or 'label')")
+                    raise ValueError(
+                        f"{path}:{lineno}: each line needs an object with a 'path' and 'labels' (or 'label')"
+                    )
                 labs = obj.get("labels", obj.get("label"))
                 if labs is not None and not isinstance(labs, (list, tuple)):
                     labs = [labs]
-                rows.append((str(obj["path"]), _split_labels(labs), lineno,
-                             _split_value(obj.get("split"), f"{path}:{lineno}")))
+                rows.append(
+                    (str(obj["path"]), _split_labels(labs), lineno, _split_value(obj.get("split"), f"{path}:{lineno}"))
+                )
     return rows
 
 
@@ -473,8 +492,13 @@ def _load_manifest(path: Path) -> tuple[ImageSet, np.ndarray | None]:
         raise ValueError(f"manifest {path} has no labels: every row's label field is empty")
     if len(labelled) < len(rows):
         missing = [str(r[2]) for r in rows if not r[1]]
-        log.warning("manifest %s: %d row(s) without labels ignored (lines %s%s)", path,
-                    len(missing), ", ".join(missing[:10]), ", ..." if len(missing) > 10 else "")
+        log.warning(
+            "manifest %s: %d row(s) without labels ignored (lines %s%s)",
+            path,
+            len(missing),
+            ", ".join(missing[:10]),
+            ", ..." if len(missing) > 10 else "",
+        )
     multilabel = any(len(set(r[1])) > 1 for r in labelled)
     names = sorted({lab for r in labelled for lab in r[1]}, key=_label_key)
     index = {n: k for k, n in enumerate(names)}
@@ -494,12 +518,13 @@ def _load_manifest(path: Path) -> tuple[ImageSet, np.ndarray | None]:
     if any(v is not None for v in given):
         if any(v is None for v in given):
             lines = [str(r[2]) for r in labelled if r[3] is None][:10]
-            raise ValueError(f"manifest {path}: the split column is empty on some rows (lines "
-                             f"{', '.join(lines)}); give every row a split or none")
+            raise ValueError(
+                f"manifest {path}: the split column is empty on some rows (lines "
+                f"{', '.join(lines)}); give every row a split or none"
+            )
         split = np.array(given)
         if not (split == "query").any() or not (split == "train").any():
-            raise ValueError(f"manifest {path}: the split column needs both train/database and "
-                             "query/test rows")
+            raise ValueError(f"manifest {path}: the split column needs both train/database and query/test rows")
     return ImageSet(labels, names, paths=paths, multilabel=multilabel, name=path.stem), split
 
 
@@ -544,8 +569,7 @@ def load_dataset(
         else:
             full = _load_folder(path)
             rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
-        splits = _make_splits(path.name, full, rest, query, size,
-                              flip_ok=True if flip_ok is None else flip_ok)
+        splits = _make_splits(path.name, full, rest, query, size, flip_ok=True if flip_ok is None else flip_ok)
     elif path.is_file():
         suf = path.suffix.lower()
         if suf in (".csv", ".jsonl", ".ndjson"):
@@ -554,18 +578,18 @@ def load_dataset(
                 rest, query = np.flatnonzero(msplit == "train"), np.flatnonzero(msplit == "query")
             else:
                 rest, query = stratified_split(full.labels, fraction=query_fraction, seed=seed)
-            splits = _make_splits(path.stem, full, rest, query, size,
-                                  flip_ok=True if flip_ok is None else flip_ok)
+            splits = _make_splits(path.stem, full, rest, query, size, flip_ok=True if flip_ok is None else flip_ok)
         elif suf == ".npz" and path.name in _NAMED_FILES.values():
             # the shared files keep their protocol wherever they are
-            splits = (_load_cifar_subset(path, size) if path.name == _NAMED_FILES["cifar10-subset"]
-                      else _load_mnist(path, size))
+            splits = (
+                _load_cifar_subset(path, size)
+                if path.name == _NAMED_FILES["cifar10-subset"]
+                else _load_mnist(path, size)
+            )
         elif suf == ".npz":
-            splits = _load_npz_generic(path, size, query_fraction, seed,
-                                       flip_ok=True if flip_ok is None else flip_ok)
+            splits = _load_npz_generic(path, size, query_fraction, seed, flip_ok=True if flip_ok is None else flip_ok)
         else:
-            raise ValueError(f"{path}: unsupported dataset file type '{suf}' "
-                             "(use a folder, .csv, .jsonl or .npz)")
+            raise ValueError(f"{path}: unsupported dataset file type '{suf}' (use a folder, .csv, .jsonl or .npz)")
     else:
         raise FileNotFoundError(
             f"dataset '{raw}' not found: not a known name ({', '.join(NAMED_DATASETS)}) "

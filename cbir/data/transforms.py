@@ -55,8 +55,7 @@ def train_transform(image_size: int, flip: bool = True, strength: float = 1.0) -
         s = strength
         steps.append(
             v2.RandomApply(
-                [v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s,
-                                hue=min(0.5, 0.1 * s))],
+                [v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s, hue=min(0.5, 0.1 * s))],
                 p=0.8,
             )
         )
@@ -95,8 +94,7 @@ def eval_transform(image_size: int) -> v2.Compose:
     image_size = int(image_size)
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True), _EvalResize(image_size),
-                       *_finish()])
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True), _EvalResize(image_size), *_finish()])
 
 
 class TwoViews:

@@ -31,8 +31,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "ShardedBatchSampler", "global_batch", "gather_cat",
-           "is_gathering", "LossModule", "all_reduce_mean", "all_reduce_max"]
+__all__ = [
+    "DistEnv",
+    "detect",
+    "setup",
+    "teardown",
+    "ShardedBatchSampler",
+    "global_batch",
+    "gather_cat",
+    "is_gathering",
+    "LossModule",
+    "all_reduce_mean",
+    "all_reduce_max",
+]
 
 _GATHER = False
 
@@ -67,8 +78,10 @@ def setup(env: DistEnv, device: torch.device) -> torch.device:
     if device.type == "cuda":
         if device.index is None:
             if env.local_rank >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK {env.local_rank} but only {torch.cuda.device_count()} CUDA devices; "
-                                 "use --nproc-per-node <= the number of GPUs")
+                raise ValueError(
+                    f"LOCAL_RANK {env.local_rank} but only {torch.cuda.device_count()} CUDA devices; "
+                    "use --nproc-per-node <= the number of GPUs"
+                )
             device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -114,8 +127,10 @@ class ShardedBatchSampler:
         for batch in self.base:
             batch = list(batch)
             if len(batch) < self.world_size:
-                raise ValueError(f"a global batch of {len(batch)} items cannot be split over {self.world_size} "
-                                 "processes; use a larger batch or fewer processes")
+                raise ValueError(
+                    f"a global batch of {len(batch)} items cannot be split over {self.world_size} "
+                    "processes; use a larger batch or fewer processes"
+                )
             yield batch[self.rank :: self.world_size]
 
 

@@ -28,8 +28,7 @@ import os
 
 import numpy as np
 
-INSTALL_HINT = ('--engine ray needs Ray Data: pip install -e ".[distributed]" '
-                '(or pip install "ray[data]>=2.9")')
+INSTALL_HINT = '--engine ray needs Ray Data: pip install -e ".[distributed]" (or pip install "ray[data]>=2.9")'
 
 
 def require_ray():
@@ -77,8 +76,10 @@ def _read_chunks(batch: dict, ref, batch_size: int) -> dict:
         out["images"].append(arr.tobytes())
         out["shape"].append(json.dumps(list(arr.shape)))
         out["skipped"].append(json.dumps(list(b.skipped)))
-    return {k: np.asarray(v, dtype=object if k in ("indices", "images", "shape", "skipped") else np.int64)
-            for k, v in out.items()}
+    return {
+        k: np.asarray(v, dtype=object if k in ("indices", "images", "shape", "skipped") else np.int64)
+        for k, v in out.items()
+    }
 
 
 class _Encoder:
@@ -107,14 +108,26 @@ class _Encoder:
             c, f = self.hasher.encode_tensor(x)
             codes.append(c.packed.tobytes())
             confs.append(np.ascontiguousarray(f, np.float32).tobytes())
-        return {"chunk": batch["chunk"], "n": batch["n"], "indices": batch["indices"],
-                "skipped": batch["skipped"], "codes": np.asarray(codes, dtype=object),
-                "conf": np.asarray(confs, dtype=object)}
+        return {
+            "chunk": batch["chunk"],
+            "n": batch["n"],
+            "indices": batch["indices"],
+            "skipped": batch["skipped"],
+            "codes": np.asarray(codes, dtype=object),
+            "conf": np.asarray(confs, dtype=object),
+        }
 
 
-def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0,
-                    device: str = "auto", skip_log=None, progress: bool = False,
-                    threads: int = 0):
+def encode_with_ray(
+    model_path,
+    imageset,
+    batch_size: int = 128,
+    actors: int = 0,
+    device: str = "auto",
+    skip_log=None,
+    progress: bool = False,
+    threads: int = 0,
+):
     """Encode every readable image of ``imageset`` with the checkpoint ``model_path`` on Ray.
 
     Returns ``(Codes, conf float32 (N, B), indices int64)`` in index order, as
@@ -136,12 +149,12 @@ def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0
     nbits, nb = hasher.nbits, (hasher.nbits + 7) // 8
     started = False
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING", log_to_driver=False
+        )
         started = True
     try:
-        gpu = torch.cuda.is_available() and device in ("auto", "cuda") \
-            and ray.cluster_resources().get("GPU", 0) >= 1
+        gpu = torch.cuda.is_available() and device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= 1
         ncpu = int(ray.cluster_resources().get("CPU", 2))
         if actors <= 0:
             actors = int(ray.cluster_resources().get("GPU", 1)) if gpu else max(1, ncpu // 2)
@@ -155,17 +168,24 @@ def encode_with_ray(model_path, imageset, batch_size: int = 128, actors: int = 0
         ds = ray.data.range(nchunks)
         # half a CPU per read task: reads keep going beside CPU actors (and the two stages,
         # asking for different resources, are not fused into one)
-        ds = ds.map_batches(_read_chunks, fn_args=(ref[0], int(batch_size)), batch_size=1,
-                            batch_format="numpy", num_cpus=0.5)
-        ds = ds.map_batches(_Encoder, fn_constructor_args=(str(model_path), "cuda" if gpu else "cpu",
-                                                           int(batch_size), int(threads)),
-                            batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)
+        ds = ds.map_batches(
+            _read_chunks, fn_args=(ref[0], int(batch_size)), batch_size=1, batch_format="numpy", num_cpus=0.5
+        )
+        ds = ds.map_batches(
+            _Encoder,
+            fn_constructor_args=(str(model_path), "cuda" if gpu else "cpu", int(batch_size), int(threads)),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpu else 0,
+            num_cpus=0 if gpu else 1,
+        )
         rows = []
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            rows += [(int(b["chunk"][i]), b["n"][i], b["indices"][i], b["codes"][i], b["conf"][i],
-                      b["skipped"][i]) for i in range(len(b["chunk"]))]
+            rows += [
+                (int(b["chunk"][i]), b["n"][i], b["indices"][i], b["codes"][i], b["conf"][i], b["skipped"][i])
+                for i in range(len(b["chunk"]))
+            ]
     finally:
         if started:
             ray.shutdown()

@@ -9,5 +9,16 @@ from cbir.losses.hegh import HEGHLoss
 from cbir.losses.pairs import hard_bits, similarity_matrix
 from cbir.losses.tree_balance import PerClassNodeBalance
 
-__all__ = ["AsymmetricLoss", "classification_loss", "PerClassNTXent", "group_ids", "DPSHLoss", "DMUHLoss",
-           "HEGHLoss", "DualHingeLoss", "similarity_matrix", "hard_bits", "PerClassNodeBalance"]
+__all__ = [
+    "AsymmetricLoss",
+    "classification_loss",
+    "PerClassNTXent",
+    "group_ids",
+    "DPSHLoss",
+    "DMUHLoss",
+    "HEGHLoss",
+    "DualHingeLoss",
+    "similarity_matrix",
+    "hard_bits",
+    "PerClassNodeBalance",
+]

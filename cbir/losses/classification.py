@@ -36,7 +36,9 @@ class AsymmetricLoss(nn.Module):
         return -(lp + ln).sum(dim=1).mean()
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, asl: nn.Module | None = None) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, asl: nn.Module | None = None
+) -> torch.Tensor:
     """CE for class indices; BCE (or ``asl``) for multi-hot targets."""
     if multilabel:
         t = targets.float()

@@ -46,8 +46,9 @@ from cbir.losses.pairs import check_codes, hard_bits, similarity_matrix
 __all__ = ["DualHingeLoss", "dual_hinge_terms"]
 
 
-def dual_hinge_terms(x: torch.Tensor, sim: torch.Tensor, delta_s: float, delta_d: float, tau: float,
-                     kappa: float, rho: float) -> torch.Tensor:
+def dual_hinge_terms(
+    x: torch.Tensor, sim: torch.Tensor, delta_s: float, delta_d: float, tau: float, kappa: float, rho: float
+) -> torch.Tensor:
     """Per-pair ``l_ij`` (see the module docstring) for normalised distances ``x``."""
     s = torch.where(sim > 0.5, (x - delta_s) / tau, (delta_d - x) / tau).clamp(max=20.0)
     return 2 * kappa * (torch.cosh(s.clamp(min=0)) - 1) + rho * torch.sigmoid(s)
@@ -56,8 +57,15 @@ def dual_hinge_terms(x: torch.Tensor, sim: torch.Tensor, delta_s: float, delta_d
 class DualHingeLoss(nn.Module):
     """Reconstructed DHHE loss (Gamma symmetric-KL dual hinge); see the module docstring."""
 
-    def __init__(self, delta_s: float = 0.25, delta_d: float = 0.5, tau: float = 0.2, kappa: float = 1.0,
-                 rho: float = 1.0, lam: float = 0.1):
+    def __init__(
+        self,
+        delta_s: float = 0.25,
+        delta_d: float = 0.5,
+        tau: float = 0.2,
+        kappa: float = 1.0,
+        rho: float = 1.0,
+        lam: float = 0.1,
+    ):
         super().__init__()
         if not 0 <= delta_s < delta_d <= 1:
             raise ValueError(f"need 0 <= delta_s < delta_d <= 1 (normalised distances), got {delta_s}, {delta_d}")
@@ -80,5 +88,8 @@ class DualHingeLoss(nn.Module):
         l_sim = terms[pos].mean() if bool(pos.any()) else zero
         l_dis = terms[neg].mean() if bool(neg.any()) else zero
         quant = self.lam * (h - hard_bits(h)).pow(2).mean()
-        return l_sim + l_dis + quant, {"sim": float(l_sim.detach()), "dissim": float(l_dis.detach()),
-                                       "quant": float(quant.detach())}
+        return l_sim + l_dis + quant, {
+            "sim": float(l_sim.detach()),
+            "dissim": float(l_dis.detach()),
+            "quant": float(quant.detach()),
+        }

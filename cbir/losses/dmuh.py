@@ -42,7 +42,9 @@ class DMUHLoss(nn.Module):
     def __init__(self, beta: float = 50.0, gamma: float = 1.0, detach_weights: bool = True, ref_pairs: float = 5000.0):
         super().__init__()
         if not ref_pairs > 0:
-            raise ValueError(f"ref_pairs (pairs per image the per-image terms are normalised by) must be > 0, got {ref_pairs}")
+            raise ValueError(
+                f"ref_pairs (pairs per image the per-image terms are normalised by) must be > 0, got {ref_pairs}"
+            )
         self.ref_pairs = float(ref_pairs)
         if not beta >= 0:
             raise ValueError(f"beta (quantisation weight) must be >= 0, got {beta}")
@@ -53,7 +55,9 @@ class DMUHLoss(nn.Module):
     def forward(self, h: torch.Tensor, u: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         check_codes(h, targets, "DMUHLoss")
         if u.shape != h.shape:
-            raise ValueError(f"DMUHLoss: uncertainty u must have the codes' shape {tuple(h.shape)}, got {tuple(u.shape)}")
+            raise ValueError(
+                f"DMUHLoss: uncertainty u must have the codes' shape {tuple(h.shape)}, got {tuple(u.shape)}"
+            )
         n = h.shape[0]
         npairs = n * (n - 1)
         w_u = u.detach() if self.detach_weights else u
@@ -62,6 +66,10 @@ class DMUHLoss(nn.Module):
         pair = (pair_w * pairwise_likelihood_terms(h, similarity_matrix(targets))).sum() / npairs
         quant = self.beta * (torch.exp(w_u) * (h - hard_bits(h)).pow(2)).sum() / (n * self.ref_pairs)
         unc = self.gamma * u.sum() / (n * self.ref_pairs)
-        logs = {"pair": float(pair.detach()), "quant": float(quant.detach()), "uncert": float(unc.detach()),
-                "mean_u": float(u.detach().mean())}
+        logs = {
+            "pair": float(pair.detach()),
+            "quant": float(quant.detach()),
+            "uncert": float(unc.detach()),
+            "mean_u": float(u.detach().mean()),
+        }
         return pair + quant + unc, logs

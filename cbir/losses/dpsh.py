@@ -48,7 +48,9 @@ class DPSHLoss(nn.Module):
         if not beta >= 0:
             raise ValueError(f"beta (quantisation weight) must be >= 0, got {beta}")
         if not ref_pairs > 0:
-            raise ValueError(f"ref_pairs (pairs per image the per-image terms are normalised by) must be > 0, got {ref_pairs}")
+            raise ValueError(
+                f"ref_pairs (pairs per image the per-image terms are normalised by) must be > 0, got {ref_pairs}"
+            )
         self.beta, self.ref_pairs = float(beta), float(ref_pairs)
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

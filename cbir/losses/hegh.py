@@ -52,7 +52,9 @@ from cbir.losses.pairs import check_codes, similarity_matrix
 __all__ = ["HEGHLoss", "contrastive_pair_loss", "hard_degree", "normalise_within_groups"]
 
 
-def contrastive_pair_loss(b: torch.Tensor, sim: torch.Tensor, margin: float, squared_hinge: bool = True) -> torch.Tensor:
+def contrastive_pair_loss(
+    b: torch.Tensor, sim: torch.Tensor, margin: float, squared_hinge: bool = True
+) -> torch.Tensor:
     """``(N, N)`` eq. 1 per pair (``sim`` = ``1 - Y``)."""
     d2 = (b[:, None, :] - b[None, :, :]).pow(2).sum(-1)  # exact (cdist may use a matmul trick)
     if squared_hinge:
@@ -84,12 +86,21 @@ def normalise_within_groups(w: torch.Tensor, similar: torch.Tensor, mask: torch.
 class HEGHLoss(nn.Module):
     """Hard-example-weighted pair loss + binarisation regulariser + squared-error classification."""
 
-    def __init__(self, gamma: float = 1.0, lam: float = 0.01, mu: float = 1.0, margin: float | None = None,
-                 squared_hinge: bool = True, weight_norm: str = "group"):
+    def __init__(
+        self,
+        gamma: float = 1.0,
+        lam: float = 0.01,
+        mu: float = 1.0,
+        margin: float | None = None,
+        squared_hinge: bool = True,
+        weight_norm: str = "group",
+    ):
         super().__init__()
         if weight_norm not in ("group", "none"):
-            raise ValueError(f"weight_norm must be 'group' (mean 1 within similar and within dissimilar pairs) "
-                             f"or 'none' (eq. 4 literally), got {weight_norm!r}")
+            raise ValueError(
+                f"weight_norm must be 'group' (mean 1 within similar and within dissimilar pairs) "
+                f"or 'none' (eq. 4 literally), got {weight_norm!r}"
+            )
         self.weight_norm = weight_norm
         if not gamma >= 0:
             raise ValueError(f"gamma (hard-example exponent) must be >= 0, got {gamma}")
@@ -100,14 +111,20 @@ class HEGHLoss(nn.Module):
         self.gamma, self.lam, self.mu = float(gamma), float(lam), float(mu)
         self.margin, self.squared_hinge = margin, bool(squared_hinge)
 
-    def forward(self, b: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, b: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         check_codes(b, targets, "HEGHLoss")
         if logits.shape[0] != b.shape[0]:
             raise ValueError(f"HEGHLoss: {logits.shape[0]} logit rows for {b.shape[0]} codes")
         n, k = b.shape
         multilabel = targets.ndim == 2
         probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)
-        onehot = (targets > 0.5).to(probs.dtype) if multilabel else F.one_hot(targets.long(), logits.shape[1]).to(probs.dtype)
+        onehot = (
+            (targets > 0.5).to(probs.dtype)
+            if multilabel
+            else F.one_hot(targets.long(), logits.shape[1]).to(probs.dtype)
+        )
         l_class = (onehot - probs).pow(2).sum(1).mean()
 
         sim = similarity_matrix(targets)
@@ -123,5 +140,9 @@ class HEGHLoss(nn.Module):
         pair = (w * lp)[upper].sum() / npairs
         regp = self.lam * (reg[:, None] + reg[None, :])[upper].sum() / npairs
         loss = pair + regp + self.mu * l_class
-        return loss, {"pair": float(pair.detach()), "reg": float(regp.detach()), "class": float(l_class.detach()),
-                      "hard_w": float(w[upper].mean().detach())}
+        return loss, {
+            "pair": float(pair.detach()),
+            "reg": float(regp.detach()),
+            "class": float(l_class.detach()),
+            "hard_w": float(w[upper].mean().detach()),
+        }

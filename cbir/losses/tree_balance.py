@@ -48,8 +48,9 @@ class PerClassNodeBalance(nn.Module):
             raise ValueError(f"expected (n, {n_nodes}) node logits for depth {depth}, got {tuple(node_logits.shape)}")
         cls = group_ids(targets)
         classes, counts = torch.unique(cls, return_counts=True)
-        levels_of = [min(depth, int(math.floor(math.log2(max(int(nc) / self.min_items, 1.0)))) + 1)
-                     for nc in counts.tolist()]
+        levels_of = [
+            min(depth, int(math.floor(math.log2(max(int(nc) / self.min_items, 1.0)))) + 1) for nc in counts.tolist()
+        ]
         top = max(levels_of)
         used = node_logits[:, : (1 << top) - 1]  # only the levels some class can estimate
         right = F.logsigmoid(used)

@@ -26,11 +26,11 @@ __all__ = [
     "random_expectation",
 ]
 
+
 def _check(codes) -> Codes:
     if not isinstance(codes, Codes):
         raise ValueError(
-            f"codes must be a cbir.codes.Codes, got {type(codes).__name__}; "
-            "wrap bits with Codes.from_bits(bits)"
+            f"codes must be a cbir.codes.Codes, got {type(codes).__name__}; wrap bits with Codes.from_bits(bits)"
         )
     if len(codes) == 0:
         raise ValueError("coverage needs at least one code; got an empty Codes")
@@ -158,13 +158,15 @@ def random_expectation(codes: Codes, fixed_bits: int = 0) -> dict:
     if not 0 <= c <= codes.nbits:
         raise ValueError(f"fixed_bits must be in 0..{codes.nbits}, got {fixed_bits}")
     n = len(codes)
-    groups = (np.array([n]) if c == 0 else
-              _counts_from_cpl(_consecutive_cpl(codes), n, c)).astype(np.float64)
+    groups = (np.array([n]) if c == 0 else _counts_from_cpl(_consecutive_cpl(codes), n, c)).astype(np.float64)
     m = 2.0 ** (codes.nbits - c)
     distinct = (m * -np.expm1(groups * np.log1p(-1.0 / m))) if m > 1 else np.ones_like(groups)
     sq = groups + groups * (groups - 1) / m
-    return {"fixed_bits": c, "unique_percent": float(100.0 * distinct.sum() / n),
-            "average_collision_count": float(sq.sum() / n - 1.0)}
+    return {
+        "fixed_bits": c,
+        "unique_percent": float(100.0 * distinct.sum() / n),
+        "average_collision_count": float(sq.sum() / n - 1.0),
+    }
 
 
 def coverage_report(codes: Codes) -> dict:

@@ -92,9 +92,7 @@ def _check_labels(labels, name: str) -> np.ndarray:
                 )
             labels = labels.astype(np.bool_)
         return labels
-    raise ValueError(
-        f"{name} must be 1-D class ids or a 2-D multi-hot (n, L) array, got shape {labels.shape}"
-    )
+    raise ValueError(f"{name} must be 1-D class ids or a 2-D multi-hot (n, L) array, got shape {labels.shape}")
 
 
 def _check_label_pair(query_labels, db_labels) -> tuple[np.ndarray, np.ndarray]:
@@ -198,9 +196,7 @@ def ranked_relevance(query_labels, db_labels, ranking) -> np.ndarray:
 def _ranked_rel(ql: np.ndarray, dl: np.ndarray, ranking) -> np.ndarray:
     ranking = np.asarray(ranking)
     if ranking.ndim != 2 or ranking.shape[0] != len(ql):
-        raise ValueError(
-            f"ranking must have shape ({len(ql)}, k) (one row per query), got {ranking.shape}"
-        )
+        raise ValueError(f"ranking must have shape ({len(ql)}, k) (one row per query), got {ranking.shape}")
     if ranking.size and ranking.max() >= len(dl):
         raise ValueError(
             f"ranking holds position {int(ranking.max())} but the database has {len(dl)} items; "
@@ -283,8 +279,7 @@ class BruteForceSearcher:
         query = _check_codes(query, "query")
         if query.nbits != self.nbits:
             raise ValueError(
-                f"query codes have {query.nbits} bits but the database {self.nbits}; "
-                "encode both with the same model"
+                f"query codes have {query.nbits} bits but the database {self.nbits}; encode both with the same model"
             )
         n = len(self.db)
         kk = 0 if n == 0 else _check_k(k, n)
@@ -344,9 +339,7 @@ def _id_map(db_ids, n: int):
 def _search_positions(searcher, qcodes: Codes, k: int, n: int, id_map) -> np.ndarray:
     res = np.asarray(searcher.search(qcodes, k))
     if res.ndim != 2 or res.shape[0] != len(qcodes) or res.shape[1] > k:
-        raise ValueError(
-            f"searcher.search returned shape {res.shape}; expected ({len(qcodes)}, <= {k})"
-        )
+        raise ValueError(f"searcher.search returned shape {res.shape}; expected ({len(qcodes)}, <= {k})")
     if res.dtype.kind not in "iu":
         raise ValueError(f"searcher.search must return integers, got {res.dtype}")
     res = res.astype(np.int64)
@@ -362,8 +355,7 @@ def _search_positions(searcher, qcodes: Codes, k: int, n: int, id_map) -> np.nda
         res = np.where(valid, order[pos_c], -1)
     elif res.size and res.max() >= n:
         raise ValueError(
-            f"searcher returned position {int(res.max())} for a database of {n} items; if it "
-            "returns ids, pass db_ids"
+            f"searcher returned position {int(res.max())} for a database of {n} items; if it returns ids, pass db_ids"
         )
     if res.shape[1] > 1:
         srt = np.sort(np.where(valid, res, -1 - np.arange(res.shape[1])[None, :]), axis=1)
@@ -465,8 +457,14 @@ def mean_average_precision(
     """
     return float(
         average_precisions(
-            query_codes, query_labels, db_codes, db_labels, k,
-            searcher=searcher, order=order, db_ids=db_ids,
+            query_codes,
+            query_labels,
+            db_codes,
+            db_labels,
+            k,
+            searcher=searcher,
+            order=order,
+            db_ids=db_ids,
         ).mean()
     )
 
@@ -609,9 +607,7 @@ class RadiusPrecision(NamedTuple):
     empty_fraction: float
 
 
-def precision_within_radius(
-    query_codes, query_labels, db_codes, db_labels, r: int = 2
-) -> RadiusPrecision:
+def precision_within_radius(query_codes, query_labels, db_codes, db_labels, r: int = 2) -> RadiusPrecision:
     """P@H<=r: mean over queries of the precision of the Hamming ball of radius ``r``.
 
     Per query: ``relevant items with H(q, c) <= r / items with H(q, c) <= r``. **A query whose
@@ -643,8 +639,8 @@ def _group_sums(a, n, r, R_before, H):
     a = np.asarray(a, dtype=np.int64)
     n = np.asarray(n, dtype=np.int64)
     r = np.asarray(r, dtype=np.float64)
-    s0 = H[a + n] - H[a]                       # sum_{t=a+1..a+n} 1/t
-    s1 = n - (a + 1) * s0                      # sum_{t=a+1..a+n} (t-a-1)/t
+    s0 = H[a + n] - H[a]  # sum_{t=a+1..a+n} 1/t
+    s1 = n - (a + 1) * s0  # sum_{t=a+1..a+n} (t-a-1)/t
     nf = n.astype(np.float64)
     frac = np.divide(r - 1, nf - 1, out=np.zeros_like(r), where=n > 1)
     inner = (R_before + 1) * s0 + frac * s1
@@ -686,12 +682,13 @@ def expected_average_precision(n_groups, r_groups, k: int | None = None) -> np.n
     r_groups = np.asarray(r_groups)
     if n_groups.ndim != 2 or n_groups.shape != r_groups.shape:
         raise ValueError(
-            f"n_groups and r_groups must be (Q, G) arrays of the same shape, got "
-            f"{n_groups.shape} and {r_groups.shape}"
+            f"n_groups and r_groups must be (Q, G) arrays of the same shape, got {n_groups.shape} and {r_groups.shape}"
         )
     if n_groups.size and (
-        n_groups.dtype.kind not in "iu" or r_groups.dtype.kind not in "iu"
-        or (r_groups < 0).any() or (r_groups > n_groups).any()
+        n_groups.dtype.kind not in "iu"
+        or r_groups.dtype.kind not in "iu"
+        or (r_groups < 0).any()
+        or (r_groups > n_groups).any()
     ):
         raise ValueError("group counts must be integers with 0 <= r_d <= n_d")
     n_groups = n_groups.astype(np.int64)
@@ -800,8 +797,7 @@ def tie_aware_average_precision(
 ) -> float:
     """Tie-aware mAP@k in ``order`` (``"hamming"`` or ``"lex"``): mean over all queries of
     :func:`tie_aware_average_precisions` (queries with no relevant item score 0 and count)."""
-    return float(tie_aware_average_precisions(query_codes, query_labels, db_codes, db_labels, k,
-                                              order).mean())
+    return float(tie_aware_average_precisions(query_codes, query_labels, db_codes, db_labels, k, order).mean())
 
 
 def check_overlap(query_ids_or_hashes, db_ids_or_hashes, allow: bool = False) -> np.ndarray:

@@ -13,17 +13,16 @@ from cbir.codes import Codes, xor_prefix_length
 
 __all__ = ["pairwise_common_prefix", "code_retention", "bit_flip_rate"]
 
+
 def _check_pair(codes_clean, codes_perturbed) -> tuple[Codes, Codes]:
     for name, c in (("codes_clean", codes_clean), ("codes_perturbed", codes_perturbed)):
         if not isinstance(c, Codes):
             raise ValueError(
-                f"{name} must be a cbir.codes.Codes, got {type(c).__name__}; "
-                "wrap bits with Codes.from_bits(bits)"
+                f"{name} must be a cbir.codes.Codes, got {type(c).__name__}; wrap bits with Codes.from_bits(bits)"
             )
     if codes_clean.nbits != codes_perturbed.nbits:
         raise ValueError(
-            f"bit counts differ ({codes_clean.nbits} vs {codes_perturbed.nbits}); encode both "
-            "with the same model"
+            f"bit counts differ ({codes_clean.nbits} vs {codes_perturbed.nbits}); encode both with the same model"
         )
     if len(codes_clean) != len(codes_perturbed):
         raise ValueError(

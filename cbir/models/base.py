@@ -81,8 +81,9 @@ class HashingMethod(nn.Module):
         return self.head_loss(self.backbone(images), targets)
 
     def head_loss(self, feats, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError(f"{type(self).__name__} has no head_loss: it cannot be trained on cached "
-                                  "features; drop --freeze-backbone")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no head_loss: it cannot be trained on cached features; drop --freeze-backbone"
+        )
 
     def head_parameters(self) -> list:
         bb = {id(p) for p in self.backbone.parameters()}

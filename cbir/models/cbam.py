@@ -25,8 +25,9 @@ class ChannelAttention(nn.Module):
         if channels < 1 or reduction < 1:
             raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
         hidden = max(1, channels // reduction)
-        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=True), nn.ReLU(inplace=True),
-                                 nn.Conv2d(hidden, channels, 1, bias=True))
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=True), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=True)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, 1, 1)`` attention in (0, 1)."""

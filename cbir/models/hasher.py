@@ -176,8 +176,16 @@ class Hasher:
         layout = CodeLayout.from_dict(payload["layout"])
         if layout != method.layout:
             method._layout = layout  # e.g. a bit order chosen in finalize()
-        hasher = cls(method, payload["method"], spec, params, payload["image_size"], payload.get("config"),
-                     device=device, batch_size=batch_size)
+        hasher = cls(
+            method,
+            payload["method"],
+            spec,
+            params,
+            payload["image_size"],
+            payload.get("config"),
+            device=device,
+            batch_size=batch_size,
+        )
         if hasher.content_hash != payload["content_hash"]:
             raise ValueError(f"{where}: content hash mismatch (file corrupted or edited)")
         return hasher
@@ -218,12 +226,16 @@ class Hasher:
         for rows in groups.values():
             batch = self.eval_transform(torch.stack([raw[i] for i in rows]))
             if batch.shape[1:] != out.shape[1:]:
-                raise ValueError(f"the eval transform gave {tuple(batch.shape[1:])}, expected {tuple(out.shape[1:])}"
-                                 " (images must have 3 channels)")
+                raise ValueError(
+                    f"the eval transform gave {tuple(batch.shape[1:])}, expected {tuple(out.shape[1:])}"
+                    " (images must have 3 channels)"
+                )
             out[rows] = batch
         return out
 
-    def encode_batches(self, batches: Iterable, progress: bool = False, desc: str = "encode") -> tuple[Codes, np.ndarray, np.ndarray]:
+    def encode_batches(
+        self, batches: Iterable, progress: bool = False, desc: str = "encode"
+    ) -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode an iterable of ``cbir.data.Batch``; returns (codes, conf, dataset indices)."""
         from tqdm.auto import tqdm
 
@@ -239,13 +251,25 @@ class Hasher:
             return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64)
         return Codes.concat(codes), np.concatenate(confs), np.concatenate(idx).astype(np.int64)
 
-    def encode_imageset(self, imageset, batch_size: int | None = None, num_workers: int = 0,
-                        progress: bool = False, skip_log=None, desc: str = "encode") -> tuple[Codes, np.ndarray, np.ndarray]:
+    def encode_imageset(
+        self,
+        imageset,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        progress: bool = False,
+        skip_log=None,
+        desc: str = "encode",
+    ) -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode every readable image of an ``ImageSet``; returns (codes, conf, indices)."""
         from cbir.data import make_loader
 
-        loader = make_loader(imageset.with_transform(self.eval_transform), batch_size or self.batch_size,
-                             shuffle=False, num_workers=num_workers, skip_log=skip_log)
+        loader = make_loader(
+            imageset.with_transform(self.eval_transform),
+            batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            skip_log=skip_log,
+        )
         return self.encode_batches(loader, progress=progress, desc=desc)
 
     def encode(self, x) -> tuple[Codes, np.ndarray]:

@@ -29,8 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DDTLHead", "leaf_log_probs", "greedy_path", "ClassHead", "split_depth", "forest_leaf_probs",
-           "forest_greedy_path", "node_slices"]
+__all__ = [
+    "DDTLHead",
+    "leaf_log_probs",
+    "greedy_path",
+    "ClassHead",
+    "split_depth",
+    "forest_leaf_probs",
+    "forest_greedy_path",
+    "node_slices",
+]
 
 
 def leaf_log_probs(node_logits: torch.Tensor, depth: int) -> torch.Tensor:
@@ -124,8 +132,7 @@ class DDTLHead(nn.Module):
     node can split each class that reaches it in half (see ``fit_pca_median_tree``).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, depth: int, max_tree_depth: int = 12,
-                 class_bias: bool = False):
+    def __init__(self, in_dim: int, num_classes: int, depth: int, max_tree_depth: int = 12, class_bias: bool = False):
         super().__init__()
         if not 1 <= depth <= 256:
             raise ValueError(f"path depth must be in 1..256 bits, got {depth}")

@@ -134,9 +134,7 @@ def resolve_params(name: str, params: dict | Any | None = None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {unknown} for method {name!r}; valid: {sorted(fields) or 'none'}"
-        )
+        raise ValueError(f"unknown parameter(s) {unknown} for method {name!r}; valid: {sorted(fields) or 'none'}")
     kwargs = {k: _coerce(v, fields[k].type, k) for k, v in params.items()}
     return cls(**kwargs)
 

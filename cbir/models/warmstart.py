@@ -57,7 +57,9 @@ class InputNorm(nn.Module):
 
         mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
         if mean.shape != (3,) or std.shape != (3,) or bool((std <= 0).any()):
-            raise ValueError(f"input normalisation needs 3 means and 3 positive stds, got {mean.tolist()} / {std.tolist()}")
+            raise ValueError(
+                f"input normalisation needs 3 means and 3 positive stds, got {mean.tolist()} / {std.tolist()}"
+            )
         scale = torch.tensor(STD) / std
         shift = (torch.tensor(MEAN) - mean) / std
         self.register_buffer("scale", scale.view(1, 3, 1, 1))
@@ -96,14 +98,17 @@ class InitSource:
     report: dict = field(default_factory=dict)
 
 
-_TV_RESNET = [(re.compile(r"^conv1\."), "stem.0."), (re.compile(r"^bn1\."), "stem.1."),
-              (re.compile(r"^layer([1-4])\."), None)]
+_TV_RESNET = [
+    (re.compile(r"^conv1\."), "stem.0."),
+    (re.compile(r"^bn1\."), "stem.1."),
+    (re.compile(r"^layer([1-4])\."), None),
+]
 
 
 def _rename_plain(key: str) -> str | None:
     for prefix in ("module.", "backbone."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     if key.startswith("fc.") or key.startswith("head."):
         return None
     for pat, repl in _TV_RESNET:
@@ -119,7 +124,9 @@ def _plain_state(sd: dict, description: str, input_norm) -> InitSource:
             sd = sd[key]
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{description} holds no tensors: give a state_dict file, a cbir model.pt or a torchvision weights name")
+        raise ValueError(
+            f"{description} holds no tensors: give a state_dict file, a cbir model.pt or a torchvision weights name"
+        )
     backbone = {}
     for k, v in tensors.items():
         nk = _rename_plain(k)
@@ -151,31 +158,43 @@ def resolve_init(source: str, input_norm=None) -> InitSource:
         except Exception as exc:  # noqa: BLE001 - any unpickling error means a bad file
             raise ValueError(f"--init-from {path}: not a readable checkpoint or state_dict ({exc})") from exc
         if not isinstance(payload, dict):
-            raise ValueError(f"--init-from {path}: expected a state_dict (dict of tensors), got {type(payload).__name__}")
+            raise ValueError(
+                f"--init-from {path}: expected a state_dict (dict of tensors), got {type(payload).__name__}"
+            )
         if payload.get("format") == FORMAT:
             src = Hasher.load(path, device="cpu").method
             head = getattr(src, "class_head", None)
             kw = dict(payload["spec"].get("backbone_kwargs", ()))
             norm = (tuple(kw["input_mean"]), tuple(kw["input_std"])) if "input_mean" in kw else None
             if input_norm is not None and input_norm != norm:
-                raise ValueError(f"--init-from {path} was trained with input normalisation {norm or 'cbir'}; "
-                                 "drop --input-norm (the checkpoint's is used)")
+                raise ValueError(
+                    f"--init-from {path} was trained with input normalisation {norm or 'cbir'}; "
+                    "drop --input-norm (the checkpoint's is used)"
+                )
             bb = {k: v for k, v in src.backbone.state_dict().items() if not k.startswith("input_norm.")}
-            return InitSource(bb, head.state_dict() if head is not None else None, norm,
-                              f"cbir checkpoint {path} ({payload['method']}, {payload['spec']['backbone']})")
+            return InitSource(
+                bb,
+                head.state_dict() if head is not None else None,
+                norm,
+                f"cbir checkpoint {path} ({payload['method']}, {payload['spec']['backbone']})",
+            )
         return _plain_state(payload, f"state_dict {path}", input_norm)
     tv = _torchvision_file(source)
     if tv is not None:
         if not tv.is_file():
-            raise ValueError(f"--init-from {source}: torchvision weights file {tv} is not in the local torch hub cache; "
-                             "cbir never downloads: copy the file there, or pass a state_dict file")
+            raise ValueError(
+                f"--init-from {source}: torchvision weights file {tv} is not in the local torch hub cache; "
+                "cbir never downloads: copy the file there, or pass a state_dict file"
+            )
         import torchvision
 
         t = torchvision.models.get_weight(source).transforms()
         norm = input_norm or (tuple(t.mean), tuple(t.std))
         return _plain_state(torch.load(tv, map_location="cpu", weights_only=True), f"torchvision {source} ({tv})", norm)
-    raise ValueError(f"--init-from {source!r}: no such file, and not a torchvision weights name "
-                     "(e.g. ResNet18_Weights.IMAGENET1K_V1)")
+    raise ValueError(
+        f"--init-from {source!r}: no such file, and not a torchvision weights name "
+        "(e.g. ResNet18_Weights.IMAGENET1K_V1)"
+    )
 
 
 def _copy_matching(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list, list, list]:
@@ -196,8 +215,10 @@ def apply_init(method, init: InitSource) -> dict:
     """Copy the warm-start tensors into ``method``; returns a JSON-able report."""
     loaded, mismatched, missing = _copy_matching(method.backbone, init.backbone)
     if not loaded:
-        raise ValueError(f"{init.description}: no tensor matches backbone {type(method.backbone).__name__} by name and "
-                         f"shape (e.g. {sorted(init.backbone)[:3]}); is it the same --backbone?")
+        raise ValueError(
+            f"{init.description}: no tensor matches backbone {type(method.backbone).__name__} by name and "
+            f"shape (e.g. {sorted(init.backbone)[:3]}); is it the same --backbone?"
+        )
     head = getattr(method, "class_head", None)
     head_loaded = False
     if head is not None and init.class_head is not None:
@@ -205,9 +226,20 @@ def apply_init(method, init: InitSource) -> dict:
         if set(own) == set(init.class_head) and all(own[k].shape == init.class_head[k].shape for k in own):
             head.load_state_dict(init.class_head)
             head_loaded = True
-    report = {"source": init.description, "backbone_tensors_loaded": len(loaded),
-              "backbone_tensors_shape_mismatch": mismatched, "backbone_tensors_missing": missing,
-              "class_head_loaded": head_loaded, "input_norm": init.input_norm}
-    log.info("warm start from %s: %d backbone tensors, %d shape mismatches, %d missing, class head %s",
-             init.description, len(loaded), len(mismatched), len(missing), "loaded" if head_loaded else "new")
+    report = {
+        "source": init.description,
+        "backbone_tensors_loaded": len(loaded),
+        "backbone_tensors_shape_mismatch": mismatched,
+        "backbone_tensors_missing": missing,
+        "class_head_loaded": head_loaded,
+        "input_norm": init.input_norm,
+    }
+    log.info(
+        "warm start from %s: %d backbone tensors, %d shape mismatches, %d missing, class head %s",
+        init.description,
+        len(loaded),
+        len(mismatched),
+        len(missing),
+        "loaded" if head_loaded else "new",
+    )
     return report

@@ -20,8 +20,14 @@ def model_path(tmp_path_factory):
     from cbir.models.registry import MethodSpec, create_method, resolve_params
 
     torch.manual_seed(0)
-    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=10, depth=8,
-                      class_names=("a", "b", "c"), backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=3,
+        nbits=10,
+        depth=8,
+        class_names=("a", "b", "c"),
+        backbone_kwargs=(("width", 8),),
+    )
     params = resolve_params("ddtl", None)
     h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
     return h.save(tmp_path_factory.mktemp("model") / "model.pt")
@@ -44,8 +50,21 @@ def test_index_build_and_stats(tmp_path, model_path, capsys, caplog):
 
     _images(tmp_path / "imgs")
     out = tmp_path / "ix"
-    rc = main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
-               "--out", str(out), "--batch-size", "4", "--no-progress"])
+    rc = main(
+        [
+            "index",
+            "build",
+            "--model",
+            str(model_path),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     cap = capsys.readouterr()
     assert "indexed 12 images (1 unreadable skipped)" in cap.out
@@ -76,8 +95,21 @@ def test_index_build_and_stats(tmp_path, model_path, capsys, caplog):
 
 
 def test_index_build_errors(tmp_path, model_path, capsys):
-    assert main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "none"),
-                 "--out", str(tmp_path / "ix")]) == 2
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(model_path),
+                "--images",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "ix"),
+            ]
+        )
+        == 2
+    )
     assert main(["index", "stats", str(tmp_path)]) == 2
     assert "not a cbir index" in capsys.readouterr().err
 
@@ -89,8 +121,9 @@ def test_index_compact(tmp_path, capsys):
     rng = np.random.default_rng(0)
     with IndexWriter(tmp_path / "ix", layout=CodeLayout(16)) as w:
         for _ in range(20):
-            w.upsert(np.arange(500), Codes(rng.integers(0, 256, (500, 2), dtype=np.uint8), 16),
-                     [{"p": "x" * 100}] * 500)
+            w.upsert(
+                np.arange(500), Codes(rng.integers(0, 256, (500, 2), dtype=np.uint8), 16), [{"p": "x" * 100}] * 500
+            )
     before = (tmp_path / "ix" / "lmdb" / "data.mdb").stat().st_size
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["index", "compact", str(tmp_path / "ix")]) == 0
@@ -106,8 +139,17 @@ def test_index_compact(tmp_path, capsys):
 def test_index_build_sharded(tmp_path, model_path, capsys):
     """--shards 4: the same items and codes as a plain build, split by their leading bits."""
     _images(tmp_path / "imgs")
-    base = ["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
-            "--batch-size", "4", "--no-progress"]
+    base = [
+        "index",
+        "build",
+        "--model",
+        str(model_path),
+        "--images",
+        str(tmp_path / "imgs"),
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     assert main(base + ["--out", str(tmp_path / "plain")]) == 0
     assert main(base + ["--out", str(tmp_path / "sh"), "--shards", "4"]) == 0
     assert "(4 shards)" in capsys.readouterr().out
@@ -135,7 +177,20 @@ def test_index_build_engine_ray_without_ray(tmp_path, model_path, capsys, monkey
     """Without Ray installed, --engine ray is one clear error saying how to install it."""
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray -> ImportError
     _images(tmp_path / "imgs", 1)
-    rc = main(["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
-               "--out", str(tmp_path / "ix"), "--engine", "ray", "--no-progress"])
+    rc = main(
+        [
+            "index",
+            "build",
+            "--model",
+            str(model_path),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(tmp_path / "ix"),
+            "--engine",
+            "ray",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and 'pip install -e ".[distributed]"' in capsys.readouterr().err
     assert not (tmp_path / "ix").exists()

@@ -19,9 +19,11 @@ from cbir.indexer import derived as derived_mod
 from cbir.indexer import writer as writer_mod
 from cbir.indexer.derived import Derived, View
 
-SETTINGS = settings(max_examples=15, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 METHODS = ("auto", "mih", "faiss", "brute")
 CLASSES = ("cat", "dog", "eel")
 
@@ -51,10 +53,11 @@ class Model:
         self.nbits, self.items = nbits, {}
 
     def arrays(self, labels=None):
-        ids = np.array(sorted(i for i, (_c, m) in self.items.items()
-                              if labels is None or _labels_of(m) & set(labels)), dtype=np.int64)
-        codes = (Codes.from_bytes([self.items[i][0] for i in ids], self.nbits) if len(ids)
-                 else Codes.empty(self.nbits))
+        ids = np.array(
+            sorted(i for i, (_c, m) in self.items.items() if labels is None or _labels_of(m) & set(labels)),
+            dtype=np.int64,
+        )
+        codes = Codes.from_bytes([self.items[i][0] for i in ids], self.nbits) if len(ids) else Codes.empty(self.nbits)
         return ids, codes
 
 
@@ -74,8 +77,9 @@ def _check(r, model: Model, rng, cb: int, labels=None):
                 assert np.array_equal(r.search_hybrid(q, k, labels=labels).ids, href)
         rad = model.nbits // 5
         for m in METHODS:
-            assert np.array_equal(r.search_hamming(q, radius=rad, method=m, labels=labels).ids,
-                                  ref_radius(q, codes, ids, rad))
+            assert np.array_equal(
+                r.search_hamming(q, radius=rad, method=m, labels=labels).ids, ref_radius(q, codes, ids, rad)
+            )
     for m in ("auto", "faiss"):
         batch = r.search_hamming_batch(Q, k=9, method=m, labels=labels)
         assert [b.ids.tolist() for b in batch] == [ref_ids(q, codes, ids, 9, "hamming").tolist() for q in Q]
@@ -84,8 +88,11 @@ def _check(r, model: Model, rng, cb: int, labels=None):
 
 
 @SETTINGS
-@given(nbits=st.sampled_from([8, 13, 32, 64, 70]), kind=st.sampled_from(["uniform", "clustered", "dups"]),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    nbits=st.sampled_from([8, 13, 32, 64, 70]),
+    kind=st.sampled_from(["uniform", "clustered", "dups"]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_every_path_is_exact_after_deletes_and_upserts(tmp_path_factory, nbits, kind, seed):
     """Base persisted with MIH/FAISS, then deletes/upserts/adds replayed: all paths = brute force."""
     rng = np.random.default_rng(seed)
@@ -185,9 +192,13 @@ def _page_all_prefix(r, prefix, labels, ids, codes, limit):
 
 
 @SETTINGS
-@given(nbits=st.sampled_from([5, 16, 64, 70]), n=st.integers(0, 250),
-       kind=st.sampled_from(["uniform", "clustered", "dups"]), seed=st.integers(0, 2**32 - 1),
-       k=st.integers(1, 40))
+@given(
+    nbits=st.sampled_from([5, 16, 64, 70]),
+    n=st.integers(0, 250),
+    kind=st.sampled_from(["uniform", "clustered", "dups"]),
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(1, 40),
+)
 def test_lex_cursor_pages_are_the_ranking(tmp_path_factory, nbits, n, kind, seed, k):
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n, nbits, kind)
@@ -218,8 +229,9 @@ def test_lex_cursor_pages_are_the_ranking(tmp_path_factory, nbits, n, kind, seed
             if n:
                 _page_all_prefix(r, "0", ["b"], ids[sel], codes[np.flatnonzero(sel)], limit=k) if sel.any() else None
     with pytest.raises(ValueError, match="cursor"):
-        open_index(build_index(tmp_path_factory.mktemp("ix") / "ix", [1], random_codes(rng, 1, 8, "uniform"))).search_lex(
-            np.zeros(8, np.uint8), 3, cursor="zz")
+        open_index(
+            build_index(tmp_path_factory.mktemp("ix") / "ix", [1], random_codes(rng, 1, 8, "uniform"))
+        ).search_lex(np.zeros(8, np.uint8), 3, cursor="zz")
 
 
 def test_prefix_ranges_beyond_64_bits(tmp_path):
@@ -245,8 +257,7 @@ def test_label_posting_list_follows_every_write(tmp_path):
     rng = np.random.default_rng(3)
     layout = CodeLayout(16, 0, class_names=("cat", "dog"))
     with IndexWriter(tmp_path / "ix", layout=layout) as w:
-        w.add([1, 2, 3], random_codes(rng, 3, 16, "uniform"),
-              [{"label": 0}, {"labels": ["dog", "red"]}, None])
+        w.add([1, 2, 3], random_codes(rng, 3, 16, "uniform"), [{"label": 0}, {"labels": ["dog", "red"]}, None])
     with open_index(tmp_path / "ix", readonly=False) as r:
         assert r.ids_with_labels("cat").tolist() == [1]
         assert r.ids_with_labels(["dog"]).tolist() == [2]
@@ -268,8 +279,12 @@ def test_index_without_posting_list_is_backfilled(tmp_path):
     import json
 
     rng = np.random.default_rng(4)
-    build_index(tmp_path / "ix", [1, 2, 3], random_codes(rng, 3, 8, "uniform"),
-                meta=[{"label": "a"}, {"label": "b"}, {"label": "a"}])
+    build_index(
+        tmp_path / "ix",
+        [1, 2, 3],
+        random_codes(rng, 3, 8, "uniform"),
+        meta=[{"label": "a"}, {"label": "b"}, {"label": "a"}],
+    )
     man = json.loads((tmp_path / "ix" / "manifest.json").read_text())
     del man["labels_db"]
     (tmp_path / "ix" / "manifest.json").write_text(json.dumps(man))
@@ -304,7 +319,9 @@ def test_vectorised_replay_equals_sequential_semantics():
             present |= set(adds)
 
             def keys(lst):
-                return np.array([list(c) + list(i.to_bytes(8, "big")) for c, i in lst], dtype=np.uint8).reshape(-1, nb + 8)
+                return np.array([list(c) + list(i.to_bytes(8, "big")) for c, i in lst], dtype=np.uint8).reshape(
+                    -1, nb + 8
+                )
 
             recs.append((g, keys(adds), keys(dels)))
         v2 = v.replay(recs, nb, 10**6)
@@ -365,8 +382,7 @@ def test_a_reader_opened_before_fork_refuses_to_run_in_the_child(tmp_path):
 
     def work(conn):
         out = []
-        for fn in (lambda: r.search_lex(codes[:1], 10), lambda: r.refresh(),
-                   lambda: open_index(tmp_path / "ix")):
+        for fn in (lambda: r.search_lex(codes[:1], 10), lambda: r.refresh(), lambda: open_index(tmp_path / "ix")):
             try:
                 fn()
                 out.append("ran")
@@ -416,8 +432,10 @@ def test_faiss_threads_are_set_per_call(tmp_path):
         assert faiss.omp_get_max_threads() == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.skipif("not __import__('cbir.indexer.faissidx', fromlist=['x']).gpu_available()",
-                    reason="needs a GPU build of FAISS and faiss.get_num_gpus() > 0")
+@pytest.mark.skipif(
+    "not __import__('cbir.indexer.faissidx', fromlist=['x']).gpu_available()",
+    reason="needs a GPU build of FAISS and faiss.get_num_gpus() > 0",
+)
 def test_gpu_path_matches_brute_force(tmp_path):
     from cbir.indexer.faissidx import GPU_MAX_K, FaissBinary
 
@@ -477,8 +495,9 @@ def test_bulk_build_without_codes_subdb_keeps_id_lookups_exact(tmp_path, monkeyp
         mcodes = Codes.from_bytes([model[i] for i in mids], 24)
         q = codes[:1]
         sel = ~np.isin(mids, ids[[0, 1, 4]])  # re-added without metadata, or relabelled
-        assert np.array_equal(r.search_hamming(q, k=20, labels="a").ids,
-                              ref_ids(q, mcodes[np.flatnonzero(sel)], mids[sel], 20, "hamming"))
+        assert np.array_equal(
+            r.search_hamming(q, k=20, labels="a").ids, ref_ids(q, mcodes[np.flatnonzero(sel)], mids[sel], 20, "hamming")
+        )
 
 
 def test_rebuild_runs_off_the_snapshot_lock(tmp_path, monkeypatch):

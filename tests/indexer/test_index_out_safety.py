@@ -25,8 +25,11 @@ def _codes(n, seed=0):
 
 def _snapshot(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under root."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _user_files(root: Path) -> dict[str, str]:
@@ -49,16 +52,31 @@ def model_path(tmp_path_factory):
     from cbir.models.registry import MethodSpec, create_method, resolve_params
 
     torch.manual_seed(0)
-    spec = MethodSpec(backbone="convnet", num_classes=2, nbits=7, depth=6,
-                      class_names=("cat", "dog"), backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet", num_classes=2, nbits=7, depth=6, class_names=("cat", "dog"), backbone_kwargs=(("width", 8),)
+    )
     params = resolve_params("ddtl", None)
     h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
     return h.save(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def _build_cli(model, images, out, *extra):
-    return main(["index", "build", "--model", str(model), "--images", str(images), "--out", str(out),
-                 "--batch-size", "4", "--no-progress", *extra])
+    return main(
+        [
+            "index",
+            "build",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_out_equal_to_image_folder_is_refused(tmp_path, model_path, capsys):

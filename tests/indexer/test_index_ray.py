@@ -13,8 +13,7 @@ ray = pytest.importorskip("ray", reason='needs Ray Data: pip install -e ".[distr
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
-             logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -27,8 +26,14 @@ def model_path(tmp_path_factory):
     from cbir.models.registry import MethodSpec, create_method, resolve_params
 
     torch.manual_seed(0)
-    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=10, depth=8,
-                      class_names=("a", "b", "c"), backbone_kwargs=(("width", 8),))
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=3,
+        nbits=10,
+        depth=8,
+        class_names=("a", "b", "c"),
+        backbone_kwargs=(("width", 8),),
+    )
     params = resolve_params("ddtl", None)
     h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
     return h.save(tmp_path_factory.mktemp("model") / "model.pt")
@@ -41,7 +46,9 @@ def _images(root, n_per_class=11):
     for c in ("cat", "dog"):
         (root / c).mkdir(parents=True)
         for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 255, (20 + i, 24 + 2 * i, 3), dtype=np.uint8)).save(root / c / f"{i:02d}.png")
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24 + 2 * i, 3), dtype=np.uint8)).save(
+                root / c / f"{i:02d}.png"
+            )
     (root / "cat" / "05b.png").write_bytes(b"not a png")  # unreadable, mid-batch
     (root / "dog" / "zz.jpg").write_bytes(b"")
 
@@ -64,8 +71,17 @@ def test_ray_encode_equals_single_process(tmp_path, model_path, local_ray, capsy
     assert np.array_equal(i2, i1) and np.allclose(f2, f1, atol=1e-6)
     assert s2.items == s1.items  # unreadable images reported (path, reason) and skipped
     # the CLI: --engine ray (sharded too) builds the index of the local engine
-    base = ["index", "build", "--model", str(model_path), "--images", str(tmp_path / "imgs"),
-            "--batch-size", "4", "--no-progress"]
+    base = [
+        "index",
+        "build",
+        "--model",
+        str(model_path),
+        "--images",
+        str(tmp_path / "imgs"),
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     assert main(base + ["--out", str(tmp_path / "local")]) == 0
     assert main(base + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--shards", "2"]) == 0
     assert "indexed 22 images (2 unreadable skipped)" in capsys.readouterr().out

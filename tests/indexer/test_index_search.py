@@ -16,8 +16,9 @@ from cbir.indexer.lexsearch import LexSearcher
 
 NBITS = st.sampled_from([1, 3, 7, 8, 12, 16, 21, 33, 64, 70])
 KIND = st.sampled_from(["uniform", "clustered", "dups"])
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def _build(tmp, codes, ids, class_bits=0):
@@ -26,8 +27,7 @@ def _build(tmp, codes, ids, class_bits=0):
 
 
 @SETTINGS
-@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1),
-       widen=st.sampled_from([0, 1, 3]))
+@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1), widen=st.sampled_from([0, 1, 3]))
 def test_search_lex_matches_brute_force(nbits, n, kind, seed, widen):
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n, nbits, kind)
@@ -79,8 +79,7 @@ def test_search_hamming_matches_brute_force(nbits, n, kind, seed):
 
 
 @SETTINGS
-@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1),
-       cb=st.integers(0, 5))
+@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1), cb=st.integers(0, 5))
 def test_search_hybrid_matches_brute_force(nbits, n, kind, seed, cb):
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n, nbits, kind)
@@ -100,8 +99,7 @@ def test_search_hybrid_matches_brute_force(nbits, n, kind, seed, cb):
 
 
 @SETTINGS
-@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1),
-       limit=st.integers(1, 40))
+@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1), limit=st.integers(1, 40))
 def test_search_prefix_paginates_the_subtree(nbits, n, kind, seed, limit):
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n, nbits, kind)

@@ -27,8 +27,9 @@ from cbir.indexer.sharded import shard_of
 NBITS = st.sampled_from([1, 3, 8, 12, 21, 64, 70])
 KIND = st.sampled_from(["uniform", "clustered", "dups"])
 SHARDS = st.sampled_from([2, 4, 8])
-SETTINGS = settings(max_examples=20, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 LABELS = ("a", "b", "c")
 
 
@@ -81,7 +82,7 @@ def test_sharded_lex_and_prefix_match_brute_force(nbits, n, kind, seed, shards):
                 assert np.array_equal(got.distances, np.bitwise_count(x).sum(1))
             full = ref_ids(q, codes, ids, None, "lex")
             for off in (0, 2, 7, n):
-                assert np.array_equal(r.search_lex(q, 6, offset=off).ids, full[off:off + 6])
+                assert np.array_equal(r.search_lex(q, 6, offset=off).ids, full[off : off + 6])
             # cursor paging walks the whole ranking, across shard boundaries
             for k in (1, 4):
                 assert _pages(lambda kk, c, q=q: r.search_lex(q, kk, cursor=c), k) == full.tolist()
@@ -147,8 +148,9 @@ def test_sharded_hamming_matches_brute_force(nbits, n, kind, seed, shards):
 
 
 @SETTINGS
-@given(nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1),
-       cb=st.integers(0, 5), shards=SHARDS)
+@given(
+    nbits=NBITS, n=st.integers(0, 200), kind=KIND, seed=st.integers(0, 2**32 - 1), cb=st.integers(0, 5), shards=SHARDS
+)
 def test_sharded_hybrid_matches_brute_force(nbits, n, kind, seed, cb, shards):
     rng, codes, ids, labs = _data(nbits, n, kind, seed)
     cb = min(cb, nbits)
@@ -184,8 +186,9 @@ def test_sharded_uncertain_lex_get_stats_and_empty_shards(tmp_path):
             qc = rng.random(nbits).astype(np.float32)
             for off in (0, 5):  # wildcard bits may fall on the shard bits: merged, not concatenated
                 got = r.search_lex(q, 25, offset=off, conf=qc, conf_threshold=0.5, probe_budget=8)
-                assert np.array_equal(got.ids, single.search_lex(q, 25, offset=off, conf=qc,
-                                                                 conf_threshold=0.5, probe_budget=8).ids)
+                assert np.array_equal(
+                    got.ids, single.search_lex(q, 25, offset=off, conf=qc, conf_threshold=0.5, probe_budget=8).ids
+                )
         for i in (0, 3, 597, 1197, 2, -1):
             a, b = r.get(i), single.get(i)
             assert (a is None) == (b is None)
@@ -245,8 +248,12 @@ def test_sharded_index_is_read_only(tmp_path):
     with pytest.raises(ValueError, match="open it with cbir.indexer.open_index"):
         IndexReader(path)
     with open_index(path) as r:
-        for fn, args in ((r.add, ([99], codes[:1])), (r.upsert, ([1], codes[:1])), (r.delete, ([1],)),
-                         (r.update_meta, ([1], [{}]))):
+        for fn, args in (
+            (r.add, ([99], codes[:1])),
+            (r.upsert, ([1], codes[:1])),
+            (r.delete, ([1],)),
+            (r.update_meta, ([1], [{}])),
+        ):
             with pytest.raises(PermissionError, match="read-only"):
                 fn(*args)
         assert r.count() == 50

@@ -33,8 +33,7 @@ def _check_all(r, model: dict, nbits: int, rng) -> None:
         ref = ref_ids(q, codes, ids, 15, "hamming")
         for m in ("mih", "faiss", "auto"):
             assert np.array_equal(r.search_hamming(q, k=15, method=m).ids, ref)
-            assert np.array_equal(r.search_hamming(q, radius=3, method=m).ids,
-                                  ref_radius(q, codes, ids, 3))
+            assert np.array_equal(r.search_hamming(q, radius=3, method=m).ids, ref_radius(q, codes, ids, 3))
     page = r.search_prefix("", len(ids) + 1)
     assert sorted(page.ids.tolist()) == ids.tolist()
 
@@ -96,8 +95,14 @@ def test_meta_and_conf_round_trip(tmp_path):
     codes = random_codes(rng, 50, 10, "uniform")
     conf = rng.random((50, 10)).astype(np.float32)
     meta = [{"path": f"/x/{i}.png", "labels": [1, 2]} if i % 2 else None for i in range(50)]
-    build_index(tmp_path / "ix", np.arange(50) + 7, codes, meta, conf=conf,
-                layout=CodeLayout(nbits=10, class_bits=1, class_names=("a", "b")))
+    build_index(
+        tmp_path / "ix",
+        np.arange(50) + 7,
+        codes,
+        meta,
+        conf=conf,
+        layout=CodeLayout(nbits=10, class_bits=1, class_names=("a", "b")),
+    )
     with open_index(tmp_path / "ix", readonly=False) as r:
         it = r.get(8)
         assert it.meta == {"path": "/x/1.png", "labels": [1, 2]}
@@ -123,7 +128,7 @@ def test_reader_keeps_a_consistent_snapshot_during_writes(tmp_path):
         import numpy as np
         from cbir.codes import Codes
         from cbir.indexer import IndexWriter
-        with IndexWriter({str(tmp_path / 'ix')!r}) as w:
+        with IndexWriter({str(tmp_path / "ix")!r}) as w:
             w.add(np.arange(1000, 1200), Codes(np.repeat({codes.packed[0].tolist()!r}, 200).reshape(-1, 2).astype(np.uint8)[:200], 16))
             w.delete(np.arange(0, 100))
     """)
@@ -143,8 +148,7 @@ def test_map_size_grows_automatically(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     with IndexWriter(tmp_path / "ix", layout=CodeLayout(nbits=32)) as w:
         for s in range(0, 30000, 10000):
-            w.add(np.arange(s, s + 10000), random_codes(rng, 10000, 32, "uniform"),
-                  [{"p": "x" * 20}] * 10000)
+            w.add(np.arange(s, s + 10000), random_codes(rng, 10000, 32, "uniform"), [{"p": "x" * 20}] * 10000)
         assert w.count() == 30000
     with open_index(tmp_path / "ix") as r:
         assert r.count() == 30000
@@ -217,8 +221,14 @@ def test_stats_use_metrics_coverage(tmp_path):
 
     rng = np.random.default_rng(4)
     codes = random_codes(rng, 500, 12, "dups")
-    build_index(tmp_path / "ix", np.arange(500), codes, model_hash="h1",
-                layout=CodeLayout(nbits=12, class_bits=2), build_params={"batch_size": 4})
+    build_index(
+        tmp_path / "ix",
+        np.arange(500),
+        codes,
+        model_hash="h1",
+        layout=CodeLayout(nbits=12, class_bits=2),
+        build_params={"batch_size": 4},
+    )
     with open_index(tmp_path / "ix") as r:
         st = r.stats()
         assert st["count"] == 500 and st["nbits"] == 12 and st["model_hash"] == "h1"
@@ -285,8 +295,9 @@ def test_sigkill_mid_build_leaves_old_index_or_none(tmp_path, with_old):
     if with_old:
         with open_index(out) as r:
             assert r.count() == 100 and r.model_hash == "old"
-            assert np.array_equal(r.search_lex(old_codes[:1], 5).ids,
-                                  ref_ids(old_codes[:1], old_codes, np.arange(100), 5, "lex"))
+            assert np.array_equal(
+                r.search_lex(old_codes[:1], 5).ids, ref_ids(old_codes[:1], old_codes, np.arange(100), 5, "lex")
+            )
     else:
         assert not out.exists()
     # a clean restart removes the dead temporary directory and builds the new index
@@ -318,11 +329,10 @@ def test_map_growth_with_a_reader_open_in_the_same_process(tmp_path, monkeypatch
     with open_index(tmp_path / "ix") as r, open_index(tmp_path / "ix", readonly=False) as w:
         before = r.search_lex(codes[:1], 10).ids
         for s in range(100, 20000, 4975):
-            w.add(np.arange(s, s + 4975), codes[s:s + 4975], [{"x": "y" * 30}] * 4975)
+            w.add(np.arange(s, s + 4975), codes[s : s + 4975], [{"x": "y" * 30}] * 4975)
         assert np.array_equal(r.search_lex(codes[:1], 10).ids, before)
         assert r.refresh() and r.count() == 20000 == w.count()
-        assert np.array_equal(r.search_lex(codes[:1], 10).ids,
-                              ref_ids(codes[:1], codes, np.arange(20000), 10, "lex"))
+        assert np.array_equal(r.search_lex(codes[:1], 10).ids, ref_ids(codes[:1], codes, np.arange(20000), 10, "lex"))
 
 
 def test_map_regrowth_in_process_moves_open_readers_to_the_newest_snapshot(tmp_path, monkeypatch):
@@ -334,7 +344,7 @@ def test_map_regrowth_in_process_moves_open_readers_to_the_newest_snapshot(tmp_p
     with open_index(tmp_path / "ix") as r, open_index(tmp_path / "ix", readonly=False) as w:
         r.search_lex(codes[:1], 10)
         for s in range(100, 12000, 2975):
-            w.add(np.arange(s, s + 2975), codes[s:s + 2975], [{"x": "y" * 30}] * 2975)
+            w.add(np.arange(s, s + 2975), codes[s : s + 2975], [{"x": "y" * 30}] * 2975)
         # the resize invalidated r's transaction: r moved on to a consistent newer snapshot
         n = r.count() if r.get(11999) is None else 12000
         got = r.search_lex(codes[:1], 10).ids

@@ -111,8 +111,7 @@ def index_dir(hasher, dataset, tmp_path):
     from cbir.indexer import build_index
 
     ids, codes, metas = dataset
-    return build_index(tmp_path / "index", ids, codes, meta=metas, layout=hasher.layout,
-                       model_hash=hasher.content_hash)
+    return build_index(tmp_path / "index", ids, codes, meta=metas, layout=hasher.layout, model_hash=hasher.content_hash)
 
 
 @pytest.fixture

@@ -26,8 +26,24 @@ def test_cbir_search_table(served, dataset, images, tmp_path, capsys):
     assert len(data["hits"]) == 3
 
     hexcode = codes.packed[3].tobytes().hex()
-    assert main(["search", "--address", served.address, "--code", hexcode, "-k", "2", "--mode", "prefix",
-                 "--prefix-bits", "4"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--address",
+                served.address,
+                "--code",
+                hexcode,
+                "-k",
+                "2",
+                "--mode",
+                "prefix",
+                "--prefix-bits",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "hits (prefix)" in out
 
@@ -75,10 +91,29 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, ima
 
     model = hasher.save(tmp_path / "model.pt")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--model", str(model),
-         "--address", "127.0.0.1:0", "--grace", "5", "--image-formats", "png,gif", "--max-request-pixels", "2048",
-         "--max-hits-per-call", "50"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cbir.cli",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--model",
+            str(model),
+            "--address",
+            "127.0.0.1:0",
+            "--grace",
+            "5",
+            "--image-formats",
+            "png,gif",
+            "--max-request-pixels",
+            "2048",
+            "--max-hits-per-call",
+            "50",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = _read_line_with(proc, "SERVING", timeout=60)
@@ -89,15 +124,19 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, ima
             resp = stub.Search(pb.SearchRequest(id=int(dataset[0][0]), k=3, mode=pb.HAMMING), timeout=10)
             assert len(resp.hits) == 3 and resp.hits[0].hamming_distance == 0
             # the limit flags reach the server
-            for req, want in [(pb.SearchRequest(id=int(dataset[0][0]), k=51), "work limit of 50"),
-                              (pb.SearchRequest(image=b"BM" + bytes(60), k=1), "accepted formats: PNG, GIF")]:
+            for req, want in [
+                (pb.SearchRequest(id=int(dataset[0][0]), k=51), "work limit of 50"),
+                (pb.SearchRequest(image=b"BM" + bytes(60), k=1), "accepted formats: PNG, GIF"),
+            ]:
                 with pytest.raises(grpc.RpcError) as e:
                     stub.Search(req, timeout=10)
                 assert want in e.value.details()
             img = pb.GetCodeRequest(images=[images[0]] * 3)  # 3 x 32 x 32 > 2048 pixels
             with pytest.raises(grpc.RpcError) as e:
                 stub.GetCode(img, timeout=10)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "per-request budget of 2048" in e.value.details()
+            assert (
+                e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "per-request budget of 2048" in e.value.details()
+            )
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

@@ -46,8 +46,9 @@ def test_search_by_code_id_and_batch_equal_the_reader(served, client_of, dataset
         assert isinstance(res.codes, Codes) and res.codes.nbits == codes.nbits and len(res.codes) == len(res.ids) > 0
         assert res.query_code == codes[3:4]
         assert res.metadata[0]["source"].startswith("item")
-        assert (res.hamming == [bin(int(a) ^ int(codes[3:4].as_uint64()[0])).count("1")
-                                for a in res.codes.as_uint64()]).all()
+        assert (
+            res.hamming == [bin(int(a) ^ int(codes[3:4].as_uint64()[0])).count("1") for a in res.codes.as_uint64()]
+        ).all()
     by_id = c.search(id=int(ids[3]), k=25)
     assert by_id.ids.tolist() == c.search(codes[3:4], k=25).ids.tolist()  # a Codes positional query
     by_hex = c.search(code=codes[3:4].to_hex()[0], nbits=codes.nbits, k=25)
@@ -173,17 +174,25 @@ def test_async_client(served, dataset, images):
     assert res.ids.tolist() == np.asarray(served.index.search_hamming(codes[2:3], 9).ids).tolist()
     assert batch[0].ids.tolist() == res.ids.tolist() == batch[1].ids.tolist() and len(batch[2]) == 9
     assert st.count == 300
-    assert [m.ids.tolist() for m in many] == [np.asarray(served.index.search_lex(codes[j : j + 1], 4).ids).tolist()
-                                              for j in range(20)]
+    assert [m.ids.tolist() for m in many] == [
+        np.asarray(served.index.search_lex(codes[j : j + 1], 4).ids).tolist() for j in range(20)
+    ]
 
 
 def test_client_imports_no_torch():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "import sys, cbir.client; "
-                          "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, cbir.client; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -207,8 +216,9 @@ def test_bench_searcher_halves_chunks_on_resource_exhausted(index, server_factor
 
 def test_async_unavailable_is_retried_then_raised():
     async def main():
-        c = cc.AsyncCbirClient(f"127.0.0.1:{_free_port()}", timeout=10,
-                               retry=cc.RetryPolicy(attempts=3, initial_s=0.1, jitter=0.0))
+        c = cc.AsyncCbirClient(
+            f"127.0.0.1:{_free_port()}", timeout=10, retry=cc.RetryPolicy(attempts=3, initial_s=0.1, jitter=0.0)
+        )
         t0 = time.monotonic()
         try:
             with pytest.raises(cc.Unavailable) as e:

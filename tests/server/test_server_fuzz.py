@@ -173,7 +173,9 @@ def test_k_zero_and_non_finite_metadata_are_invalid(served, dataset):
     ids, codes, _ = dataset
     status, detail = _status(served.stub.Search, pb.SearchRequest(code=_code(codes), k=0))
     assert status == "INVALID_ARGUMENT" and "k must be >= 1" in detail
-    batch = pb.BatchSearchRequest(requests=[pb.SearchRequest(code=_code(codes), k=3), pb.SearchRequest(code=_code(codes))])
+    batch = pb.BatchSearchRequest(
+        requests=[pb.SearchRequest(code=_code(codes), k=3), pb.SearchRequest(code=_code(codes))]
+    )
     status, detail = _status(served.stub.BatchSearch, batch)
     assert status == "INVALID_ARGUMENT" and detail.startswith("request 1: k must be >= 1")
     count = served.stub.GetStats(pb.GetStatsRequest()).count
@@ -195,7 +197,9 @@ def test_oversized_work_is_refused_before_any_search(index, hasher, server_facto
     real = server.backend.search
     server.backend.search = lambda *a, **kw: (searches.append(a), real(*a, **kw))[1]
     q = _code(dataset[1])
-    status, detail = _status(stub.BatchSearch, pb.BatchSearchRequest(requests=[pb.SearchRequest(code=q, k=10_000)] * 200))
+    status, detail = _status(
+        stub.BatchSearch, pb.BatchSearchRequest(requests=[pb.SearchRequest(code=q, k=10_000)] * 200)
+    )
     assert status == "RESOURCE_EXHAUSTED" and "2000000 ranked hits" in detail and "work limit of 200000" in detail
     status, detail = _status(stub.Search, pb.SearchRequest(code=q, k=10_000, offset=1_000_000))
     assert status == "RESOURCE_EXHAUSTED" and "split it into smaller calls" in detail
@@ -327,8 +331,9 @@ def test_format_allowlist_and_pixel_budgets(index, hasher, server_factory, clien
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, format="JPEG")
     jpeg = buf.getvalue()
-    server = server_factory(index, hasher, image_formats=("PNG",), max_request_pixels=3 * 32 * 32 - 1,
-                            max_images_per_call=4)
+    server = server_factory(
+        index, hasher, image_formats=("PNG",), max_request_pixels=3 * 32 * 32 - 1, max_images_per_call=4
+    )
     stub = client_factory(server.address)
     status, detail = _status(stub.Search, pb.SearchRequest(image=eps, k=1))
     assert status == "INVALID_ARGUMENT" and "accepted formats: PNG" in detail
@@ -349,8 +354,9 @@ def test_format_allowlist_and_pixel_budgets(index, hasher, server_factory, clien
         create_server(index, None, "127.0.0.1:0", image_formats=("JPG",))
 
 
-def test_big_image_request_does_not_hold_up_small_ones(index, hasher, slow_hasher_factory, server_factory,
-                                                      client_factory, make_png):
+def test_big_image_request_does_not_hold_up_small_ones(
+    index, hasher, slow_hasher_factory, server_factory, client_factory, make_png
+):
     """Each forward pass takes >= 50 ms and each 64x64 image is a step of its own: a 16-image
     GetCode needs 16 steps, yet a 1-image Search sent after it started is answered first."""
     from PIL import Image

@@ -110,9 +110,27 @@ def test_bind_policy():
 def test_tls(index, hasher, server_factory, client_factory, dataset, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     server = server_factory(index, hasher, tls_cert=cert.read_bytes(), tls_key=key.read_bytes(), token="tok")
     stub = client_factory(server.address, tls_ca=cert.read_bytes(), token="tok", server_name="localhost")
@@ -134,7 +152,9 @@ def test_micro_batching_shares_forward_passes(index, hasher, server_factory, cli
     assert enc.images_encoded == n
     assert enc.forward_passes < n and enc.max_batch_seen > 1
     # batching does not change the codes
-    expect, _ = hasher.encode([__import__("cbir.data", fromlist=["x"]).decode_image(images[i % len(images)]) for i in range(n)])
+    expect, _ = hasher.encode(
+        [__import__("cbir.data", fromlist=["x"]).decode_image(images[i % len(images)]) for i in range(n)]
+    )
     assert [r.query_code.data for r in results] == expect.to_bytes_list()
 
 
@@ -143,8 +163,13 @@ def test_concurrent_add_and_search_consistent(index, hasher, server_factory, cli
     server = server_factory(index, hasher)
     stub = client_factory(server.address)
     marker = Codes.from_bits(np.ones((1, NBITS), np.uint8))
-    base = len(stub.Search(pb.SearchRequest(code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS),
-                                            k=10_000, mode=pb.HAMMING, radius=0)).hits)
+    base = len(
+        stub.Search(
+            pb.SearchRequest(
+                code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS), k=10_000, mode=pb.HAMMING, radius=0
+            )
+        ).hits
+    )
     batches, per = 15, 10
     stop = threading.Event()
     errors, counts = [], []
@@ -152,8 +177,10 @@ def test_concurrent_add_and_search_consistent(index, hasher, server_factory, cli
     def writer():
         try:
             for b in range(batches):
-                items = [pb.Item(id=10_000_000 + b * per + j, code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS))
-                         for j in range(per)]
+                items = [
+                    pb.Item(id=10_000_000 + b * per + j, code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS))
+                    for j in range(per)
+                ]
                 assert stub.Add(pb.AddRequest(items=items)).added == per
         except Exception as e:  # pragma: no cover
             errors.append(e)
@@ -162,8 +189,9 @@ def test_concurrent_add_and_search_consistent(index, hasher, server_factory, cli
 
     def reader():
         last = -1
-        req = pb.SearchRequest(code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS), k=10_000,
-                               mode=pb.HAMMING, radius=0)
+        req = pb.SearchRequest(
+            code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS), k=10_000, mode=pb.HAMMING, radius=0
+        )
         while not stop.is_set():
             n = len(stub.Search(req).hits) - base
             lex = stub.Search(pb.SearchRequest(code=req.code, k=10_000))
@@ -180,8 +208,13 @@ def test_concurrent_add_and_search_consistent(index, hasher, server_factory, cli
     for t in threads:
         t.join(60)
     assert not errors, errors
-    final = len(stub.Search(pb.SearchRequest(code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS),
-                                             k=10_000, mode=pb.HAMMING, radius=0)).hits)
+    final = len(
+        stub.Search(
+            pb.SearchRequest(
+                code=pb.Code(data=marker.packed[0].tobytes(), nbits=NBITS), k=10_000, mode=pb.HAMMING, radius=0
+            )
+        ).hits
+    )
     assert final == base + batches * per
     assert counts
 

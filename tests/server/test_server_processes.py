@@ -31,9 +31,26 @@ def test_two_processes_share_one_port(index_dir, dataset, hasher, images, tmp_pa
     ids, codes, _ = dataset
     model = ["--model", str(hasher.save(tmp_path / "model.pt")), "--torch-threads", "1"] if with_model else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--address", "127.0.0.1:0",
-         "--processes", "2", "--grace", "5", *model],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "cbir.cli",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--address",
+            "127.0.0.1:0",
+            "--processes",
+            "2",
+            "--grace",
+            "5",
+            *model,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         line = _read_line_with(proc, "SERVING", timeout=120)
         address = line.split(" on ", 1)[1].split()[0]
@@ -94,6 +111,8 @@ def test_processes_flag_errors(index_dir, capsys):
 def test_single_process_reports_writable(served):
     with cc.CbirClient(served.address) as c:
         st = c.stats()
-        assert st.details["server"] == {"pid": float(os.getpid()), "writable": True} or \
-            st.details["server"]["pid"] == os.getpid()
+        assert (
+            st.details["server"] == {"pid": float(os.getpid()), "writable": True}
+            or st.details["server"]["pid"] == os.getpid()
+        )
         assert np.isfinite(st.entropy)

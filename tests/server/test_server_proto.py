@@ -35,8 +35,6 @@ def test_stubs_import_and_describe_the_service():
 
     svc = search_pb2.DESCRIPTOR.services_by_name["SearchService"]
     assert svc.full_name == "cbir.v1.SearchService"
-    assert {m.name for m in svc.methods} == {
-        "Search", "BatchSearch", "Add", "Delete", "GetStats", "GetCode", "Ping"
-    }
+    assert {m.name for m in svc.methods} == {"Search", "BatchSearch", "Add", "Delete", "GetStats", "GetCode", "Ping"}
     assert set(search_pb2.SearchMode.keys()) == {"LEXICOGRAPHIC", "HAMMING", "HYBRID", "PREFIX"}
     assert hasattr(search_pb2_grpc, "SearchServiceStub")

@@ -114,9 +114,7 @@ def test_prefix_pagination(served, dataset):
                 break
             assert pages < 1000
         assert got == expect
-        assert sorted(got) == sorted(
-            ids[(codes.prefix(pbits).packed == q.prefix(pbits).packed).all(1)].tolist()
-        )
+        assert sorted(got) == sorted(ids[(codes.prefix(pbits).packed == q.prefix(pbits).packed).all(1)].tolist())
 
 
 def test_search_by_id_and_image(served, dataset, images):

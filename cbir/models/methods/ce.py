@@ -48,8 +48,14 @@ class CEClassifier(HashingMethod):
             raise ValueError(
                 f"the CE-only code has exactly {nbits} class bits for {spec.num_classes} classes; drop --bits"
             )
-        layout = CodeLayout(nbits=nbits, class_bits=nbits, depth=0, multilabel=spec.multilabel,
-                            class_names=spec.class_names, method="ce")
+        layout = CodeLayout(
+            nbits=nbits,
+            class_bits=nbits,
+            depth=0,
+            multilabel=spec.multilabel,
+            class_names=spec.class_names,
+            method="ce",
+        )
         super().__init__(spec.make_backbone(), layout)
         self.head = ClassHead(self.backbone.feature_dim, spec.num_classes)
         self.multilabel = spec.multilabel

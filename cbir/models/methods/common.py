@@ -25,13 +25,14 @@ from cbir.models.base import HashingMethod
 from cbir.models.heads import ClassHead
 from cbir.models.registry import MethodSpec
 
-__all__ = ["free_bit_layout", "HashLayer", "CEFeatureMethod", "collect_features", "gaussian_confidence",
-           "DEFAULT_BITS"]
+__all__ = ["free_bit_layout", "HashLayer", "CEFeatureMethod", "collect_features", "gaussian_confidence", "DEFAULT_BITS"]
 
 DEFAULT_BITS = 32
 
 
-def free_bit_layout(spec: MethodSpec, method: str, default: int = DEFAULT_BITS, max_bits: int | None = None) -> CodeLayout:
+def free_bit_layout(
+    spec: MethodSpec, method: str, default: int = DEFAULT_BITS, max_bits: int | None = None
+) -> CodeLayout:
     if spec.depth is not None:
         raise ValueError(f"{method} has no decision tree; give --bits instead of --depth")
     nbits = spec.nbits if spec.nbits is not None else default
@@ -39,8 +40,9 @@ def free_bit_layout(spec: MethodSpec, method: str, default: int = DEFAULT_BITS, 
         raise ValueError(f"{method}: --bits must be >= 1, got {nbits}")
     if max_bits is not None and nbits > max_bits:
         raise ValueError(f"{method}: at most {max_bits} bits for this backbone; lower --bits")
-    return CodeLayout(nbits=nbits, class_bits=0, depth=0, multilabel=spec.multilabel,
-                      class_names=spec.class_names, method=method)
+    return CodeLayout(
+        nbits=nbits, class_bits=0, depth=0, multilabel=spec.multilabel, class_names=spec.class_names, method=method
+    )
 
 
 class HashLayer(nn.Module):

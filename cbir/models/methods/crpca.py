@@ -131,6 +131,8 @@ class CrPCA(CEFeatureMethod):
         return bits, conf
 
 
-@register_method("crpca", params=CrPCAParams, description="CE backbone features + recursive PCA median splits (Darlow 2022, §3.3.1)")
+@register_method(
+    "crpca", params=CrPCAParams, description="CE backbone features + recursive PCA median splits (Darlow 2022, §3.3.1)"
+)
 def crpca(spec: MethodSpec, params: CrPCAParams) -> HashingMethod:
     return CrPCA(spec, params)

@@ -50,8 +50,14 @@ import torch
 from cbir.codes import CodeLayout, class_bits_for
 from cbir.losses import AsymmetricLoss, PerClassNodeBalance, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
-from cbir.models.heads import (DDTLHead, fit_pca_median_tree, forest_greedy_path, forest_leaf_probs, node_slices,
-                               split_depth)
+from cbir.models.heads import (
+    DDTLHead,
+    fit_pca_median_tree,
+    forest_greedy_path,
+    forest_leaf_probs,
+    node_slices,
+    split_depth,
+)
 from cbir.models.methods.ce import class_code
 from cbir.models.registry import MethodSpec, register_method
 
@@ -129,13 +135,20 @@ class DDTL(HashingMethod):
     def __init__(self, spec: MethodSpec, params: DDTLParams):
         cbits = spec.num_classes if spec.multilabel else class_bits_for(spec.num_classes)
         depth = ddtl_depth(spec, cbits)
-        layout = CodeLayout(nbits=cbits + depth, class_bits=cbits, depth=depth, multilabel=spec.multilabel,
-                            class_names=spec.class_names, method="ddtl")
+        layout = CodeLayout(
+            nbits=cbits + depth,
+            class_bits=cbits,
+            depth=depth,
+            multilabel=spec.multilabel,
+            class_names=spec.class_names,
+            method="ddtl",
+        )
         super().__init__(spec.make_backbone(), layout)
         if params.class_bias and spec.multilabel:
             raise ValueError("class_bias needs single-label data (one predicted class per image); drop it")
-        self.head = DDTLHead(self.backbone.feature_dim, spec.num_classes, depth, params.max_tree_depth,
-                             class_bias=params.class_bias)
+        self.head = DDTLHead(
+            self.backbone.feature_dim, spec.num_classes, depth, params.max_tree_depth, class_bias=params.class_bias
+        )
         self.params = params
         self.multilabel = spec.multilabel
         self.contrastive = PerClassNTXent(params.tau)
@@ -159,7 +172,9 @@ class DDTL(HashingMethod):
 
     def head_parameters(self) -> list:
         if self.stage == "tree":  # stop-gradient: the class head stays the stage-1 classifier
-            return list(self.head.g1.parameters()) + ([self.head.class_bias] if self.head.class_bias is not None else [])
+            return list(self.head.g1.parameters()) + (
+                [self.head.class_bias] if self.head.class_bias is not None else []
+            )
         return super().head_parameters()
 
     def before_head_fit(self, feats: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -190,8 +205,12 @@ class DDTL(HashingMethod):
         loss = self.params.beta * con
         if self.params.balance > 0:
             tt = torch.cat([targets, targets], 0)
-            bal = torch.stack([self.node_balance(node_logits[:, sl], d, tt)
-                               for sl, d in zip(node_slices(self.head.tree_depths), self.head.tree_depths)]).mean()
+            bal = torch.stack(
+                [
+                    self.node_balance(node_logits[:, sl], d, tt)
+                    for sl, d in zip(node_slices(self.head.tree_depths), self.head.tree_depths)
+                ]
+            ).mean()
             loss = loss + self.params.balance * bal
             logs["balance"] = float(bal.detach())
         if self.stage == "tree":

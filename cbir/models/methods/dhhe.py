@@ -42,7 +42,10 @@ class DHHE(HashNet):
         return self.criterion(self.codes(images), targets)
 
 
-@register_method("dhhe", params=DHHEParams,
-                 description="Deep hashing by discriminating hard examples (Yan et al. 2019), reconstructed loss")
+@register_method(
+    "dhhe",
+    params=DHHEParams,
+    description="Deep hashing by discriminating hard examples (Yan et al. 2019), reconstructed loss",
+)
 def dhhe(spec: MethodSpec, params: DHHEParams) -> HashingMethod:
     return DHHE(spec, params)

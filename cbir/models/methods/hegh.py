@@ -70,7 +70,9 @@ class HEGHParams:
             raise ValueError("cbam_stage must be >= 0 (index of the backbone stage CBAM follows)")
         if not 0 <= self.gamma_after_acc <= 1 or not 0 <= self.acc_momentum < 1:
             raise ValueError("gamma_after_acc must be in [0, 1] and acc_momentum in [0, 1)")
-        HEGHLoss(self.gamma, self.lam, self.mu, self.margin or None, self.squared_hinge, self.weight_norm)  # validates weight_norm
+        HEGHLoss(
+            self.gamma, self.lam, self.mu, self.margin or None, self.squared_hinge, self.weight_norm
+        )  # validates weight_norm
 
 
 class HEGH(HashingMethod):
@@ -79,15 +81,18 @@ class HEGH(HashingMethod):
         if params.cbam_blocks > 0:
             i = params.cbam_stage
             if i >= len(backbone.stages):
-                raise ValueError(f"cbam_stage={i}: backbone {spec.backbone!r} has {len(backbone.stages)} stage(s); "
-                                 "choose a smaller cbam_stage or cbam_blocks=0")
+                raise ValueError(
+                    f"cbam_stage={i}: backbone {spec.backbone!r} has {len(backbone.stages)} stage(s); "
+                    "choose a smaller cbam_stage or cbam_blocks=0"
+                )
             backbone.post_stage[i] = stacked_cbam(backbone.stage_channels[i], params.cbam_blocks, params.cbam_reduction)
         super().__init__(backbone, free_bit_layout(spec, "hegh"))
         self.hash_layer = HashLayer(self.backbone.feature_dim, self.nbits)
         self.head = ClassHead(self.backbone.feature_dim, spec.num_classes)
         self.params = params
-        self.criterion = HEGHLoss(params.gamma, params.lam, params.mu, params.margin or None, params.squared_hinge,
-                                  params.weight_norm)
+        self.criterion = HEGHLoss(
+            params.gamma, params.lam, params.mu, params.margin or None, params.squared_hinge, params.weight_norm
+        )
         # EMA of the training-batch accuracy; the hard weights switch on once it reaches gamma_after_acc
         self.register_buffer("batch_accuracy", torch.zeros(()))
         self.register_buffer("hard_on", torch.tensor(params.gamma_after_acc <= 0))

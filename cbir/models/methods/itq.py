@@ -51,13 +51,16 @@ def itq_rotation(v: torch.Tensor, iterations: int, seed: int) -> torch.Tensor:
 
 class ITQ(CEFeatureMethod):
     def __init__(self, spec: MethodSpec, params: ITQParams):
-        super().__init__(spec, lambda dim: free_bit_layout(spec, "itq", default=min(DEFAULT_BITS, dim)),
-                         params.train_backbone)
+        super().__init__(
+            spec, lambda dim: free_bit_layout(spec, "itq", default=min(DEFAULT_BITS, dim)), params.train_backbone
+        )
         self.params = params
         f, b = self.backbone.feature_dim, self.nbits
         if b > f:
-            raise ValueError(f"ITQ projects {f}-dimensional {spec.backbone} features onto B principal directions, "
-                             f"so --bits must be <= {f}; got {b}")
+            raise ValueError(
+                f"ITQ projects {f}-dimensional {spec.backbone} features onto B principal directions, "
+                f"so --bits must be <= {f}; got {b}"
+            )
         self.register_buffer("mean", torch.zeros(f))
         self.register_buffer("pca", torch.zeros(f, b))
         self.register_buffer("rotation", torch.eye(b))
@@ -84,6 +87,8 @@ class ITQ(CEFeatureMethod):
         return z > 0, gaussian_confidence(z, self.scale)
 
 
-@register_method("itq", params=ITQParams, description="Iterative quantisation on backbone features (Gong & Lazebnik 2011)")
+@register_method(
+    "itq", params=ITQParams, description="Iterative quantisation on backbone features (Gong & Lazebnik 2011)"
+)
 def itq(spec: MethodSpec, params: ITQParams) -> HashingMethod:
     return ITQ(spec, params)
