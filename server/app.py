@@ -213,7 +213,9 @@ class CbirServer:
             if ih and mh and ih != mh:
                 msg = f"index was built with model {ih[:12]} but the server loaded model {mh[:12]}"
                 if not self.options.allow_model_mismatch:
-                    raise ValueError(msg + " (pass allow_model_mismatch to serve anyway)")
+                    raise ValueError(
+                        msg + " (rebuild the index with this model, or pass --allow-model-mismatch to serve anyway)"
+                    )
                 log.warning(msg)
             o = self.options
             self.encoder = MicroBatchEncoder(

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     s.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without TLS or token (not recommended)"
     )
+    s.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="serve an index built with another model than --model (image queries then give codes of another model)",
+    )
     lim = p.add_argument_group("limits")
     lim.add_argument(
         "--max-message-mb", type=float, default=16.0, help="max request/response size in MiB (default: %(default)s)"
@@ -188,6 +193,7 @@ def _options(args: argparse.Namespace, extra_grpc_options=()):
 
     token = args.token if args.token is not None else os.environ.get("CBIR_TOKEN") or None
     return ServerOptions(
+        allow_model_mismatch=bool(getattr(args, "allow_model_mismatch", False)),
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
         max_k=args.max_k,
         max_batch=args.max_batch,
