@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from cbir.codes import Codes
+from cbir.models.hasher import Hasher
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
 __all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "search_prediction_set", "FORMAT", "PERTURBATIONS"]
@@ -141,34 +142,9 @@ class EnsembleHasher:
             )
         return self.encode_tensor(x)
 
-    def encode_imageset(
-        self,
-        imageset,
-        batch_size: int | None = None,
-        num_workers: int = 0,
-        progress: bool = False,
-        skip_log=None,
-        desc: str = "encode",
-    ):
-        """Like :meth:`Hasher.encode_imageset`: ``(codes, conf, indices)`` of the readable images."""
-        from cbir.data import make_loader
-
-        loader = make_loader(
-            imageset.with_transform(self.eval_transform),
-            batch_size or self.batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            skip_log=skip_log,
-        )
-        out_c, out_f, idx = [], [], []
-        for batch in loader:
-            c, f = self.encode_tensor(batch.images)
-            out_c.append(c)
-            out_f.append(f)
-            idx.append(batch.indices.numpy())
-        if not out_c:
-            return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64)
-        return Codes.concat(out_c), np.concatenate(out_f), np.concatenate(idx).astype(np.int64)
+    # the loader loops of a Hasher, over this class's encode_tensor
+    encode_batches = Hasher.encode_batches
+    encode_imageset = Hasher.encode_imageset
 
     # persistence --------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -190,8 +166,6 @@ class EnsembleHasher:
 
     @classmethod
     def from_payload(cls, payload: dict, where, device="auto", batch_size: int = 256) -> "EnsembleHasher":
-        from cbir.models.hasher import Hasher
-
         members = [
             Hasher.from_payload(p, f"{where} member {i}", device=device, batch_size=batch_size)
             for i, p in enumerate(payload["members"])

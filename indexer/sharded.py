@@ -40,7 +40,7 @@ from cbir.codes import CodeLayout, Codes
 from cbir.indexer import publish as _publish
 from cbir.indexer.build import _pid_alive, _tmp_dir, build_index
 from cbir.indexer.env import is_sharded, new_manifest, read_manifest, write_manifest
-from cbir.indexer.lexmodes import uncertain_order
+from cbir.indexer.lexmodes import LexModes, uncertain_order
 from cbir.indexer.publish import MANIFEST, SHARDS_DIR
 from cbir.indexer.reader import IndexReader
 from cbir.indexer.results import (
@@ -388,29 +388,7 @@ class ShardedReader:
         )
         return SearchResult(res.ids, res.codes, res.distances, res.prefix_lengths, "lex", nxt)
 
-    def search_lex_batch(
-        self,
-        codes,
-        k: int = 10,
-        offset: int = 0,
-        conf=None,
-        conf_threshold: float | None = None,
-        probe_budget: int = 16,
-        labels=None,
-    ) -> list[SearchResult]:
-        Q = self._queries(codes)
-        return [
-            self.search_lex(
-                Q[i].tobytes(),
-                k,
-                offset,
-                None if conf is None else np.asarray(conf)[i],
-                conf_threshold,
-                probe_budget,
-                labels=labels,
-            )
-            for i in range(len(Q))
-        ]
+    search_lex_batch = LexModes.search_lex_batch  # one query at a time through search_lex
 
     # prefix ----------------------------------------------------------------------------------
     def search_prefix(self, bits, limit: int = 100, cursor: str | bytes | None = None, labels=None) -> PrefixPage:
