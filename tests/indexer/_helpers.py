@@ -49,3 +49,24 @@ def queries_for(rng, codes: Codes, nbits: int, n: int = 4) -> Codes:
     if len(codes):
         qs.append(codes.to_bits()[rng.integers(0, len(codes), n)])
     return Codes.from_bits(np.concatenate(qs))
+
+
+def save_tiny_model(path, class_names=("a", "b", "c"), nbits=10, depth=8, seed=0):
+    """Save an untrained DDTL hasher on a tiny convnet (32x32 input) at ``path``; returns the path."""
+    import torch
+
+    from cbir.models.hasher import Hasher
+    from cbir.models.registry import MethodSpec, create_method, resolve_params
+
+    torch.manual_seed(seed)
+    spec = MethodSpec(
+        backbone="convnet",
+        num_classes=len(class_names),
+        nbits=nbits,
+        depth=depth,
+        class_names=tuple(class_names),
+        backbone_kwargs=(("width", 8),),
+    )
+    params = resolve_params("ddtl", None)
+    h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
+    return h.save(path)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _helpers import save_tiny_model
 
 from cbir.cli import main
 from cbir.codes import rank
@@ -14,23 +15,7 @@ from cbir.indexer import open_index
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    import torch
-
-    from cbir.models.hasher import Hasher
-    from cbir.models.registry import MethodSpec, create_method, resolve_params
-
-    torch.manual_seed(0)
-    spec = MethodSpec(
-        backbone="convnet",
-        num_classes=3,
-        nbits=10,
-        depth=8,
-        class_names=("a", "b", "c"),
-        backbone_kwargs=(("width", 8),),
-    )
-    params = resolve_params("ddtl", None)
-    h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
-    return h.save(tmp_path_factory.mktemp("model") / "model.pt")
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def _images(root, n_per_class=6):

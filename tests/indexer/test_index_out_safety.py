@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import save_tiny_model
 
 from cbir.cli import main
 from cbir.codes import Codes
@@ -46,18 +47,7 @@ def _user_files(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    import torch
-
-    from cbir.models.hasher import Hasher
-    from cbir.models.registry import MethodSpec, create_method, resolve_params
-
-    torch.manual_seed(0)
-    spec = MethodSpec(
-        backbone="convnet", num_classes=2, nbits=7, depth=6, class_names=("cat", "dog"), backbone_kwargs=(("width", 8),)
-    )
-    params = resolve_params("ddtl", None)
-    h = Hasher(create_method("ddtl", spec, params), "ddtl", spec, params, image_size=32, device="cpu")
-    return h.save(tmp_path_factory.mktemp("model") / "model.pt")
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model.pt", ("cat", "dog"), nbits=7, depth=6)
 
 
 def _build_cli(model, images, out, *extra):
