@@ -320,9 +320,19 @@ class MIH:
         # radii 0 and 1 in one step (most answers need both), then one radius per step
         stages = [(0, min(1, rmax))] + [(r, r) for r in range(2, rmax + 1)]
         for r_lo, r_hi in stages:
-            cost += self.STEP_COST + self.PROBE_COST * sum(
+            step = self.STEP_COST + self.PROBE_COST * sum(
                 math.comb(s, r) for r in range(r_lo, r_hi + 1) for s in self.sizes if r <= s
             )
+            if step > self._scan_cost():  # the probes would cost more than reading every code
+                if budget is not None and cost + self._scan_cost() > budget:
+                    return None
+                pos, dist = self._scan(q, q64, keep)
+                if len(pos) == 0:
+                    return pos, dist
+                dk = int(np.partition(dist, min(k, len(dist)) - 1)[min(k, len(dist)) - 1])
+                sel = dist <= dk
+                return pos[sel], dist[sel]
+            cost += step
             if budget is not None and cost > budget:
                 return None
             pos, dist = self._step(q, q64, qsub, r_lo, r_hi)
@@ -360,6 +370,12 @@ class MIH:
             self.STEP_COST + self.PROBE_COST * sum(math.comb(s, r) for s in self.sizes if r <= s)
             for r in range(min(rr, max(self.sizes)) + 1)
         )
+        if cost > self._scan_cost():  # the probes would cost more than reading every code
+            if budget is not None and self._scan_cost() > budget:
+                return None
+            pos, dist = self._scan(q, q64, keep)
+            sel = dist <= radius
+            return pos[sel], dist[sel]
         if budget is not None and cost > budget:
             return None
         pos, dist = self._step(q, q64, qsub, 0, min(rr, max(self.sizes)))  # all radii, one step
@@ -367,3 +383,15 @@ class MIH:
         if keep is not None and len(pos):
             sel &= keep(pos)
         return pos[sel], dist[sel]
+
+    def _scan_cost(self) -> int:
+        return self.STEP_COST + self.CANDIDATE_COST * self.n
+
+    def _scan(self, q: np.ndarray, q64, keep) -> tuple[np.ndarray, np.ndarray]:
+        """Every (kept) position with its distance: the exact answer when enumerating the
+        substring balls would cost more (few items, long substrings: a table of 32 bits over
+        one item would otherwise enumerate C(32, r) probes per radius)."""
+        pos = np.arange(self.n, dtype=np.int64)
+        if keep is not None and len(pos):
+            pos = pos[keep(pos)]
+        return pos, self._full_dist(q, q64, pos)

@@ -211,3 +211,28 @@ def test_large_index_matches_brute_force(tmp_path, kind, nbits):
             ref = ref_ids(q, codes, ids, 100, "hamming")
             for method in ("auto", "mih", "faiss"):
                 assert np.array_equal(r.search_hamming(q, k=100, method=method).ids, ref)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_mih_on_a_tiny_collection_scans_instead_of_enumerating(n):
+    """A few items with long substrings (n=1: two 20-bit tables for 40 bits): a query at the
+    far end would enumerate C(20, 10) probes per table; the search reads the n codes instead,
+    exactly (ties included), and enumerates almost nothing. (The CI run that died at 137 had hit
+    this with 64-bit codes in a one-item shard: C(32, 16) probes.)"""
+    from cbir.indexer.mih import MIH
+
+    rng = np.random.default_rng(n)
+    codes = Codes.from_bits(rng.integers(0, 2, (n, 40), dtype=np.uint8))
+    mih = MIH(codes.packed, 40)
+    for q in (Codes.from_bits(1 - codes.to_bits()[:1]), queries_for(rng, codes, 40, 1)[:1]):
+        d = np.bitwise_count(codes.packed ^ q.packed[0]).sum(axis=1)
+        for k in (1, n):
+            pos, dist = mih.knn(q.packed[0], k)
+            dk = np.sort(d)[k - 1]
+            assert sorted(pos.tolist()) == np.flatnonzero(d <= dk).tolist()
+            assert np.array_equal(dist, d[pos])
+        for radius in (0, 20, 40):
+            pos, _ = mih.range(q.packed[0], radius)
+            assert sorted(pos.tolist()) == np.flatnonzero(d <= radius).tolist()
+    probes = sum(len(v[0]) for v in getattr(mih, "_probe_cache", {}).values())
+    assert probes < 2_000, probes
