@@ -285,6 +285,7 @@ def _fit_heads(cfg, method, cache, phases, device, val_loader, history, t0) -> i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            method.after_step()  # e.g. DMUH's momentum update of its (head-only) momentum net
             nb += 1
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in logs.items():
