@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -35,11 +36,12 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from cbir.codes import Codes, common_prefix_length
+from cbir.codes import Codes
+from cbir.indexer.results import SearchResult, hamming_to, prefix_len_to
 from cbir.v1 import search_pb2 as pb
 from cbir.v1 import search_pb2_grpc as pb_grpc
 
-from .backend import AlreadyExists, IndexBackend, NotFound, Result
+from .backend import AlreadyExists, IndexBackend, NotFound, as_result, skip
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
 from .guard import Budget, RpcError, log_level, parse_request, response_bytes_bound
@@ -366,7 +368,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
         scanned = [0]
 
-        def take(res: Result) -> None:
+        def take(res: SearchResult) -> None:
             for at in range(0, len(res.ids), 1024):  # bounded: deadline, cancellation, scan limit
                 budget.check()
                 scanned[0] += min(1024, len(res.ids) - at)
@@ -383,9 +385,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                         rows.append(res.codes.packed[j].tobytes())
                         metas.append(meta)
 
-        cursor = b""
+        cursor: bytes | str | None = None
         if mode == "prefix":
-            cursor = r.cursor
+            cursor = bytes(r.cursor)
             while len(ids) < k:
                 budget.check()
                 res = backend.search(query, mode, k - len(ids), 0, None, r.prefix_bits, cursor)
@@ -416,9 +418,18 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 if len(ids) >= want or len(res.ids) < kk or kk > total:
                     break
                 kk *= 4
-        skip = r.offset if mode != "prefix" else 0
-        codes = Codes.from_bytes(rows[skip:], backend.nbits) if len(rows) > skip else Codes.empty(backend.nbits)
-        return Result(np.asarray(ids[skip:], dtype=np.int64), codes, cursor), metas[skip:]
+        off = r.offset if mode != "prefix" else 0
+        codes = Codes.from_bytes(rows[off:], backend.nbits) if len(rows) > off else Codes.empty(backend.nbits)
+        q = query.packed[0]
+        found = SearchResult(
+            np.asarray(ids[off:], dtype=np.int64),
+            codes,
+            hamming_to(q, codes.packed),
+            prefix_len_to(q, codes.packed, codes.nbits),
+            "hamming" if mode in ("hamming", "hybrid") else "lex",
+            cursor.decode("ascii") if isinstance(cursor, bytes) and cursor else (cursor or None),
+        )
+        return found, metas[off:]
 
     def _filtered_by_index(self, backend, query, mode, k, r, radius, labels):
         """The index filters inside its search (cost ~ what the filter selects)."""
@@ -432,31 +443,18 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         else:
             cursor = bytes(r.cursor).decode("ascii") if r.cursor else None
             res, off = ix.search_prefix(query.prefix(r.prefix_bits), k, cursor, labels=labels), 0
-        cur = (res.next_cursor or "").encode() if mode == "prefix" else b""
-        out = Result(
-            res.ids[off:],
-            res.codes[off:] if len(res.ids) > off else Codes.empty(backend.nbits),
-            cur,
-            getattr(res, "distances", None),
-            getattr(res, "prefix_lengths", None),
-        )
-        if out.distances is not None:
-            out.distances, out.prefix_lengths = out.distances[off:], out.prefix_lengths[off:]
+        out = skip(as_result(res, query), off)
+        if mode != "prefix" and out.next_cursor is not None:
+            out = dataclasses.replace(out, next_cursor=None)
         return out, backend.get_metadata(out.ids) if r.return_metadata else None
 
-    def _response(self, r, query: Codes, res: Result, metas, offset: int) -> pb.SearchResponse:
-        resp = pb.SearchResponse(query_code=code_to_pb(query), next_cursor=res.next_cursor)
+    def _response(self, r, query: Codes, res: SearchResult, metas, offset: int) -> pb.SearchResponse:
+        resp = pb.SearchResponse(query_code=code_to_pb(query), next_cursor=(res.next_cursor or "").encode())
         n = len(res.ids)
         if n == 0:
             return resp
-        if res.distances is not None:
-            ham = res.distances.tolist()
-        else:
-            ham = np.bitwise_count(res.codes.packed ^ query.packed).sum(axis=1, dtype=np.int64).tolist()
-        if res.prefix_lengths is not None:
-            cpl = res.prefix_lengths.tolist()
-        else:
-            cpl = common_prefix_length(query, res.codes)[0].tolist()
+        ham = res.distances.tolist()
+        cpl = res.prefix_lengths.tolist()
         ids = res.ids.tolist()
         hits = resp.hits
         for j in range(n):
