@@ -1,8 +1,8 @@
 """Ensembles of hashers: one checkpoint, every member encodes, the t-test says how sure they are.
 
-"Looking for controversy" (2022): ``E`` members trained with perturbed training (here: random
-starting points ``seed``, or different backbones ``arch``) share one
-:class:`~cbir.codes.CodeLayout`. :class:`EnsembleHasher` encodes with every member and combines
+"Looking for controversy" (2022): ``E`` members trained with perturbed training (random
+starting points ``seed``, bootstrap samples of the training set ``bootstrap``, or different
+backbones ``arch``) share one :class:`~cbir.codes.CodeLayout`. :class:`EnsembleHasher` encodes with every member and combines
 them with :mod:`cbir.uncertainty`:
 
 * **class answer**: every member's class logits -> per-class t-test confidence, prediction set,
@@ -15,6 +15,13 @@ them with :mod:`cbir.uncertainty`:
   they agree anyway (reported, not used for the code);
 * the per-bit confidence is the primary member's.
 
+**Shared backbone.** When every member has the same backbone (same architecture and weights:
+heads-only members fitted with ``--freeze-backbone`` on one ``--init-from`` start), the
+ensemble runs the backbone once per batch and the ``E`` heads on its output
+(``shared_backbone``, detected at construction; set it to False to force the per-member path).
+The codes and confidences are those of the per-member path (tested); the per-member path also
+runs each member's backbone once per batch for both its code and its class logits.
+
 ``encode`` returns ``(Codes, conf)`` like :class:`~cbir.models.hasher.Hasher`, so an ensemble
 builds indexes and serves queries unchanged; :meth:`EnsembleHasher.encode_ensemble` returns
 everything else. ``Hasher.load`` of an ensemble checkpoint returns an :class:`EnsembleHasher`.
@@ -22,8 +29,11 @@ everything else. ``Hasher.load`` of an ensemble checkpoint returns an :class:`En
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,13 +42,19 @@ import numpy as np
 import torch
 
 from cbir.codes import Codes
+from cbir.data.bootstrap import bootstrap_draw, bootstrapped_training
 from cbir.models.hasher import Hasher
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
 __all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "search_prediction_set", "FORMAT", "PERTURBATIONS"]
 
 FORMAT = "cbir-ensemble/1"
-PERTURBATIONS = ("seed", "arch")
+PERTURBATIONS = ("seed", "bootstrap", "arch")
+#: methods whose ``encode(x)`` is ``f(self.backbone(x))``, so a shared backbone's output can be fed
+#: to each member's head (see ``_head_view``)
+SHARED_HEAD_METHODS = ("ddtl", "ce")
+
+log = logging.getLogger("cbir.ensemble")
 
 
 @dataclass
@@ -74,6 +90,12 @@ class EnsembleHasher:
         self.perturb = perturb
         self.tau = float(tau)
         self.margin = float(margin)
+        #: per member: how it was trained (seed, backbone, bootstrap draw); set by train_ensemble,
+        #: saved in the checkpoint and covered by the content hash
+        self.member_info: list[dict] = []
+        #: run the backbone once per batch and every member's head on it (see the module docstring)
+        self.shared_backbone = _same_backbone(members)
+        self._heads: list | None = None
 
     # the Hasher interface the index builder and the server use --------------------------------
     primary = property(lambda self: self.members[0])
@@ -97,25 +119,50 @@ class EnsembleHasher:
         h.update(f"{self.perturb}|{self.tau}|{self.margin}".encode())
         for m in self.members:
             h.update(m.content_hash.encode())
+        if self.member_info:  # absent from older checkpoints: their hash is unchanged
+            h.update(json.dumps(self.member_info, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     def preprocess(self, images):
         return self.primary.preprocess(images)
 
     # encoding -----------------------------------------------------------------------------------
+    def _head_views(self) -> list:
+        if self._heads is None:
+            self._heads = [_head_view(m.method) for m in self.members]
+        return self._heads
+
     @torch.inference_mode()
     def _member_outputs(self, x: torch.Tensor):
-        codes, confs, logits = [], [], []
+        """Every member's ``(Codes, conf)`` and class logits ``(E, N, C)`` of a float batch."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        e, bs = len(self.members), self.batch_size
+        heads = self._head_views()
         for m in self.members:
-            c, f = m.encode_tensor(x)
-            codes.append(c)
-            confs.append(f)
-            parts = []
-            for s in range(0, x.shape[0], m.batch_size):
-                xb = x[s : s + m.batch_size].to(m.device)
-                parts.append(m.method.class_head(m.method.backbone(xb)).float().cpu())
-            logits.append(torch.cat(parts).numpy() if parts else np.zeros((0, len(self.class_names))))
-        return codes, confs, np.stack(logits)
+            m.method.eval()
+        bits: list[list] = [[] for _ in range(e)]
+        confs: list[list] = [[] for _ in range(e)]
+        logits: list[list] = [[] for _ in range(e)]
+        for s in range(0, x.shape[0], bs):
+            feats = None
+            for i, m in enumerate(self.members):
+                if feats is None or not self.shared_backbone:
+                    feats = m.method.backbone(x[s : s + bs].to(m.device, non_blocking=True))
+                b, c = heads[i].encode(feats)
+                bits[i].append(b.cpu().numpy())
+                confs[i].append(c.float().cpu().numpy())
+                logits[i].append(m.method.class_head(feats).float().cpu().numpy())
+        if x.shape[0] == 0:
+            c = len(self.class_names)
+            return (
+                [Codes.empty(self.nbits) for _ in range(e)],
+                [np.zeros((0, self.nbits), np.float32) for _ in range(e)],
+                np.zeros((e, 0, c)),
+            )
+        codes = [Codes.from_bits(np.concatenate(b)) for b in bits]
+        confs_out = [np.concatenate(c).astype(np.float32) for c in confs]
+        return codes, confs_out, np.stack([np.concatenate(z) for z in logits])
 
     def encode_ensemble(self, x: torch.Tensor) -> EnsembleEncoding:
         """Encode a float batch in the evaluation transform with every member."""
@@ -157,6 +204,7 @@ class EnsembleHasher:
             "tau": self.tau,
             "margin": self.margin,
             "members": [m.payload() for m in self.members],
+            "members_info": self.member_info,
             "content_hash": self.content_hash,
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -171,17 +219,63 @@ class EnsembleHasher:
             for i, p in enumerate(payload["members"])
         ]
         ens = cls(members, payload["perturb"], payload["tau"], payload["margin"])
+        ens.member_info = list(payload.get("members_info") or [])
         if ens.content_hash != payload["content_hash"]:
             raise ValueError(f"{where}: content hash mismatch (file corrupted or edited)")
         return ens
+
+
+def _same_backbone(members) -> bool:
+    """True when every member's backbone has the same architecture and the same weights (and the
+    members are methods whose heads can be fed a shared backbone's output)."""
+    first = members[0]
+    if any(m.method_name not in SHARED_HEAD_METHODS for m in members):
+        return False
+    key = (first.spec.backbone, tuple(first.spec.backbone_kwargs))
+    ref = first.method.backbone.state_dict()
+    for m in members[1:]:
+        if (m.spec.backbone, tuple(m.spec.backbone_kwargs)) != key or m.device != first.device:
+            return False
+        sd = m.method.backbone.state_dict()
+        if sd.keys() != ref.keys() or any(not torch.equal(sd[k], ref[k]) for k in ref):
+            return False
+    return True
+
+
+def _head_view(method):
+    """``method`` with an identity backbone: ``view.encode(features)`` is ``method.encode(x)``
+    for ``features = method.backbone(x)`` (the methods of ``SHARED_HEAD_METHODS``). The view
+    shares every other sub-module (no weights are copied)."""
+    view = copy.copy(method)
+    view._modules = dict(method._modules)
+    view._modules["backbone"] = torch.nn.Identity()
+    return view
+
+
+def _uses_balanced_batches(cfg) -> bool:
+    """Whether a run of ``cfg`` draws class-balanced batches (:mod:`cbir.data.sampler`): the
+    head stage on cached features always does, the image stage with ``--sampler balanced`` or
+    DDTL's ``auto``."""
+    return cfg.sampler == "balanced" or cfg.freeze_backbone or (cfg.sampler == "auto" and cfg.method == "ddtl")
 
 
 def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence[str] = ()) -> Path:
     """Train ``members`` models from ``cfg`` (a :class:`cbir.engine.TrainConfig`) and write one
     ensemble checkpoint ``<cfg.out>/model.pt``; member ``i`` lives in ``<cfg.out>/member-<i>``.
 
-    ``perturb="seed"``: member ``i`` uses seed ``cfg.seed + i`` (random starting point and data
-    order). ``"arch"``: member ``i`` uses backbone ``backbones[i]`` (and seed ``cfg.seed + i``).
+    Perturbations of "Looking for controversy" (2022), one per run:
+
+    * ``"seed"`` (random starting point): member ``i`` uses seed ``cfg.seed + i`` (its head /
+      model initialisation and data order);
+    * ``"bootstrap"``: every member trains with seed ``cfg.seed`` on its own bootstrap sample of
+      the training set, ``n`` draws with replacement from the ``n`` items seeded
+      ``cfg.seed + i`` (:mod:`cbir.data.bootstrap`; a stratified draw when a plain one would
+      starve a class of the class-balanced sampler, recorded with the reason);
+    * ``"arch"``: member ``i`` uses backbone ``backbones[i]`` (and seed ``cfg.seed + i``).
+
+    Each member's seed, backbone and bootstrap draw (seed, kind, size, distinct items, SHA-256
+    of the indices) are recorded in the checkpoint (``EnsembleHasher.member_info``) and in the
+    member's own config (``config["ensemble_member"]``).
     """
     from cbir.engine import train
 
@@ -189,21 +283,50 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
         raise ValueError(f"--ensemble needs at least 2 members, got {members}")
     if perturb not in PERTURBATIONS:
         raise ValueError(f"--perturb must be one of {', '.join(PERTURBATIONS)}, got {perturb!r}")
+    backbones = list(backbones)
     if perturb == "arch" and len(backbones) != members:
         raise ValueError(
             f"--perturb arch needs one backbone per member: {members} members but {len(backbones)} backbones given"
         )
+    if perturb != "arch" and backbones:
+        raise ValueError(f"backbones are given only with --perturb arch (got {backbones} with --perturb {perturb})")
+    labels = None
+    if perturb == "bootstrap":
+        if cfg.val_fraction > 0:
+            raise ValueError(
+                "--perturb bootstrap with --val-fraction: a bootstrap sample repeats items, so a validation "
+                "split of it would share items with training; use --val-fraction 0"
+            )
+        from cbir.data import load_dataset
+
+        labels = np.asarray(load_dataset(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size).train.labels)
     out = Path(cfg.out)
-    hashers = []
+    hashers, info = [], []
     for i in range(members):
+        seed = cfg.seed if perturb == "bootstrap" else cfg.seed + i
         mcfg = dataclasses.replace(
             cfg,
-            seed=cfg.seed + i,
+            seed=seed,
             out=str(out / f"member-{i}"),
             backbone=backbones[i] if perturb == "arch" else cfg.backbone,
         )
-        hashers.append(train(mcfg).hasher)
-    return EnsembleHasher(hashers, perturb).save(out / "model.pt")
+        rec: dict = {"index": i, "seed": seed, "backbone": mcfg.backbone, "bootstrap": None}
+        if perturb == "bootstrap":
+            assert labels is not None
+            idx, draw = bootstrap_draw(len(labels), cfg.seed + i, labels, balanced=_uses_balanced_batches(cfg))
+            if draw.kind != "bootstrap":
+                log.warning("member %d: stratified bootstrap instead of a plain one: %s", i, draw.reason)
+            rec["bootstrap"] = draw.to_dict()
+            with bootstrapped_training(idx):
+                hasher = train(mcfg).hasher
+        else:
+            hasher = train(mcfg).hasher
+        hasher.config = dict(hasher.config or {}, ensemble_member=dict(rec, perturb=perturb))
+        hashers.append(hasher)
+        info.append(rec)
+    ens = EnsembleHasher(hashers, perturb)
+    ens.member_info = info
+    return ens.save(out / "model.pt")
 
 
 def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10):

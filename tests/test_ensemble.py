@@ -156,3 +156,38 @@ def test_prediction_set_search_equals_brute_force_union(tmp_path, seed):
             crank = np.array([classes.index(c) for c in cls[sel]])
             want = ids[sel][np.lexsort((ids[sel], crank, xor))][:k]
             assert np.array_equal(got_ids, want)
+
+
+def _shared(members):
+    """Members with member 0's backbone weights (heads-only members of one frozen backbone)."""
+    sd = members[0].method.backbone.state_dict()
+    for m in members[1:]:
+        m.method.backbone.load_state_dict(sd)
+    return members
+
+
+def test_shared_backbone_runs_once_and_gives_the_per_member_answer():
+    members = _shared([_member(s) for s in (3, 4, 5)])
+    for m in members:
+        m.batch_size = 7  # several chunks per batch
+    ens = EnsembleHasher(members, "seed")
+    assert ens.shared_backbone
+    x = torch.randn(23, 3, 32, 32)
+    calls = []
+    hooks = [m.method.backbone.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(members)]
+    shared = ens.encode_ensemble(x)
+    assert calls == [0, 0, 0, 0]  # 4 chunks of <= 7 images, the primary's backbone only
+    calls.clear()
+    ens.shared_backbone = False
+    per_member = ens.encode_ensemble(x)
+    assert calls == [0, 1, 2] * 4  # every member's backbone, once per chunk
+    for h in hooks:
+        h.remove()
+    assert shared.codes == per_member.codes and np.array_equal(shared.conf, per_member.conf)
+    np.testing.assert_array_equal(shared.decision.confidence, per_member.decision.confidence)
+    assert all(a == b for a, b in zip(shared.member_codes, per_member.member_codes))
+    for m, c in zip(members, shared.member_codes):  # and each member's own encoding
+        own, _ = m.encode_tensor(x)
+        assert own == c
+    # distinct backbones are not shared
+    assert not EnsembleHasher([_member(0), _member(1)]).shared_backbone

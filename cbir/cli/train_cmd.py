@@ -4,7 +4,13 @@ Data-parallel on several processes / GPUs: start it with torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m cbir.cli train --method ddtl ... --out runs/ddp`` (gloo on CPU,
 nccl on CUDA, one GPU per process). Every process draws the same global batch as a 1-process
 run; each trains on its part, DDTL's contrastive term is computed over the global batch, and
-rank 0 writes the outputs. --freeze-backbone and DDTL two_stage runs are single-process only."""
+rank 0 writes the outputs. --freeze-backbone and DDTL two_stage runs are single-process only.
+
+Ensembles ("Looking for controversy", 2022): ``--ensemble E --perturb seed|bootstrap|arch``
+trains E members one after another (each a normal run in OUT/member-<i>) and writes one
+ensemble checkpoint OUT/model.pt that every cbir command loads like a model. With
+--freeze-backbone and --init-from the members are heads on one shared backbone, which the
+ensemble then runs once per batch."""
 
 from __future__ import annotations
 
@@ -241,12 +247,73 @@ def _list_methods() -> int:
     return 0
 
 
+def _ensemble_args(args) -> tuple[int, str, list[str]] | None:
+    """Validate the ensemble flags; ``(E, perturbation, backbones)`` or None for a single model."""
+    from cbir.ensemble import PERTURBATIONS
+
+    if args.ensemble is None:
+        if args.perturb is not None or args.ensemble_backbones is not None:
+            raise ValueError("--perturb and --ensemble-backbones need --ensemble E (the number of members, E >= 2)")
+        return None
+    if args.ensemble < 2:
+        raise ValueError(
+            f"--ensemble {args.ensemble}: an ensemble needs at least 2 members (the t-test needs E >= 2); "
+            "use --ensemble 5 as in the paper, or drop --ensemble for one model"
+        )
+    perturb = args.perturb or "seed"
+    if perturb not in PERTURBATIONS:
+        raise ValueError(f"--perturb {perturb!r}: unknown perturbation; use one of {', '.join(PERTURBATIONS)}")
+    backbones: list[str] = []
+    if perturb == "arch":
+        from cbir.models.backbones import list_backbones
+
+        if not args.ensemble_backbones:
+            raise ValueError(
+                "--perturb arch needs --ensemble-backbones: a comma list of backbones, one per member or one list "
+                f"cycled over the members (e.g. --ensemble-backbones resnet20,convnet); known: {', '.join(list_backbones())}"
+            )
+        given = [b.strip() for b in args.ensemble_backbones.split(",") if b.strip()]
+        unknown = [b for b in given if b not in list_backbones()]
+        if unknown:
+            raise ValueError(
+                f"--ensemble-backbones: unknown backbone(s) {unknown}; known: {', '.join(list_backbones())}"
+            )
+        if len(given) > args.ensemble:
+            raise ValueError(f"--ensemble-backbones lists {len(given)} backbones for {args.ensemble} members")
+        backbones = [given[i % len(given)] for i in range(args.ensemble)]
+    elif args.ensemble_backbones is not None:
+        raise ValueError(f"--ensemble-backbones is for --perturb arch only (got --perturb {perturb})")
+    return args.ensemble, perturb, backbones
+
+
 def run(args) -> int:
     if args.list_methods:
         return _list_methods()
     from cbir.engine import train
 
     cfg = config_from_args(args, out=args.out, resume=args.resume)
+    ens = _ensemble_args(args)
+    if ens is not None:
+        from cbir.ensemble import train_ensemble
+        from cbir.models.hasher import Hasher
+
+        path = train_ensemble(cfg, *ens)
+        eh = Hasher.load(path, device="cpu")
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(path),
+                    "content_hash": eh.content_hash,
+                    "members": len(eh.members),
+                    "perturb": eh.perturb,
+                    "member_info": eh.member_info,
+                    "shared_backbone": eh.shared_backbone,
+                    "layout": eh.layout.to_dict(),
+                },
+                indent=2,
+            )
+        )
+        return 0
     result = train(cfg)
     if not result.config:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -275,4 +342,31 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/model", help="output directory (model.pt, config.json, history.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--list-methods", action="store_true", help="list registered methods and their parameters")
+    e = p.add_argument_group(
+        "ensembles",
+        "E members with perturbed training in one checkpoint; the t-test of their class logits gives each "
+        "image a confidence per class, a prediction set and an I-don't-know flag (cbir.uncertainty)",
+    )
+    e.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        metavar="E",
+        help="train E >= 2 members and write one ensemble checkpoint OUT/model.pt (members in OUT/member-<i>)",
+    )
+    e.add_argument(
+        "--perturb",
+        default=None,
+        metavar="{seed,bootstrap,arch}",
+        help="how members differ: seed = member i starts from seed SEED+i; bootstrap = every member trains "
+        "on its own n draws with replacement from the n training items (seeded SEED+i, recorded in the "
+        "checkpoint); arch = member i uses the i-th backbone of --ensemble-backbones (default: seed)",
+    )
+    e.add_argument(
+        "--ensemble-backbones",
+        default=None,
+        metavar="B1,B2,...",
+        help="--perturb arch: comma list of backbones, one per member (a shorter list is cycled), "
+        "e.g. resnet20,convnet",
+    )
     p.set_defaults(func=run)
