@@ -27,7 +27,7 @@ _EXPORTS = {
     "IndexBackend": "backend",
     "open_backend": "backend",
     "MicroBatchEncoder": "encoder",
-    "Limits": "service",
+    "Limits": "validate",
     "SearchServicer": "service",
 }
 __all__ = list(_EXPORTS)

@@ -20,57 +20,39 @@ client-side failure is one WARNING line without traceback; the work of a call is
 (``max_hits_per_call`` ranked hits, the response's size bound against the message limit, the
 image pixel budgets) and long loops on the offload threads stop at the call's deadline or
 cancellation. INTERNAL is only ever a fault of the server.
+
+Where the rest lives: request validation and the per-call limits in :mod:`cbir.server.validate`,
+running one search request (plain, label-filtered) and building its response in
+:mod:`cbir.server.search`, protobuf conversions in :mod:`cbir.server.convert`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from cbir.codes import Codes
-from cbir.indexer.results import SearchResult, hamming_to, prefix_len_to
 from cbir.v1 import search_pb2 as pb
 from cbir.v1 import search_pb2_grpc as pb_grpc
 
-from .backend import AlreadyExists, IndexBackend, NotFound, as_result, skip
+from .backend import AlreadyExists, IndexBackend, NotFound
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
-from .guard import Budget, RpcError, log_level, parse_request, response_bytes_bound
+from .guard import Budget, RpcError, log_level, parse_request
 from .guard import invalid as _invalid
+from .search import search_one
+from .validate import INLINE_MODES, MODE_NAMES, Limits, check_count, check_size, check_work, validate_search
 
 log = logging.getLogger("cbir.server.rpc")
 
 __all__ = ["Limits", "SearchServicer", "RpcError", "MODE_NAMES"]
-
-MODE_NAMES = {pb.LEXICOGRAPHIC: "lex", pb.HAMMING: "hamming", pb.HYBRID: "hybrid", pb.PREFIX: "prefix"}
-INLINE_MODES = frozenset({"lex", "prefix"})  # default: O(log N + k) cursor walks, served on the event loop
-
-
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_k: int = 10_000
-    max_batch: int = 10_000  # queries per BatchSearch, items per Add/Delete, images per GetCode
-    max_offset: int = 1_000_000
-    max_image_pixels: int = 4096 * 4096  # larger images are refused (memory / decompression bombs)
-    max_request_pixels: int = 2 * 4096 * 4096  # all the images of one call together
-    max_images_per_call: int = 256  # each costs a forward pass row whatever its size
-    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-    max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one call
-    max_filter_scan: int = 50_000  # items a label-filtered search may examine
-    max_call_cpu_s: float = 2.0  # CPU seconds the offloaded search work of one call may use
-    max_response_bytes: int = 16 * MiB  # the server's send limit
 
 
 def _rpc(request_cls):
@@ -251,10 +233,6 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "model and index bit counts differ")
         return codes, conf
 
-    def _check_count(self, n: int, what: str) -> None:
-        if n > self.limits.max_batch:
-            raise _invalid(f"too many {what}: {n} > limit {self.limits.max_batch}")
-
     async def _query_codes(self, requests, budget: Budget) -> list[Codes]:
         """Resolve the query of each request to a 1-row Codes (images encoded as one batch)."""
         backend = self._ready()
@@ -287,201 +265,22 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 out[i] = codes[j]
         return out  # type: ignore[return-value]
 
-    def _validate_search(self, r: pb.SearchRequest, nbits: int, where: str = "") -> tuple[str, int]:
-        lim = self.limits
-        k = r.k
-        if k == 0:
-            raise _invalid(f"{where}k must be >= 1 (the number of hits to return; at most {lim.max_k})")
-        if k > lim.max_k:
-            raise _invalid(f"{where}k={k} exceeds the limit {lim.max_k}")
-        if r.offset > lim.max_offset:
-            raise _invalid(f"{where}offset={r.offset} exceeds the limit {lim.max_offset}")
-        mode = MODE_NAMES.get(r.mode)
-        if mode is None:
-            raise _invalid(f"{where}unknown search mode {r.mode}")
-        if r.HasField("radius") and mode != "hamming":
-            raise _invalid(f"{where}radius is only valid in HAMMING mode")
-        if mode == "prefix":
-            if not 1 <= r.prefix_bits <= nbits:
-                raise _invalid(f"{where}prefix_bits must be in 1..{nbits}, got {r.prefix_bits}")
-            if r.offset:
-                raise _invalid(f"{where}PREFIX mode pages with cursor, not offset")
-        elif r.cursor:
-            raise _invalid(f"{where}cursor is only valid in PREFIX mode")
-        return mode, k
-
-    def _check_work(self, reqs, params, nbits: int) -> None:
-        """Refuse, before any search runs, a call whose ranked hits or response size exceed the
-        per-call limits (RESOURCE_EXHAUSTED: the same queries fit in smaller calls)."""
-        lim = self.limits
-        hits = sum(int(r.offset) + k for r, (_, k) in zip(reqs, params))
-        if hits > lim.max_hits_per_call:
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this call asks for {hits} ranked hits (k + offset over its {len(reqs)} queries), over "
-                f"the per-call work limit of {lim.max_hits_per_call}; split it into smaller calls",
-            )
-        size = sum(response_bytes_bound(r, k, nbits) for r, (_, k) in zip(reqs, params))
-        if size > lim.max_response_bytes:
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the response could reach {size} bytes ({len(reqs)} queries, {hits} hits), over the "
-                f"message limit of {lim.max_response_bytes} bytes; lower k, drop return_codes/"
-                "return_metadata or split the call",
-            )
-
-    def _check_size(self, resp) -> None:
-        """The built response against the send limit (metadata is only known once read)."""
-        n = resp.ByteSize()
-        if n > self.limits.max_response_bytes:
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the response is {n} bytes, over the message limit of {self.limits.max_response_bytes} "
-                "bytes; lower k, drop return_metadata or split the call",
-            )
-
-    def _search_one(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, budget: Budget) -> pb.SearchResponse:
-        backend = self._ready()
-        radius = min(r.radius, backend.nbits) if r.HasField("radius") else None
-        labels = set(r.label_filter)
-        try:
-            if not labels:
-                res = backend.search(query, mode, k, r.offset, radius, r.prefix_bits, r.cursor)
-                metas = backend.get_metadata(res.ids) if r.return_metadata else None
-            else:
-                res, metas = self._filtered(backend, query, mode, k, r, radius, labels, budget)
-        except RpcError:
-            raise
-        except (ValueError, KeyError) as e:  # e.g. a malformed cursor
-            raise _invalid(f"bad search request: {e}") from None
-        return self._response(r, query, res, metas, r.offset)
-
-    def _filtered(self, backend, query, mode, k, r, radius, labels, budget):
-        """Search with a label filter: page through the ranking until k matches (bounded)."""
-        if getattr(backend.reader, "has_label_index", False):  # cbir.indexer: its label posting list
-            return self._filtered_by_index(backend, query, mode, k, r, radius, sorted(labels))
-        class_names = backend.layout.class_names if backend.layout is not None else ()
-        want = k + r.offset
-        ids: list[int] = []
-        rows: list[bytes] = []
-        metas: list[dict | None] = []
-
-        scanned = [0]
-
-        def take(res: SearchResult) -> None:
-            for at in range(0, len(res.ids), 1024):  # bounded: deadline, cancellation, scan limit
-                budget.check()
-                scanned[0] += min(1024, len(res.ids) - at)
-                if scanned[0] > self.limits.max_filter_scan:
-                    raise RpcError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"the label filter examined {self.limits.max_filter_scan} items and found "
-                        f"{len(ids)} of the {want} matches asked for (per-call scan limit); use a "
-                        "smaller k/offset or a less selective filter",
-                    )
-                for j, meta in enumerate(backend.get_metadata(res.ids[at : at + 1024]), at):
-                    if _labels_match(meta, labels, class_names) and len(ids) < want:
-                        ids.append(int(res.ids[j]))
-                        rows.append(res.codes.packed[j].tobytes())
-                        metas.append(meta)
-
-        cursor: bytes | str | None = None
-        if mode == "prefix":
-            cursor = bytes(r.cursor)
-            while len(ids) < k:
-                budget.check()
-                res = backend.search(query, mode, k - len(ids), 0, None, r.prefix_bits, cursor)
-                take(res)
-                cursor = res.next_cursor
-                if not cursor or len(res.ids) == 0:
-                    break
-            want = k
-        elif mode == "lex":
-            page, pos = max(64, 2 * want), 0
-            while len(ids) < want:
-                budget.check()
-                res = backend.search(query, mode, page, pos)
-                take(res)
-                pos += len(res.ids)
-                if len(res.ids) < page:
-                    break
-                page = min(page * 2, 1 << 20)
-        else:
-            total = backend.count()
-            kk = max(64, 2 * want)
-            while True:
-                budget.check()
-                ids.clear(), rows.clear(), metas.clear()
-                scanned[0] = 0
-                res = backend.search(query, mode, kk, 0, radius)
-                take(res)
-                if len(ids) >= want or len(res.ids) < kk or kk > total:
-                    break
-                kk *= 4
-        off = r.offset if mode != "prefix" else 0
-        codes = Codes.from_bytes(rows[off:], backend.nbits) if len(rows) > off else Codes.empty(backend.nbits)
-        q = query.packed[0]
-        found = SearchResult(
-            np.asarray(ids[off:], dtype=np.int64),
-            codes,
-            hamming_to(q, codes.packed),
-            prefix_len_to(q, codes.packed, codes.nbits),
-            "hamming" if mode in ("hamming", "hybrid") else "lex",
-            cursor.decode("ascii") if isinstance(cursor, bytes) and cursor else (cursor or None),
-        )
-        return found, metas[off:]
-
-    def _filtered_by_index(self, backend, query, mode, k, r, radius, labels):
-        """The index filters inside its search (cost ~ what the filter selects)."""
-        ix, off = backend.reader, r.offset
-        if mode == "lex":
-            res, off = ix.search_lex(query, k, offset=off, labels=labels), 0
-        elif mode == "hamming":
-            res = ix.search_hamming(query, k=k + off, radius=radius, labels=labels)
-        elif mode == "hybrid":
-            res = ix.search_hybrid(query, k + off, labels=labels)
-        else:
-            cursor = bytes(r.cursor).decode("ascii") if r.cursor else None
-            res, off = ix.search_prefix(query.prefix(r.prefix_bits), k, cursor, labels=labels), 0
-        out = skip(as_result(res, query), off)
-        if mode != "prefix" and out.next_cursor is not None:
-            out = dataclasses.replace(out, next_cursor=None)
-        return out, backend.get_metadata(out.ids) if r.return_metadata else None
-
-    def _response(self, r, query: Codes, res: SearchResult, metas, offset: int) -> pb.SearchResponse:
-        resp = pb.SearchResponse(query_code=code_to_pb(query), next_cursor=(res.next_cursor or "").encode())
-        n = len(res.ids)
-        if n == 0:
-            return resp
-        ham = res.distances.tolist()
-        cpl = res.prefix_lengths.tolist()
-        ids = res.ids.tolist()
-        hits = resp.hits
-        for j in range(n):
-            h = hits.add(id=ids[j], hamming_distance=ham[j], common_prefix_length=cpl[j], rank=offset + j)
-            if r.return_codes:
-                h.code.data = res.codes.packed[j].tobytes()
-                h.code.nbits = res.codes.nbits
-            if r.return_metadata and metas is not None and metas[j]:
-                h.metadata.update(json_safe(metas[j]))
-        return resp
-
     # RPCs -----------------------------------------------------------------------------------
     @_rpc(pb.SearchRequest)
     async def Search(self, request, context):
         backend = self._ready()
         budget = Budget.of(context, self.limits.max_call_cpu_s)
-        params = self._validate_search(request, backend.nbits)
-        self._check_work([request], [params], backend.nbits)
+        params = validate_search(self.limits, request, backend.nbits)
+        check_work(self.limits, [request], [params], backend.nbits)
         mode, k = params
         (query,) = await self._query_codes([request], budget)
         budget.check()
         if mode in self.inline_modes and not request.label_filter:
-            resp = self._search_one(request, query, mode, k, budget)
+            resp = search_one(backend, self.limits, request, query, mode, k, budget)
         else:
-            resp = await self._offload(self._search_one, request, query, mode, k, budget, budget=budget)
+            resp = await self._offload(search_one, backend, self.limits, request, query, mode, k, budget, budget=budget)
         if request.return_metadata:
-            self._check_size(resp)
+            check_size(self.limits, resp)
         return resp
 
     @_rpc(pb.BatchSearchRequest)
@@ -489,18 +288,18 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         backend = self._ready()
         budget = Budget.of(context, self.limits.max_call_cpu_s)
         reqs = request.requests
-        self._check_count(len(reqs), "queries")
-        params = [self._validate_search(r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
-        self._check_work(reqs, params, backend.nbits)
+        check_count(self.limits, len(reqs), "queries")
+        params = [validate_search(self.limits, r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
+        check_work(self.limits, reqs, params, backend.nbits)
         queries = await self._query_codes(reqs, budget)
 
         def run() -> pb.BatchSearchResponse:
             resp = pb.BatchSearchResponse()
             for r, q, (mode, k) in zip(reqs, queries, params):
                 budget.check()
-                resp.responses.append(self._search_one(r, q, mode, k, budget))
+                resp.responses.append(search_one(backend, self.limits, r, q, mode, k, budget))
             if any(r.return_metadata for r in reqs):
-                self._check_size(resp)
+                check_size(self.limits, resp)
             return resp
 
         return await self._offload(run, budget=budget)
@@ -515,7 +314,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         backend = self._ready()
         budget = Budget.of(context, self.limits.max_call_cpu_s)
         items = request.items
-        self._check_count(len(items), "items")
+        check_count(self.limits, len(items), "items")
         if not items:
             return pb.AddResponse(added=0)
         ids = [it.id for it in items]
@@ -568,7 +367,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.DeleteRequest)
     async def Delete(self, request, context):
         backend = self._ready()
-        self._check_count(len(request.ids), "ids")
+        check_count(self.limits, len(request.ids), "ids")
         if any(i >= 2**63 for i in request.ids):
             raise _invalid("ids must be < 2**63")
         self._check_writable(backend)
@@ -612,7 +411,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     async def GetCode(self, request, context):
         self._ready()
         budget = Budget.of(context, self.limits.max_call_cpu_s)
-        self._check_count(len(request.images), "images")
+        check_count(self.limits, len(request.images), "images")
         resp = pb.GetCodeResponse()
         if not request.images:
             return resp
@@ -626,19 +425,3 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.PingRequest)
     async def Ping(self, request, context):
         return pb.PingResponse()
-
-
-def _labels_match(meta: dict | None, wanted: set[str], class_names=()) -> bool:
-    if not meta:
-        return False
-    vals = meta.get("labels", meta.get("label"))
-    if vals is None:
-        return False
-    if not isinstance(vals, (list, tuple)):
-        vals = [vals]
-    for v in vals:
-        if str(v) in wanted:
-            return True
-        if isinstance(v, int) and 0 <= v < len(class_names) and class_names[v] in wanted:
-            return True
-    return False
