@@ -205,3 +205,45 @@ def test_torchrun_two_gloo_processes_match_one_process():
             timeout=300,
         )
         assert bad.returncode != 0 and "single-process only" in bad.stdout + bad.stderr
+
+
+DEMO_ARGS = [
+    "--no-progress",
+    "--param",
+    "two_stage=false",  # only the image stage is distributed
+    "--epochs",
+    "1",
+    "--image-size",
+    "12",
+    "--width",
+    "8",
+    "--batch-size",
+    "64",
+    "--images-per-class",
+    "16",
+    "--grpc-queries",
+    "2",
+    "--depth",
+    "6",
+    "--threads",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_demo_under_torchrun_rank_0_alone_serves_searches_and_prints(tmp_path):
+    r = _run(
+        [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "cbir.cli", "demo", "--out", str(tmp_path)]
+        + DEMO_ARGS
+    )
+    out = r.stdout
+    # every step and result line once: rank 1 returned right after training
+    for line in ("[1/5] training", "[4/5] gRPC server", "serving on 127.0.0.1:", "example: the query", "report:"):
+        assert out.count(line) == 1, (line, out)
+    assert "balanced batches on 2 processes" in out
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["train"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # both ranks trained (each logged its epoch); only rank 0's log has the server's lines
+    rank0, rank1 = (tmp_path / "demo.log").read_text(), (tmp_path / "demo.rank1.log").read_text()
+    assert "cbir.train: epoch 1" in rank0 and "cbir.train: epoch 1" in rank1
+    assert "rpc method=Search" in rank0 and "cbir.server" not in rank1
