@@ -193,6 +193,47 @@ class EnsembleHasher:
     encode_batches = Hasher.encode_batches
     encode_imageset = Hasher.encode_imageset
 
+    def encode_batches_decisions(
+        self, batches, progress: bool = False, desc: str = "encode"
+    ) -> tuple[Codes, np.ndarray, np.ndarray, ClassDecision]:
+        """:meth:`encode_batches` that also returns every item's class answer (hardness, IDK,
+        prediction set): ``(codes, conf, dataset indices, ClassDecision)``."""
+        from tqdm.auto import tqdm
+
+        codes, confs, idx, decs = [], [], [], []
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            images = batch.images[0] if isinstance(batch.images, (tuple, list)) else batch.images
+            e = self.encode_ensemble(images)
+            codes.append(e.codes)
+            confs.append(e.conf)
+            decs.append(e.decision)
+            idx.append(batch.indices.numpy())
+        dec = ClassDecision.concat(decs, len(self.class_names))
+        if not codes:
+            return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64), dec
+        return Codes.concat(codes), np.concatenate(confs), np.concatenate(idx).astype(np.int64), dec
+
+    def encode_imageset_decisions(
+        self,
+        imageset,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        progress: bool = False,
+        skip_log=None,
+        desc: str = "encode",
+    ) -> tuple[Codes, np.ndarray, np.ndarray, ClassDecision]:
+        """:meth:`encode_imageset` plus every item's class answer (see :meth:`encode_batches_decisions`)."""
+        from cbir.data import make_loader
+
+        loader = make_loader(
+            imageset.with_transform(self.eval_transform),
+            batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            skip_log=skip_log,
+        )
+        return self.encode_batches_decisions(loader, progress=progress, desc=desc)
+
     # persistence --------------------------------------------------------------------------------
     def save(self, path) -> Path:
         """One file holding every member's checkpoint dict (each with its own content hash)."""

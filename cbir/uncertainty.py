@@ -108,6 +108,28 @@ class ClassDecision:
     def hard(self) -> np.ndarray:
         return self.idk
 
+    @classmethod
+    def concat(cls, parts: "list[ClassDecision]", num_classes: int = 0) -> "ClassDecision":
+        """The decisions of consecutive batches as one (``num_classes`` shapes an empty result)."""
+        if not parts:
+            c = int(num_classes)
+            return cls(
+                np.zeros((0, c)),
+                np.zeros((0, c), np.int8),
+                np.zeros((0, c), bool),
+                np.zeros(0, np.int64),
+                np.zeros(0, bool),
+                np.zeros(0),
+            )
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _DECISION_FIELDS))
+
+    def take(self, rows) -> "ClassDecision":
+        """The decisions of instances ``rows`` (an index array or a boolean mask)."""
+        return ClassDecision(*(getattr(self, f)[rows] for f in _DECISION_FIELDS))
+
+    def __len__(self) -> int:
+        return int(self.predicted.shape[0])
+
     def sets(self) -> list[list[int]]:
         """The prediction set of each instance as a list of class indices (best first)."""
         out = []
@@ -115,6 +137,9 @@ class ClassDecision:
             idx = np.flatnonzero(row)
             out.append(idx[np.argsort(-conf[idx], kind="stable")].tolist())
         return out
+
+
+_DECISION_FIELDS = ("confidence", "decision", "prediction_set", "predicted", "idk", "hardness")
 
 
 def class_decision(

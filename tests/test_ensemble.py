@@ -76,8 +76,14 @@ def test_ensemble_rejects_mismatched_members():
 
 def test_ensemble_builds_an_index(tmp_path, ensemble):
     from cbir.cli import main
+    from cbir.data import load_dataset
     from cbir.indexer import open_index
 
+    # a margin at the median gap between the two most confident classes: about half the items IDK
+    db = load_dataset("digits").database
+    probe = ensemble.encode_imageset_decisions(db.subset(np.arange(200)))[3].confidence
+    srt = np.sort(probe, axis=1)
+    ensemble = EnsembleHasher(ensemble.members, "seed", margin=float(np.median(srt[:, -1] - srt[:, -2])))
     path = ensemble.save(tmp_path / "ens.pt")
     assert (
         main(
@@ -97,12 +103,29 @@ def test_ensemble_builds_an_index(tmp_path, ensemble):
     )
     from cbir.data import load_dataset
 
-    db = load_dataset("digits").database
-    codes, _, _ = Hasher.load(path, device="cpu").encode_imageset(db.subset(np.arange(50)))
+    codes, _, idx, dec = Hasher.load(path, device="cpu").encode_imageset_decisions(db)
+    assert np.array_equal(idx, np.arange(len(db)))
     with open_index(tmp_path / "ix") as r:
-        stored = np.concatenate([r.get(i).code.packed for i in range(50)])
+        items = [r.get(i) for i in range(len(db))]
         assert r.model_hash == ensemble.content_hash
-    assert np.array_equal(stored, codes.packed)
+        built = r.manifest["build"]["ensemble"]
+    assert np.array_equal(np.concatenate([it.code.packed for it in items]), codes.packed)
+    # every item's class answer is in its metadata (hardness, IDK flag, prediction set)
+    np.testing.assert_allclose([it.meta["hardness"] for it in items], dec.hardness)
+    assert [it.meta["idk"] for it in items] == dec.idk.tolist() and 0.1 < dec.idk.mean() < 0.9
+    assert [it.meta["prediction_set"] for it in items] == dec.sets()
+    assert all(it.meta["idk"] == (len(it.meta["prediction_set"]) != 1) for it in items)
+    assert built["members"] == 3 and built["perturb"] == "seed" and built["idk_items"] == int(dec.idk.sum())
+
+
+def test_single_model_index_has_no_hardness(tmp_path):
+    from cbir.cli import main
+    from cbir.indexer import open_index
+
+    path = _member(0).save(tmp_path / "one.pt")
+    assert main(["index", "build", "--model", str(path), "--dataset", "digits", "--out", str(tmp_path / "ix")]) == 0
+    with open_index(tmp_path / "ix") as r:
+        assert "hardness" not in r.get(0).meta and "ensemble" not in r.manifest["build"]
 
 
 def test_train_ensemble_seed_members(tmp_path):

@@ -18,6 +18,12 @@ in parallel tasks and encodes them with ``map_batches`` on an actor pool (GPU ac
 is available) in the same batches as the local path, so the codes are the same byte for byte
 (:mod:`cbir.distributed.ray_encode`); the index is then written by one sorted append pass.
 
+An ensemble checkpoint (``cbir train --ensemble E``) also stores each item's class answer in
+its metadata: ``hardness`` (in (0, 1], 1 / (1 + the gap between the two most confident
+classes' t-test confidences)), ``idk`` (its prediction set is not exactly one class) and
+``prediction_set`` (class ids, most confident first); ``build_params.ensemble`` records E, the
+perturbation, the thresholds and the number of IDK items (local engine only).
+
 ``cbir index stats DIR [--json]``: counts, layout, disk use and the coverage figures of
 ``cbir.metrics.coverage`` (entropy, unique %, average collision count, per-depth prefix
 entropy, bucket-size histogram) -- the same dict the server's Stats call returns.
@@ -160,6 +166,20 @@ def _metadata(imageset, indices: np.ndarray, source: str, model_classes=()) -> l
     return out
 
 
+def _is_ensemble(hasher) -> bool:
+    return hasattr(hasher, "encode_imageset_decisions")
+
+
+def _add_hardness(meta: list[dict], decision) -> None:
+    """An ensemble's class answer per item (:func:`cbir.uncertainty.class_decision`):
+    ``hardness`` in (0, 1] (1 / (1 + gap between the two most confident classes)), ``idk`` (the
+    prediction set is not exactly one class) and ``prediction_set`` (model class ids, best first)."""
+    for m, h, k, ps in zip(meta, decision.hardness.tolist(), decision.idk.tolist(), decision.sets()):
+        m["hardness"] = float(h)
+        m["idk"] = bool(k)
+        m["prediction_set"] = [int(c) for c in ps]
+
+
 def build_from_model(
     model: Path,
     out: Path,
@@ -190,11 +210,18 @@ def build_from_model(
         shard_bits_for(shards, hasher.nbits)  # a bad --shards fails before the encoding
     skip = SkipLog()
     t0 = time.perf_counter()
+    decision = None  # an ensemble's class answers (local engine)
     if engine == "ray":  # same batches, same model: the same codes (cbir.distributed.ray_encode)
         from cbir.distributed.ray_encode import encode_with_ray
 
         codes, conf, idx = encode_with_ray(
             model, imageset, batch_size, actors=workers, device=device, skip_log=skip, progress=progress
+        )
+        if _is_ensemble(hasher):
+            log.warning("--engine ray encodes codes only: the ensemble's per-item hardness is not stored")
+    elif engine == "local" and _is_ensemble(hasher):
+        codes, conf, idx, decision = hasher.encode_imageset_decisions(
+            imageset, batch_size=batch_size, num_workers=workers, progress=progress, skip_log=skip, desc="index: encode"
         )
     elif engine == "local":
         codes, conf, idx = hasher.encode_imageset(
@@ -206,6 +233,18 @@ def build_from_model(
     order = np.argsort(idx, kind="stable")
     codes, conf, idx = codes[order] if len(codes) else codes, conf[order], idx[order]
     meta = _metadata(imageset, idx, source, hasher.layout.class_names)
+    ens_params = None
+    if decision is not None:
+        decision = decision.take(order)
+        _add_hardness(meta, decision)
+        ens_params = {
+            "members": len(hasher.members),
+            "perturb": hasher.perturb,
+            "tau": hasher.tau,
+            "margin": hasher.margin,
+            "idk_items": int(decision.idk.sum()),
+            "meta_fields": ["hardness", "idk", "prediction_set"],
+        }
     params = {
         "model": str(model),
         "source": source,
@@ -217,6 +256,8 @@ def build_from_model(
         "encode_seconds": round(t_enc, 3),
         "resume": "none (an interrupted build restarts from scratch)",
     }
+    if ens_params is not None:
+        params["ensemble"] = ens_params
     params.update(extra_params or {})
     t1 = time.perf_counter()
     path = build_sharded_index(
