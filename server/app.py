@@ -276,7 +276,7 @@ def _as_backend(index: Any, writable: bool) -> tuple[IndexBackend, bool]:
 def _as_hasher(model: Any):
     if model is None or not isinstance(model, (str, os.PathLike)):
         return model
-    from cbir.models.hasher import Hasher  # type: ignore[import-not-found]
+    from cbir.models.hasher import Hasher
 
     return Hasher.load(Path(model))
 

@@ -252,7 +252,7 @@ class MicroBatchEncoder:
         from cbir.data.images import probe_image
 
         pixels, reason = [], None
-        for i, data in enumerate(job.payloads):
+        for i, data in enumerate(job.payloads or ()):
             try:
                 if not data:
                     raise ValueError("empty image payload")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import Iterator
+from typing import Iterator, cast
 
 import numpy as np
+from google.protobuf.message import Message
 
 from cbir.v1 import search_pb2 as pb
 
@@ -90,7 +91,7 @@ def hostile_images(rng: np.random.Generator) -> list[bytes]:
     ]
 
 
-def _valid_messages(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes) -> list[tuple[str, object]]:
+def _valid_messages(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes) -> list[tuple[str, Message]]:
     nbytes = (nbits + 7) // 8
     code = pb.Code(data=rng.bytes(nbytes), nbits=nbits)
     if nbits % 8:
@@ -116,7 +117,7 @@ def _valid_messages(rng: np.random.Generator, nbits: int, ids: list[int], image:
     ]
 
 
-def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes) -> list[tuple[str, object]]:
+def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes) -> list[tuple[str, Message]]:
     nbytes = (nbits + 7) // 8
     u32, u64 = 2**32 - 1, 2**64 - 1
     ok = pb.Code(data=bytes(nbytes), nbits=nbits)
@@ -129,7 +130,7 @@ def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes)
         ("Search", pb.SearchRequest(code=ok, k=10_000, offset=1_000_000)),
         ("Search", pb.SearchRequest(code=ok, k=10, mode=pb.PREFIX, prefix_bits=u32)),
         ("Search", pb.SearchRequest(code=ok, k=10, mode=pb.HAMMING, radius=u32)),
-        ("Search", pb.SearchRequest(code=ok, k=10, mode=int(rng.integers(4, 2**31 - 1)))),
+        ("Search", pb.SearchRequest(code=ok, k=10, mode=cast(pb.SearchMode, int(rng.integers(4, 2**31 - 1))))),
         ("Search", pb.SearchRequest(id=u64, k=10)),
         (
             "Search",
@@ -155,7 +156,7 @@ def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes)
     ]
 
 
-def _huge(rng: np.random.Generator, nbits: int, image: bytes) -> list[tuple[str, object]]:
+def _huge(rng: np.random.Generator, nbits: int, image: bytes) -> list[tuple[str, Message]]:
     ok = pb.Code(data=bytes((nbits + 7) // 8), nbits=nbits)
     which = int(rng.integers(0, 5))
     if which == 0:
@@ -208,13 +209,14 @@ def hostile_requests(n: int, seed: int, nbits: int, ids: list[int], image: bytes
             yield method, msg.SerializeToString(), "extreme"
         elif r < 0.97:
             bad = imgs[int(rng.integers(0, len(imgs)))]
-            msg = [
+            with_bad: list[tuple[str, Message]] = [
                 ("Search", pb.SearchRequest(image=bad, k=5)),
                 ("GetCode", pb.GetCodeRequest(images=[image, bad])),
                 ("Add", pb.AddRequest(items=[pb.Item(id=7, image=bad)])),
                 ("BatchSearch", pb.BatchSearchRequest(requests=[pb.SearchRequest(image=bad, k=1)])),
-            ][i % 4]
-            yield msg[0], msg[1].SerializeToString(), "image"
+            ]
+            method, msg = with_bad[i % 4]
+            yield method, msg.SerializeToString(), "image"
         else:
             method, msg = _huge(rng, nbits, image)[0]
             yield method, msg.SerializeToString(), "huge"

@@ -31,7 +31,7 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Run grpc_tools.protoc; returns the generated files (under ``out_root/cbir/v1``)."""
-    from grpc_tools import protoc  # imported lazily: only a test/dev dependency
+    from grpc_tools import protoc  # type: ignore[import-untyped]  # lazily: only a test/dev dependency
 
     out_root = Path(out_root)
     (out_root / PROTO_PACKAGE_DIR).mkdir(parents=True, exist_ok=True)

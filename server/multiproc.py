@@ -149,7 +149,7 @@ def run_workers(
         code = 2
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
         end = time.monotonic() + grace + 15.0

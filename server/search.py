@@ -98,7 +98,9 @@ def _filtered(backend, lim: Limits, query, mode, k, r, radius, labels, budget):
         kk = max(64, 2 * want)
         while True:
             budget.check()
-            ids.clear(), rows.clear(), metas.clear()
+            ids.clear()
+            rows.clear()
+            metas.clear()
             scanned[0] = 0
             res = backend.search(query, mode, kk, 0, radius)
             take(res)

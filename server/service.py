@@ -207,7 +207,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: retry later") from None
         except EncoderClosed as e:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        images = None
+        del images  # the request's bytes are the encoder's now
         waiter = asyncio.wrap_future(fut)
         try:
             done, _ = await asyncio.wait({waiter}, timeout=budget.remaining())
@@ -222,7 +222,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         err = waiter.exception()
         if err is not None:
             kind, msg = type(err), str(err)
-            err = waiter = fut = None
+            del err, waiter, fut
             if issubclass(kind, ImageDecodeError):
                 raise _invalid(msg)
             if issubclass(kind, EncoderClosed):
@@ -351,7 +351,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 rows[i] = codes.packed[j].tobytes()
             if len(img_idx) == len(items) and img_conf is not None:
                 conf = img_conf  # every item is an image: store the per-bit confidence too
-        codes = Codes.from_bytes(rows, backend.nbits)  # type: ignore[arg-type]
+        codes = Codes.from_bytes(rows, backend.nbits)
         budget.check()
         try:
             n = await self._offload(functools.partial(backend.add, ids, codes, metas, upsert=request.upsert, conf=conf))
