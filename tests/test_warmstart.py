@@ -5,21 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import TINY
 
 from cbir.engine import TrainConfig, train
 from cbir.models.backbones import create_backbone
 from cbir.models.hasher import Hasher
 from cbir.models.warmstart import InputNorm, parse_input_norm, resolve_init
-
-TINY = dict(
-    dataset="digits",
-    backbone="convnet",
-    backbone_kwargs={"width": 8},
-    image_size=16,
-    batch_size=32,
-    progress=False,
-    threads=1,
-)
 
 
 @pytest.fixture(scope="module")

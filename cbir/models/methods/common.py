@@ -25,7 +25,15 @@ from cbir.models.base import HashingMethod
 from cbir.models.heads import ClassHead
 from cbir.models.registry import MethodSpec
 
-__all__ = ["free_bit_layout", "HashLayer", "CEFeatureMethod", "collect_features", "gaussian_confidence", "DEFAULT_BITS"]
+__all__ = [
+    "free_bit_layout",
+    "HashLayer",
+    "HASH_ACTIVATIONS",
+    "CEFeatureMethod",
+    "collect_features",
+    "gaussian_confidence",
+    "DEFAULT_BITS",
+]
 
 DEFAULT_BITS = 32
 
@@ -45,15 +53,23 @@ def free_bit_layout(
     )
 
 
-class HashLayer(nn.Module):
-    """``tanh(W f + c)``: relaxed codes in (-1, 1)."""
+HASH_ACTIVATIONS = ("tanh", "linear")
 
-    def __init__(self, in_dim: int, nbits: int):
+
+class HashLayer(nn.Module):
+    """``tanh(W f + c)``: relaxed codes in (-1, 1); ``activation="linear"``: ``W f + c`` (a linear
+    coding layer, DMUH's option: the quantisation term alone pulls the codes to +-1)."""
+
+    def __init__(self, in_dim: int, nbits: int, activation: str = "tanh"):
         super().__init__()
+        if activation not in HASH_ACTIVATIONS:
+            raise ValueError(f"hash layer activation must be one of {HASH_ACTIVATIONS}, got {activation!r}")
         self.fc = nn.Linear(in_dim, nbits)
+        self.activation = activation
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(feat))
+        z = self.fc(feat)
+        return torch.tanh(z) if self.activation == "tanh" else z
 
 
 def gaussian_confidence(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

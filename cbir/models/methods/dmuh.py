@@ -1,6 +1,7 @@
 """DMUH: deep momentum uncertainty hashing (Fu et al., Pattern Recognition 2021).
 
-* Hashing net ``phi_h`` = backbone -> linear -> tanh (:class:`~cbir.models.methods.regu.HashNet`);
+* Hashing net ``phi_h`` = backbone -> linear -> tanh (``coding="linear"``: no tanh, the paper's
+  linear coding layer) (:class:`~cbir.models.methods.regu.HashNet`);
   momentum net ``phi_m`` = a deep copy of it (``momentum_backbone``, ``momentum_hash``) whose
   parameters have ``requires_grad = False``. After every optimiser step (``after_step``)
   ``theta_m <- alpha theta_m + (1 - alpha) theta_h`` for every parameter (eq. 5, ``alpha = 0.7``).
@@ -26,6 +27,7 @@ import torch
 
 from cbir.losses import DMUHLoss
 from cbir.models.base import HashingMethod
+from cbir.models.methods.common import HASH_ACTIVATIONS
 from cbir.models.methods.regu import HashNet
 from cbir.models.registry import MethodSpec, register_method
 
@@ -40,20 +42,28 @@ class DMUHParams:
     detach_weights: bool = True
     order_bits: bool = True
     ref_pairs: float = 5000.0  # normaliser of the per-image sums, see cbir.losses.DMUHLoss
+    balance_steps: int = 0  # > 0: balance the terms' magnitudes over the first steps (§5.2), see DMUHLoss
+    max_scale: float = 1e3  # bound of the balancing scales
+    coding: str = "tanh"  # coding layer: "tanh" or "linear"
 
     def __post_init__(self):
+        if self.coding not in HASH_ACTIVATIONS:
+            raise ValueError(f"coding must be one of {HASH_ACTIVATIONS}, got {self.coding!r}")
         if not self.beta >= 0 or not self.gamma >= 0:
             raise ValueError(f"beta and gamma must be >= 0, got beta={self.beta}, gamma={self.gamma}")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha (momentum, eq. 5) must be in [0, 1), got {self.alpha}")
-        DMUHLoss(self.beta, self.gamma, self.detach_weights, self.ref_pairs)  # validates
+        self.loss()  # validates
+
+    def loss(self) -> DMUHLoss:
+        return DMUHLoss(self.beta, self.gamma, self.detach_weights, self.ref_pairs, self.balance_steps, self.max_scale)
 
 
 class DMUH(HashNet):
     def __init__(self, spec: MethodSpec, params: DMUHParams):
-        super().__init__(spec, "dmuh")
+        super().__init__(spec, "dmuh", params.coding)
         self.params = params
-        self.criterion = DMUHLoss(params.beta, params.gamma, params.detach_weights, params.ref_pairs)
+        self.criterion = params.loss()
         self.momentum_backbone = copy.deepcopy(self.backbone)
         self.momentum_hash = copy.deepcopy(self.hash_layer)
         for p in self._momentum_params():
@@ -81,6 +91,20 @@ class DMUH(HashNet):
         loss, logs = self.criterion(h, u, targets)
         logs["bit_uncertainty"] = float(u.detach().mean())  # mean |h - m| over bits and images
         return loss, logs
+
+    def head_loss(self, feats, targets):
+        """On cached features of the frozen backbone: the momentum backbone equals it (it starts
+        as a copy and the EMA of a constant is the constant), so ``m = momentum_hash(feats)``."""
+        h = self.hash_layer(feats)
+        with torch.no_grad():
+            m = self.momentum_hash(feats)
+        u = (h - m).abs()
+        loss, logs = self.criterion(h, u, targets)
+        logs["bit_uncertainty"] = float(u.detach().mean())
+        return loss, logs
+
+    def head_parameters(self) -> list:
+        return list(self.hash_layer.parameters())
 
     @torch.no_grad()
     def after_init(self) -> None:

@@ -29,6 +29,7 @@ trains but plateaus in a few antipodal clusters at small budgets (digits, convne
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ from cbir.models.cbam import stacked_cbam
 from cbir.models.heads import ClassHead
 from cbir.models.methods.common import HashLayer, free_bit_layout
 from cbir.models.registry import MethodSpec, register_method
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,8 +100,16 @@ class HEGH(HashingMethod):
         self.register_buffer("batch_accuracy", torch.zeros(()))
         self.register_buffer("hard_on", torch.tensor(params.gamma_after_acc <= 0))
 
-    def training_loss(self, images, targets):
-        feat = self.backbone(images)
+    @property
+    def class_head(self):
+        """The classifier a CE warm start copies (``--init-from``): the hard degrees then come
+        from a classifier with the "certain classification ability" of §3.3(1) from step 0."""
+        return self.head
+
+    def head_loss(self, feat, targets):
+        """Eqs. 1-6 on pooled features: the image stage runs it on ``backbone(images)``; with
+        ``--freeze-backbone`` it fits the hash layer and the classifier on cached features
+        (give ``cbam_blocks=0`` there: frozen CBAM blocks would stay at their random init)."""
         logits = self.head(feat)
         if not bool(self.hard_on) and targets.ndim == 1:
             acc = (logits.detach().argmax(1) == targets).float().mean()
@@ -110,6 +121,16 @@ class HEGH(HashingMethod):
         loss, logs = self.criterion(self.hash_layer(feat), logits, targets)
         logs["hard_on"] = float(self.hard_on)
         return loss, logs
+
+    def before_head_fit(self, feats, targets):
+        if self.params.cbam_blocks > 0:
+            log.warning(
+                "hegh with a frozen backbone: its %d CBAM block(s) are not trained on cached features "
+                "(they keep the weights they were given); pass --param cbam_blocks=0 to fit the head "
+                "on the plain backbone features",
+                self.params.cbam_blocks,
+            )
+        return None
 
     def encode(self, images):
         b = self.hash_layer(self.backbone(images))

@@ -32,18 +32,20 @@ class ReguParams:
 
 
 class HashNet(HashingMethod):
-    """backbone -> :class:`HashLayer` (tanh); bits ``h > 0``, confidence ``|h|``."""
+    """backbone -> :class:`HashLayer` (tanh, or linear); bits ``h > 0``, confidence ``|h|``
+    (clipped to 1 for a linear layer). ``head_loss`` on cached features (``--freeze-backbone``)
+    is the subclass's criterion on ``hash_layer(feats)``."""
 
-    def __init__(self, spec: MethodSpec, method: str):
+    def __init__(self, spec: MethodSpec, method: str, activation: str = "tanh"):
         super().__init__(spec.make_backbone(), free_bit_layout(spec, method))
-        self.hash_layer = HashLayer(self.backbone.feature_dim, self.nbits)
+        self.hash_layer = HashLayer(self.backbone.feature_dim, self.nbits, activation)
 
     def codes(self, images: torch.Tensor) -> torch.Tensor:
         return self.hash_layer(self.backbone(images))
 
     def encode(self, images):
         h = self.codes(images)
-        return h > 0, h.abs()
+        return h > 0, h.abs().clamp(max=1)
 
 
 class Regu(HashNet):
@@ -52,8 +54,8 @@ class Regu(HashNet):
         self.params = params
         self.criterion = DPSHLoss(params.beta, params.ref_pairs)
 
-    def training_loss(self, images, targets):
-        return self.criterion(self.codes(images), targets)
+    def head_loss(self, feats, targets):
+        return self.criterion(self.hash_layer(feats), targets)
 
 
 @register_method("regu", params=ReguParams, description="Regu/DPSH: pairwise likelihood + quantisation (DMUH eq. 4)")
