@@ -30,6 +30,7 @@ Quick check::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -72,6 +73,19 @@ def run_one(label: str, name: str, params: dict, bits: int | None, seed: int, sp
         out=str(Path(args.out) / "runs" / f"{safe}-{bits}-s{seed}"),
         progress=args.progress,
     )
+    if args.freeze_backbone:
+        # heads on cached features of the frozen warm-start backbone: --steps head steps of
+        # P x K class-balanced batches (every class x --head-images-per-class), the same for every method
+        cfg = dataclasses.replace(
+            cfg,
+            epochs=1,
+            max_steps=None,
+            freeze_backbone=True,
+            head_steps=args.steps,
+            head_lr=args.head_lr,
+            head_images_per_class=args.head_images_per_class,
+            feature_views=args.feature_views,
+        )
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -86,7 +100,7 @@ def run_one(label: str, name: str, params: dict, bits: int | None, seed: int, sp
         "bits": res.hasher.layout.nbits,
         "seed": seed,
         "requested_bits": bits,
-        "steps": res.config["steps"],
+        "steps": res.config["head_steps"] if args.freeze_backbone else res.config["steps"],
         "train_wall_s": round(train_s, 1),
         "tie_lex": summ[f"tie_map@{k}_lex"],
         "tie_hamming": summ[f"tie_map@{k}_hamming"],
@@ -150,8 +164,8 @@ def write_reports(rows: list[dict], meta: dict, out: Path, k: int) -> None:
     lines = [
         "# Method benchmark: cifar10-subset (846 queries vs 4,660 database)",
         "",
-        f"Backbone `{meta['backbone']}` warm-started from `{meta['init_from']}`, {meta['steps']} optimiser steps of "
-        f"batch {meta['batch_size']} per run, lr {meta['lr']}, seeds {meta['seeds']}, {meta['torch_threads']} torch "
+        f"Backbone `{meta['backbone']}` warm-started from `{meta['init_from']}` ({meta.get('regime', 'full fine-tune')}), "
+        f"{meta['steps']} optimiser steps of batch {meta['batch_size']} per run, lr {meta['lr']}, seeds {meta['seeds']}, {meta['torch_threads']} torch "
         f"threads on {meta['machine']}. Mean ± std over seeds.",
         "",
         f"| method | bits | steps | tie mAP@{k} lex | tie mAP@{k} Hamming | id mAP@{k} lex | id mAP@{k} Hamming "
@@ -190,6 +204,17 @@ def main(argv=None) -> int:
         default=1,
         help="torch threads (1: on a shared 2-core machine two threads ran up to 20x slower under load)",
     )
+    ap.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="fit every method's head on cached features of the frozen warm-start backbone (--steps head steps "
+        "each; HEGH then runs with cbam_blocks=0 unless given: frozen CBAM blocks would stay random)",
+    )
+    ap.add_argument("--head-lr", type=float, default=1e-2, help="with --freeze-backbone: the head stage's lr")
+    ap.add_argument(
+        "--head-images-per-class", type=int, default=51, help="with --freeze-backbone: K of the P x K head batches"
+    )
+    ap.add_argument("--feature-views", type=int, default=2, help="with --freeze-backbone: augmented views cached")
     ap.add_argument("--out", default="benchmarks/results/methods")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
     args = ap.parse_args(argv)
@@ -240,6 +265,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "steps": args.steps,
+        "regime": "frozen backbone, head steps on cached features" if args.freeze_backbone else "full fine-tune",
         "seeds": args.seeds,
         "init_from": args.init_from,
         "k": args.k,
@@ -250,18 +276,27 @@ def main(argv=None) -> int:
     }
     rows: list[dict] = []
     kk = min(args.k, len(splits.database))
-    for label, name, params in methods:
-        for bits in [None] if name == "ce" else args.bits:
-            for seed in args.seeds:
-                row = run_one(label, name, params, bits, seed, splits, args)
-                rows.append(row)
-                print(
-                    f"[bench] {label} {row['bits']} bits seed {seed}: tie-aware mAP@{kk} lex {row['tie_lex']:.4f} "
-                    f"hamming {row['tie_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
-                    f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)",
-                    flush=True,
-                )
-            write_reports(rows, meta, out, kk)
+    if args.freeze_backbone:
+        for _label, name, params in methods:
+            if name == "hegh":
+                params.setdefault("cbam_blocks", "0")
+    # seeds outermost: with a frozen backbone every run of one seed reuses one feature cache
+    grid = [
+        (label, name, params, bits, seed)
+        for seed in args.seeds
+        for label, name, params in methods
+        for bits in ([None] if name == "ce" else args.bits)
+    ]
+    for label, name, params, bits, seed in grid:
+        row = run_one(label, name, params, bits, seed, splits, args)
+        rows.append(row)
+        print(
+            f"[bench] {label} {row['bits']} bits seed {seed}: tie-aware mAP@{kk} lex {row['tie_lex']:.4f} "
+            f"hamming {row['tie_hamming']:.4f}, unique {row['unique_percent']:.2f}%, collisions "
+            f"{row['average_collision_count']:.2f} ({row['steps']} steps, {row['train_wall_s']} s)",
+            flush=True,
+        )
+        write_reports(rows, meta, out, kk)
     for line in target_checks(aggregate(rows)):
         print(line)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
