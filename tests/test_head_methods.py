@@ -94,3 +94,16 @@ def test_linear_coding_layer():
     assert HashLayer(4, 3)(x).abs().max() <= 1
     with pytest.raises(ValueError, match="tanh"):
         HashLayer(4, 3, "relu")
+
+
+def test_hegh_classifier_on_the_codes():
+    from cbir.models.registry import MethodSpec, create_method, resolve_params
+
+    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=6, backbone_kwargs=(("width", 8),))
+    m = create_method("hegh", spec, resolve_params("hegh", {"classifier_on": "codes", "cbam_blocks": "0"}))
+    assert m.head.fc.in_features == 6
+    loss, _ = m.training_loss(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert m.hash_layer.fc.weight.grad is not None and m.head.fc.weight.grad is not None
+    with pytest.raises(ValueError, match="classifier_on"):
+        resolve_params("hegh", {"classifier_on": "pixels"})

@@ -11,7 +11,7 @@ Retrieval").
   (``acc_momentum``) of the training-batch accuracy reaches ``a``, then the configured ``gamma``
   (with ``weight_norm="none"``: eq. 4 literally); ``hard_on`` is logged and saved.
 * Hash layer: linear -> tanh (relaxed codes ``b`` in (-1, 1)); classification head: linear class
-  logits on the same pooled features.
+  logits on the same pooled features (``classifier_on="codes"``: on the relaxed codes ``b``).
 * Loss: :class:`cbir.losses.HEGHLoss` (eqs. 1-6), all unordered pairs of the minibatch; the
   hard degree uses ``q_{i|j}`` = softmax probability that image ``i`` has image ``j``'s label
   (similar pair: ``P = 1 - p_i[y_i]``; dissimilar: ``P = p_i[y_j]``), detached.
@@ -59,6 +59,7 @@ class HEGHParams:
     cbam_stage: int = 0  # CBAM after backbone stage i (the paper: after the second layer, i.e. early)
     gamma_after_acc: float = 0.0  # hard weights (gamma) only once the classifier reaches this batch accuracy
     acc_momentum: float = 0.9  # EMA of the training-batch accuracy that gamma_after_acc is compared with
+    classifier_on: str = "features"  # the classifier reads the pooled "features" or the relaxed "codes"
 
     def __post_init__(self):
         if not self.gamma >= 0 or not self.lam >= 0 or not self.mu >= 0:
@@ -71,6 +72,8 @@ class HEGHParams:
             raise ValueError("cbam_reduction must be >= 1")
         if self.cbam_stage < 0:
             raise ValueError("cbam_stage must be >= 0 (index of the backbone stage CBAM follows)")
+        if self.classifier_on not in ("features", "codes"):
+            raise ValueError(f"classifier_on must be 'features' or 'codes', got {self.classifier_on!r}")
         if not 0 <= self.gamma_after_acc <= 1 or not 0 <= self.acc_momentum < 1:
             raise ValueError("gamma_after_acc must be in [0, 1] and acc_momentum in [0, 1)")
         HEGHLoss(
@@ -91,7 +94,8 @@ class HEGH(HashingMethod):
             backbone.post_stage[i] = stacked_cbam(backbone.stage_channels[i], params.cbam_blocks, params.cbam_reduction)
         super().__init__(backbone, free_bit_layout(spec, "hegh"))
         self.hash_layer = HashLayer(self.backbone.feature_dim, self.nbits)
-        self.head = ClassHead(self.backbone.feature_dim, spec.num_classes)
+        in_dim = self.nbits if params.classifier_on == "codes" else self.backbone.feature_dim
+        self.head = ClassHead(in_dim, spec.num_classes)
         self.params = params
         self.criterion = HEGHLoss(
             params.gamma, params.lam, params.mu, params.margin or None, params.squared_hinge, params.weight_norm
@@ -110,7 +114,8 @@ class HEGH(HashingMethod):
         """Eqs. 1-6 on pooled features: the image stage runs it on ``backbone(images)``; with
         ``--freeze-backbone`` it fits the hash layer and the classifier on cached features
         (give ``cbam_blocks=0`` there: frozen CBAM blocks would stay at their random init)."""
-        logits = self.head(feat)
+        b = self.hash_layer(feat)
+        logits = self.head(b if self.params.classifier_on == "codes" else feat)
         if not bool(self.hard_on) and targets.ndim == 1:
             acc = (logits.detach().argmax(1) == targets).float().mean()
             m = self.params.acc_momentum
@@ -118,7 +123,7 @@ class HEGH(HashingMethod):
             if float(self.batch_accuracy) >= self.params.gamma_after_acc:
                 self.hard_on.fill_(True)
         self.criterion.gamma = self.params.gamma if bool(self.hard_on) else 0.0
-        loss, logs = self.criterion(self.hash_layer(feat), logits, targets)
+        loss, logs = self.criterion(b, logits, targets)
         logs["hard_on"] = float(self.hard_on)
         return loss, logs
 
