@@ -103,6 +103,63 @@ def test_global_batch_ntxent_matches_one_process_on_two_gloo_processes(tmp_path)
     assert abs(float(local.detach()) - float(ref.detach())) > 1e-3
 
 
+def _balance_method():
+    from cbir.models.registry import MethodSpec, create_method
+
+    torch.manual_seed(3)  # the same initial tree in every process
+    m = create_method(
+        "ddtl",
+        MethodSpec("convnet", 3, None, depth=4, backbone_kwargs=(("width", 4),)),
+        {"two_stage": True, "balance": 1.0, "beta": 0.0},
+    )
+    m.set_stage("tree")
+    g = torch.Generator().manual_seed(1)
+    d = m.backbone.feature_dim
+    f1, f2 = torch.randn(16, d, generator=g), torch.randn(16, d, generator=g)
+    t = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2, 2, 0, 0, 0, 1, 0])
+    return m, f1, f2, t
+
+
+def _balance_grads(m):
+    return [p.grad.clone() for p in m.head.g1.parameters()]
+
+
+def _balance_worker(rank, world, init, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    m, f1, f2, t = _balance_method()
+    with ddp.global_batch():
+        loss, logs = m.head_loss((f1[rank::world], f2[rank::world]), t[rank::world])
+    loss.backward()
+    grads = _balance_grads(m)
+    for gr in grads:  # what DDP does: the mean of the ranks' gradients
+        dist.all_reduce(gr)
+        gr /= world
+    torch.save({"balance": logs["balance"], "loss": loss.detach(), "grads": grads}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddtl_node_balance_is_the_global_batch_term_on_two_gloo_processes(tmp_path):
+    m, f1, f2, t = _balance_method()
+    loss, logs = m.head_loss((f1, f2), t)
+    loss.backward()
+    ref = _balance_grads(m)
+    assert logs["balance"] > 0.69 and any(float(gr.abs().max()) > 1e-4 for gr in ref)
+    torch.multiprocessing.spawn(_balance_worker, args=(2, f"file://{tmp_path}/rdv", str(tmp_path)), nprocs=2)
+    for r in range(2):
+        got = torch.load(tmp_path / f"{r}.pt")
+        assert abs(got["balance"] - logs["balance"]) < 1e-6, (r, got["balance"], logs["balance"])
+        assert torch.allclose(got["loss"], loss.detach(), atol=1e-6)
+        for a, b in zip(got["grads"], ref):
+            assert torch.allclose(a, b, atol=1e-6)
+    # and a rank's own half would give another value: the check above can fail
+    m2, *_ = _balance_method()
+    _, local = m2.head_loss((f1[0::2], f2[0::2]), t[0::2])
+    assert abs(local["balance"] - logs["balance"]) > 1e-3, (local["balance"], logs["balance"])
+
+
 ARGS = [
     "--method",
     "ddtl",

@@ -16,9 +16,12 @@ an all-gather with gradients (``torch.distributed.nn.functional.all_gather``) wh
 sums every rank's gradient into the local part; every rank computes the same global term, so
 after DDP's average the gradient equals the 1-process gradient of that term.
 
+DDTL's optional per-class node-balance term (``balance > 0``) gathers its node logits the same
+way, so it too is the global batch's term.
+
 Not global (documented limits): BatchNorm statistics are per rank (DDP keeps rank 0's running
 statistics); augmentation draws differ from a 1-process run (each rank augments its own items);
-DDTL's optional node-balance term (``balance > 0``) is computed per rank.
+DDTL's monitoring statistics (``saturation``, ``paths_per_class``) are per rank, averaged.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ in class-balanced P x K batches. The engine runs the two stages (``cbir.engine``
 Optional per-class node balance (``balance > 0``; our addition, Frosst & Hinton 2017 eq. 4 within
 each class, :class:`cbir.losses.PerClassNodeBalance`): pushes every node a class reaches to split
 that class evenly, so a class spreads over the leaves (hash coverage) even when the contrastive
-term alone leaves it piled on a few paths.
+term alone leaves it piled on a few paths. Under DDP it is computed over the global batch
+(:meth:`DDTL.balance_term`); the monitoring statistics below are per rank, averaged over ranks.
 
 Tree initialisation ``tree_init="pca"`` with ``class_bias=True`` (our addition for the two-stage
 mode): before the tree stage's gradient steps the tree is set by class-wise median splits along
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from cbir.codes import CodeLayout, class_bits_for
+from cbir.distributed import ddp
 from cbir.losses import AsymmetricLoss, PerClassNodeBalance, PerClassNTXent, classification_loss
 from cbir.models.base import HashingMethod
 from cbir.models.heads import (
@@ -204,13 +206,7 @@ class DDTL(HashingMethod):
         logs.update(tree_stats(node_logits[:n], self.head.tree_depths, targets))
         loss = self.params.beta * con
         if self.params.balance > 0:
-            tt = torch.cat([targets, targets], 0)
-            bal = torch.stack(
-                [
-                    self.node_balance(node_logits[:, sl], d, tt)
-                    for sl, d in zip(node_slices(self.head.tree_depths), self.head.tree_depths)
-                ]
-            ).mean()
+            bal = self.balance_term(node_logits, targets)
             loss = loss + self.params.balance * bal
             logs["balance"] = float(bal.detach())
         if self.stage == "tree":
@@ -218,6 +214,27 @@ class DDTL(HashingMethod):
         ce = classification_loss(class_logits, torch.cat([targets, targets], 0), self.multilabel, self.asl)
         logs["ce"] = float(ce.detach())
         return self.params.alpha * ce + loss, logs
+
+    def balance_term(self, node_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The per-class node balance of both views' node logits (``(2n, nodes)``: view 1 rows,
+        then view 2 rows), averaged over the trees of the forest.
+
+        Under DDP (inside :func:`cbir.distributed.ddp.global_batch`) it is the term of the *global*
+        batch: each view's node logits and the targets are all-gathered (``ddp.gather_cat``, as the
+        per-class NT-Xent gathers its leaf probabilities), so every class's reach-weighted node
+        sums and item counts are those of the whole batch; every rank computes the same value and
+        DDP's gradient average gives the 1-process gradient."""
+        n = targets.shape[0]
+        if ddp.is_gathering():
+            node_logits = torch.cat([ddp.gather_cat(node_logits[:n]), ddp.gather_cat(node_logits[n:])], 0)
+            targets = ddp.gather_cat(targets)
+        tt = torch.cat([targets, targets], 0)
+        return torch.stack(
+            [
+                self.node_balance(node_logits[:, sl], d, tt)
+                for sl, d in zip(node_slices(self.head.tree_depths), self.head.tree_depths)
+            ]
+        ).mean()
 
     @torch.no_grad()
     def monitor_features(self, feats: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
