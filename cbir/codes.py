@@ -34,6 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = [
+    "json_default",
     "Codes",
     "CodeLayout",
     "pack_bits",
@@ -206,6 +207,23 @@ class Codes:
         buf = np.zeros((len(self), 8), dtype=np.uint8)
         buf[:, : self.nbytes] = self.packed
         return buf.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def json_default(o):
+    """``json.dumps(..., default=json_default)``: numpy scalars as Python numbers, arrays as
+    lists, paths as strings, :class:`Codes` as hex strings; anything else is a ``TypeError``
+    naming the type (metadata and reports must stay plain JSON)."""
+    from pathlib import PurePath
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, PurePath):
+        return str(o)
+    if isinstance(o, Codes):
+        return o.to_hex()
+    raise TypeError(f"a value of type {type(o).__name__} is not JSON serialisable")
 
 
 def _check_pair(a: Codes, b: Codes) -> None:

@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
-from cbir.codes import Codes
+from cbir.codes import Codes, json_default
 
 LABEL_SEP = b"\x00"
 
@@ -98,22 +97,10 @@ def meta_bytes(meta, n: int) -> list[bytes | None] | None:
         if m is None:
             out.append(None)
         elif isinstance(m, dict):
-            out.append(json.dumps(m, separators=(",", ":"), sort_keys=True, default=_json_default).encode())
+            out.append(json.dumps(m, separators=(",", ":"), sort_keys=True, default=json_default).encode())
         else:
             raise ValueError(f"metadata entries must be dicts or None, got {type(m).__name__}")
     return out
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"metadata value of type {type(o).__name__} is not JSON serialisable")
 
 
 def conf_rows(conf, n: int, nbits: int) -> np.ndarray | None:

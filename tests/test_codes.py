@@ -129,3 +129,21 @@ def test_layout_roundtrip_and_validation():
     with pytest.raises(ValueError, match="unknown"):
         CodeLayout.from_dict({"nbits": 8, "bogus": 1})
     assert [class_bits_for(m) for m in (2, 3, 4, 10, 16, 17)] == [1, 2, 2, 4, 4, 5]
+
+
+def test_json_default_converts_numpy_paths_and_codes_and_names_what_it_cannot():
+    import json
+    from pathlib import Path
+
+    from cbir.codes import json_default
+
+    got = json.loads(
+        json.dumps(
+            {"i": np.int64(3), "f": np.float32(0.5), "b": np.bool_(True), "a": np.arange(2), "p": Path("/x")},
+            default=json_default,
+        )
+    )
+    assert got == {"i": 3, "f": 0.5, "b": True, "a": [0, 1], "p": "/x"}
+    assert json.dumps(Codes.from_bits(np.array([[1, 0, 1]], np.uint8)), default=json_default) == '["a0"]'
+    with pytest.raises(TypeError, match="object"):
+        json.dumps({"x": object()}, default=json_default)
