@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import struct_pb2
 
+from cbir.client._common import intify  # the one Struct-number rule, shared with the client
 from cbir.codes import CodeLayout, Codes
 from cbir.v1 import search_pb2 as pb
 
@@ -69,17 +70,6 @@ def to_struct(d: dict | None) -> struct_pb2.Struct:
     return s
 
 
-def _intify(x: Any) -> Any:
-    # Struct numbers are doubles: give integral values back as ints (ids, labels, counts).
-    if isinstance(x, float) and math.isfinite(x) and x.is_integer() and abs(x) < 2**53:
-        return int(x)
-    if isinstance(x, dict):
-        return {k: _intify(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_intify(v) for v in x]
-    return x
-
-
 def _from_value(v: struct_pb2.Value, path: str) -> Any:
     kind = v.WhichOneof("kind")
     if kind == "number_value":
@@ -100,7 +90,7 @@ def _from_value(v: struct_pb2.Value, path: str) -> Any:
 
 def from_struct(s: struct_pb2.Struct) -> dict:
     """A request's metadata as plain JSON data; ``ValueError`` names a non-finite number."""
-    return _intify({k: _from_value(v, k) for k, v in s.fields.items()})
+    return intify({k: _from_value(v, k) for k, v in s.fields.items()})
 
 
 def layout_to_pb(layout: CodeLayout | None, nbits: int) -> pb.CodeLayout:

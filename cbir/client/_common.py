@@ -3,6 +3,7 @@ the retry schedule. Imports grpc, numpy, protobuf and ``cbir.codes`` only (never
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -192,10 +193,24 @@ def batch_requests(queries: Any, **kw) -> list:
     return [search_request(q, **kw) for q in queries]
 
 
+def intify(x: Any) -> Any:
+    """JSON-like data with integral floats as ints: protobuf ``Struct`` numbers are doubles, so
+    ids, labels and counts come back as ``3.0``; they are given back as ``3`` (below 2**53,
+    where a double is exact). Dicts and lists are converted recursively."""
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer() and abs(x) < 2**53:
+        return int(x)
+    if isinstance(x, dict):
+        return {k: intify(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [intify(v) for v in x]
+    return x
+
+
 def struct_dict(msg) -> dict:
+    """A ``google.protobuf.Struct`` as plain JSON data (integral numbers as ints: :func:`intify`)."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(msg)
+    return intify(MessageToDict(msg))
 
 
 def codes_of(msgs) -> Codes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from cbir.cli import main
@@ -46,6 +47,40 @@ def test_cbir_search_table(served, dataset, images, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "hits (prefix)" in out
+
+
+def test_cbir_search_json_keeps_every_field(server_factory, tmp_path, capsys):
+    """Every hit carries all its fields, zero values included (the hit with id 0 at rank 0, a
+    distance of 0), and integral numbers print as ints (labels ``[0]``, not ``[0.0]``)."""
+    from cbir.codes import Codes
+    from cbir.indexer import build_index, open_index
+
+    rng = np.random.default_rng(7)
+    codes = Codes.from_bits(rng.integers(0, 2, size=(40, 16)).astype(np.uint8))
+    ids = np.arange(40, dtype=np.int64)  # id 0 is the query's own item
+    metas = [{"labels": [i % 3], "count": 0, "score": 0.5} if i % 5 else {} for i in range(40)]
+    reader = open_index(build_index(tmp_path / "ix", ids, codes, meta=metas), readonly=True)
+    try:
+        server = server_factory(reader, None, writable=False)
+        assert main(["search", "--address", server.address, "--id", "0", "-k", "6", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        expected = reader.search_lex(codes[0:1], 6)
+    finally:
+        reader.close()
+    hits = data["hits"]
+    assert [h["id"] for h in hits] == expected.ids.tolist() and hits[0]["id"] == 0
+    for j, h in enumerate(hits):
+        assert set(h) == {"rank", "id", "hamming_distance", "common_prefix_length", "code", "metadata"}, h
+        assert h["rank"] == j and type(h["rank"]) is int and type(h["id"]) is int
+        assert h["hamming_distance"] == int(expected.distances[j])
+        assert h["common_prefix_length"] == int(expected.prefix_lengths[j])
+        assert h["code"] == codes.packed[h["id"]].tobytes().hex()
+        assert h["metadata"] == metas[h["id"]]
+        for v in h["metadata"].get("labels", []):
+            assert type(v) is int, h
+    assert hits[0]["hamming_distance"] == 0 and hits[0]["common_prefix_length"] == 16
+    assert hits[0]["metadata"] == {}  # an item stored without metadata: the key is still there
+    assert any(type(h["metadata"].get("count")) is int and h["metadata"]["score"] == 0.5 for h in hits)
 
 
 def test_cbir_search_errors(served, capsys):
