@@ -23,6 +23,12 @@ index with :func:`cbir.indexer.build_index` and prints:
 The steady-state latencies are measured after one warm pass over the Hamming queries;
 ``auto`` and ``mih`` are timed alternately query by query (the same cache state for both).
 
+``--shards S``: instead of the above, build one index and an S-shard index
+(:func:`cbir.indexer.build_sharded_index`, S a power of two) from the same codes and print lex
+top-k and Hamming top-k p50 of both, timed alternately query by query after one warm pass, with
+the ratio sharded / one (issue 14's target: lex <= 1.5x on S = 4); the two answer the same ids
+(checked on every timed query). FAISS (and torch, if loaded) run 1 thread.
+
 Single-thread latency: run pinned, e.g. ``OMP_NUM_THREADS=1 taskset -c 1 python
 benchmarks/bench_index.py --sizes 1e7``; FAISS threads are set by the index itself (1 per
 single query), the baseline is called with 1 thread.
@@ -241,6 +247,76 @@ def run_one(args, n: int, workdir: Path) -> dict:
     return row
 
 
+def pin_threads() -> None:
+    """One thread for FAISS (OpenMP) and torch, whatever the environment says."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def run_shards(args, n: int, workdir: Path) -> dict:
+    """One index vs an ``args.shards``-shard index of the same codes: lex and Hamming top-k p50."""
+    from cbir.codes import CodeLayout, Codes
+    from cbir.indexer import build_index, build_sharded_index, open_index
+
+    nbits, k, S = args.bits, args.k, args.shards
+    rng = np.random.default_rng(args.seed)
+    centres = rng.integers(0, 2, (args.centres, nbits), dtype=np.uint8)
+    codes = Codes(gen_codes(rng, n, nbits, centres, args.flip), nbits)
+    qpacked = gen_codes(rng, args.queries, nbits, centres, args.flip)
+    ids = np.arange(n, dtype=np.int64)
+    layout = CodeLayout(nbits=nbits, class_bits=args.class_bits)
+    row: dict = {"n": n, "nbits": nbits, "k": k, "shards": S}
+    one_dir, sh_dir = workdir / f"one_{n}", workdir / f"sharded{S}_{n}"
+    t0 = time.perf_counter()
+    build_index(one_dir, ids, codes, layout=layout)
+    row["build_one_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_sharded_index(sh_dir, ids, codes, S, layout=layout)
+    row["build_sharded_s"] = time.perf_counter() - t0
+    one, sh = open_index(one_dir), open_index(sh_dir)
+    qs = [qpacked[i].tobytes() for i in range(len(qpacked))]
+    hq = qs[: args.hamming_queries]
+    mismatches = 0
+    for q in qs:  # warm pass (pages faulted in, derived structures loaded) and the equality check
+        mismatches += not np.array_equal(one.search_lex(q, k).ids, sh.search_lex(q, k).ids)
+    for q in hq:
+        mismatches += not np.array_equal(one.search_hamming(q, k=k).ids, sh.search_hamming(q, k=k).ids)
+    row["mismatches"] = mismatches
+    ta, tb = timeit_pair(lambda q: one.search_lex(q, k), lambda q: sh.search_lex(q, k), qs)
+    row["lex_one_p50_us"], row["lex_sharded_p50_us"] = p50(ta), p50(tb)
+    ta, tb = timeit_pair(lambda q: one.search_hamming(q, k=k), lambda q: sh.search_hamming(q, k=k), hq)
+    row["ham_one_p50_us"], row["ham_sharded_p50_us"] = p50(ta), p50(tb)
+    one.close()
+    sh.close()
+    gc.collect()
+    if not args.keep:
+        shutil.rmtree(one_dir, ignore_errors=True)
+        shutil.rmtree(sh_dir, ignore_errors=True)
+    return row
+
+
+def report_shards(row: dict) -> str:
+    x, S, k = row, row["shards"], row["k"]
+    lex, ham = x["lex_sharded_p50_us"] / x["lex_one_p50_us"], x["ham_sharded_p50_us"] / x["ham_one_p50_us"]
+    return "\n".join(
+        [
+            f"N={x['n']:,} B={x['nbits']} k={k} (clustered codes): one index vs {S} shards "
+            f"(build {x['build_one_s']:.1f} s / {x['build_sharded_s']:.1f} s; {x['mismatches']} queries answered differently)",
+            (
+                f"  lex top-{k} p50: one {x['lex_one_p50_us']:.0f} us, {S} shards {x['lex_sharded_p50_us']:.0f} us -> "
+                f"{lex:.2f}x  [target <= 1.5x on S = 4: {'met' if lex <= 1.5 else 'NOT met'}]"
+            ),
+            (
+                f"  Hamming top-{k} p50: one {x['ham_one_p50_us']:.0f} us, {S} shards {x['ham_sharded_p50_us']:.0f} us "
+                f"-> {ham:.2f}x"
+            ),
+        ]
+    )
+
+
 def report(row: dict) -> str:
     x = row
     lines = [
@@ -299,9 +375,20 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the built indexes")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="S",
+        help="compare one index with an S-shard index (S a power of two >= 2) instead of the full run",
+    )
     args = ap.parse_args(argv)
+    if args.shards is not None and (args.shards < 2 or args.shards & (args.shards - 1)):
+        ap.error(f"--shards must be a power of two >= 2, got {args.shards}")
 
     import faiss
+
+    pin_threads()
 
     sizes = [int(s) for s in args.sizes]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_index_"))
@@ -312,17 +399,18 @@ def main(argv=None) -> int:
         aff = []
     print(
         f"# cbir index benchmark: cpus allowed {aff}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-        f"gpus={faiss.get_num_gpus()}, {args.queries} lex / {args.hamming_queries} Hamming queries",
+        f"FAISS threads {faiss.omp_get_max_threads()}, gpus={faiss.get_num_gpus()}, {args.queries} lex / {args.hamming_queries} Hamming queries",
         flush=True,
     )
     rows = []
     try:
         for n in sizes:
             t0 = time.perf_counter()
-            row = run_one(args, n, workdir)
+            row = run_shards(args, n, workdir) if args.shards else run_one(args, n, workdir)
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
-            print(report(row) + f"\n  (wall {row['wall_s']:.0f} s)", flush=True)
+            text = report_shards(row) if args.shards else report(row)
+            print(text + f"\n  (wall {row['wall_s']:.0f} s)", flush=True)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
