@@ -134,6 +134,9 @@ class TrainConfig:
             raise ValueError("head_images_per_class must be >= 2 (a positive and negatives per class)")
         if self.aug_strength < 0 or (self.feature_aug_strength is not None and self.feature_aug_strength < 0):
             raise ValueError("augmentation strengths must be >= 0")
+        from cbir.models.backbones import check_backbone_arguments
+
+        check_backbone_arguments(self.backbone, self.backbone_kwargs)  # before any data is loaded
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,6 +12,10 @@ Names: ``resnet20`` (He et al. 2016's CIFAR ResNet-20, 0.27 M parameters, the de
 trains at a useful speed on two CPU cores), ``resnet18`` / ``resnet34`` (torchvision, with the
 ``cifar_stem`` option replacing the 7x7/stride-2 stem and max-pool by a 3x3/stride-1 conv for
 32x32 inputs) and ``convnet`` (a 4-layer plain CNN for very fast tests).
+
+A factory names its keyword arguments (no ``**kwargs``): :func:`create_backbone` refuses any
+other with a ``ValueError`` that names the argument, the backbone and what it accepts
+(:func:`backbone_arguments`), so ``--width`` for ``resnet18`` is an error, not silently ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "register_backbone", "create_backbone", "list_backbones"]
+__all__ = [
+    "Backbone",
+    "register_backbone",
+    "create_backbone",
+    "list_backbones",
+    "backbone_arguments",
+    "check_backbone_arguments",
+]
 
 _BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
 
@@ -43,8 +54,7 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, **kwargs) -> "Backbone":
     """``input_mean`` / ``input_std`` (3 floats each) add a :class:`cbir.models.warmstart.InputNorm`
     in front of the stem (weights trained with another normalisation, e.g. ImageNet's)."""
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {list_backbones()}")
+    check_backbone_arguments(name, kwargs)
     mean, std = kwargs.pop("input_mean", None), kwargs.pop("input_std", None)
     bb = _BACKBONES[name](**kwargs)
     if (mean is None) != (std is None):
@@ -54,6 +64,43 @@ def create_backbone(name: str, **kwargs) -> "Backbone":
 
         bb.input_norm = InputNorm(mean, std)
     return bb
+
+
+def check_backbone_arguments(name: str, kwargs) -> None:
+    """``ValueError`` for an unknown backbone or a keyword argument its factory does not take
+    (naming the argument, the backbone, what it accepts and which backbones take it)."""
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {list_backbones()}")
+    accepted = backbone_arguments(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        flags = ", ".join(f"--{u.replace('_', '-')}" for u in unknown)
+        raise ValueError(
+            f"backbone {name!r} takes no argument {', '.join(map(repr, unknown))}; it accepts "
+            f"{', '.join(accepted)}. Drop the argument (on the command line: {flags}) or choose a backbone "
+            f"that takes it ({_who_takes(unknown)})"
+        )
+
+
+#: keyword arguments :func:`create_backbone` handles itself, for every backbone
+COMMON_ARGUMENTS = ("input_mean", "input_std")
+
+
+def backbone_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments ``create_backbone(name, ...)`` accepts: the factory's own, then
+    :data:`COMMON_ARGUMENTS`."""
+    import inspect
+
+    params = inspect.signature(_BACKBONES[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        raise TypeError(f"backbone factory {name!r} takes **kwargs: name its arguments so unknown ones can be refused")
+    own = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return own + COMMON_ARGUMENTS
+
+
+def _who_takes(args: list[str]) -> str:
+    takers = [n for n in list_backbones() if set(args) <= set(backbone_arguments(n))]
+    return ", ".join(takers) if takers else "none does"
 
 
 class Backbone(nn.Module):
@@ -115,13 +162,13 @@ def _cifar_resnet(blocks_per_stage: int, widths=(16, 32, 64), in_channels: int =
 
 
 @register_backbone("resnet20")
-def resnet20(width: int = 16, **_: object) -> Backbone:
+def resnet20(width: int = 16) -> Backbone:
     """CIFAR ResNet-20 (He et al. 2016, sec. 4.2): 3 stages x 3 basic blocks, widths w, 2w, 4w."""
     return _cifar_resnet(3, (width, 2 * width, 4 * width))
 
 
 @register_backbone("convnet")
-def convnet(width: int = 32, **_: object) -> Backbone:
+def convnet(width: int = 32) -> Backbone:
     """Plain 4-conv CNN (two stages): fast enough for unit tests on any CPU."""
 
     def block(cin, cout):
@@ -152,12 +199,12 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> Backbone:
 
 
 @register_backbone("resnet18")
-def resnet18(cifar_stem: bool = True, **_: object) -> Backbone:
+def resnet18(cifar_stem: bool = True) -> Backbone:
     """torchvision ResNet-18, random init; ``cifar_stem`` for 32x32 inputs."""
     return _torchvision_resnet("resnet18", cifar_stem)
 
 
 @register_backbone("resnet34")
-def resnet34(cifar_stem: bool = True, **_: object) -> Backbone:
+def resnet34(cifar_stem: bool = True) -> Backbone:
     """torchvision ResNet-34, random init; ``cifar_stem`` for 32x32 inputs."""
     return _torchvision_resnet("resnet34", cifar_stem)
