@@ -374,12 +374,14 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     """Search every class subtree of a query's prediction set and merge (issue: IDK queries).
 
     ``code`` is the query's 1-row code (its class bits are ignored), ``classes`` its prediction
-    set best first (:meth:`ClassDecision.sets`). For every class ``c`` the query is re-aimed at
-    ``c``'s subtree (class bits := ``c``) and searched lexicographically in ``reader`` (a
-    :mod:`cbir.indexer` reader); candidates outside their class's subtree are dropped. The merge
-    is a total order: ascending big-endian XOR of the **path** bits with the query's path bits,
-    then the class's rank in the prediction set, then id — within one class it is exactly the
-    index's lexicographic order. Returns ``(ids int64, codes Codes)`` of the best ``k``.
+    set best first (:meth:`ClassDecision.sets`). For every class ``c`` the best ``k`` items of
+    ``c``'s subtree in the query's order are read from ``reader`` (a :mod:`cbir.indexer`
+    reader): a subtree of at most ``k`` items is read whole with one prefix listing (its items
+    only, ``search_prefix``), a larger one by a lexicographic search re-aimed at ``c``'s subtree
+    (class bits := ``c``), whose first ``k`` results all lie in that subtree. The merge is a
+    total order: ascending big-endian XOR of the **path** bits with the query's path bits, then
+    the class's rank in the prediction set, then id — within one class it is exactly the index's
+    lexicographic order. Returns ``(ids int64, codes Codes)`` of the best ``k``.
     """
     layout = reader.layout
     cb = int(layout.class_bits)
@@ -387,27 +389,39 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
         raise ValueError("prediction-set search needs codes with class bits")
     if len(code) != 1:
         raise ValueError(f"one query code expected, got {len(code)}")
-    bits = code.to_bits()[0]
-    weights = 1 << np.arange(cb - 1, -1, -1)
+    k, nbits = int(k), code.nbits
+    q = code.packed[0]
+    # packed masks: the class bits (the leading cb bits) and the path bits
+    lead = Codes.from_bits(np.ones((1, cb), bool)).packed[0]
+    cmask = np.zeros_like(q)
+    cmask[: len(lead)] = lead
+    pmask = ~cmask
+    shifts = np.arange(cb - 1, -1, -1)
     ids_all, codes_all, rank_all = [], [], []
     for r, c in enumerate(classes):
-        qb = bits.copy()
-        qb[:cb] = (int(c) >> np.arange(cb - 1, -1, -1)) & 1
-        res = reader.search_lex(Codes.from_bits(qb[None]), k)
-        cand = res.codes.to_bits()
-        keep = (cand[:, :cb] * weights).sum(axis=1) == int(c)
-        ids_all.append(np.asarray(res.ids)[keep])
-        codes_all.append(cand[keep])
-        rank_all.append(np.full(int(keep.sum()), r))
+        if k == 0:
+            break
+        cbits = ((int(c) >> shifts) & 1).astype(np.uint8)
+        page = reader.search_prefix(cbits, k)
+        if page.next_cursor is None:  # the whole subtree (<= k items)
+            ids, cand = np.asarray(page.ids), page.codes.packed
+        else:  # more than k items: the first k of the re-aimed lex order are all in the subtree
+            target = Codes.from_bits(cbits[None].astype(bool)).packed[0]
+            qc = np.zeros_like(q)
+            qc[: len(target)] = target
+            res = reader.search_lex(Codes(((q & pmask) | qc)[None], nbits), k)
+            cand = res.codes.packed
+            keep = ((cand & cmask) == qc).all(axis=1)
+            ids, cand = np.asarray(res.ids)[keep], cand[keep]
+        ids_all.append(ids)
+        codes_all.append(cand)
+        rank_all.append(np.full(len(ids), r))
     if not ids_all or sum(len(i) for i in ids_all) == 0:
-        return np.zeros(0, np.int64), Codes.empty(code.nbits)
+        return np.zeros(0, np.int64), Codes.empty(nbits)
     ids = np.concatenate(ids_all).astype(np.int64)
-    cbits = np.concatenate(codes_all)
+    packed = np.concatenate(codes_all)
     ranks = np.concatenate(rank_all)
-    if code.nbits > cb:  # big-endian XOR of the path bits: byte columns, the first most significant
-        x = Codes.from_bits(cbits[:, cb:]).packed ^ Codes.from_bits(bits[None, cb:]).packed
-        order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))
-    else:
-        order = np.lexsort((ids, ranks))
-    order = order[:k]
-    return ids[order], Codes.from_bits(cbits[order])
+    # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
+    x = (packed ^ q) & pmask
+    order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
+    return ids[order], Codes(np.ascontiguousarray(packed[order]), nbits)

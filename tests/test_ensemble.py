@@ -152,33 +152,36 @@ def test_train_ensemble_seed_members(tmp_path):
         train_ensemble(cfg, 2, "arch", ["convnet"])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_prediction_set_search_equals_brute_force_union(tmp_path, seed):
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("cb, depth", [(2, 6), (4, 14), (4, 0)])
+def test_prediction_set_search_equals_brute_force_union(tmp_path, seed, cb, depth):
     from cbir.codes import CodeLayout, Codes
     from cbir.ensemble import search_prediction_set
     from cbir.indexer import build_index, open_index
 
     rng = np.random.default_rng(seed)
-    n, cb, depth = 300, 2, 6
+    n, nc = 300, 1 << cb
     bits = rng.integers(0, 2, (n, cb + depth)).astype(bool)
     bits[: n // 3, cb:] = bits[0, cb:]  # many identical path codes: ties
     codes = Codes.from_bits(bits)
     ids = rng.permutation(10_000)[:n]
     layout = CodeLayout(nbits=cb + depth, class_bits=cb, depth=depth)
+    cls = (bits[:, :cb] * (1 << np.arange(cb - 1, -1, -1))).sum(axis=1)
     with open_index(build_index(tmp_path / "ix", ids, codes, layout=layout)) as r:
         for _ in range(10):
             q = Codes.from_bits(rng.integers(0, 2, (1, cb + depth)).astype(bool))
-            classes = list(rng.permutation(4)[: rng.integers(1, 4)])
-            k = int(rng.integers(1, 60))
-            got_ids, _ = search_prediction_set(r, q, classes, k)
+            classes = [int(c) for c in rng.permutation(nc)[: rng.integers(1, 4)]]
+            # subtrees of n / 2^cb items: read whole (k >= their size) or by a lex search
+            k = int(rng.integers(1, 2 * n // nc + 10))
+            got_ids, got_codes = search_prediction_set(r, q, classes, k)
             # brute force: every item of the classes, path XOR (big-endian), class rank, id
-            cls = (bits[:, :cb] * [2, 1]).sum(axis=1)
             sel = np.flatnonzero(np.isin(cls, classes))
             qp = q.to_bits()[0, cb:]
             xor = ((bits[sel, cb:] ^ qp) * (1 << np.arange(depth - 1, -1, -1))).sum(axis=1)
             crank = np.array([classes.index(c) for c in cls[sel]])
-            want = ids[sel][np.lexsort((ids[sel], crank, xor))][:k]
-            assert np.array_equal(got_ids, want)
+            top = sel[np.lexsort((ids[sel], crank, xor))][:k]
+            assert np.array_equal(got_ids, ids[top])
+            assert got_codes == codes[top]
 
 
 def _shared(members):

@@ -227,6 +227,10 @@ def report_markdown(report: dict) -> str:
             f"{' (allowed)' if ov['allowed'] else ''}",
         ],
     ]
+    if report.get("hardness"):
+        from cbir.bench.hardness import hardness_markdown
+
+        parts.append(hardness_markdown(report["hardness"]))
     facts += [[f"wall time {k}", f"{v:.2f} s"] for k, v in report["wall_s"].items()]
     parts.append("## Run\n\n" + _md_table(["fact", "value"], facts, "ll"))
     if report.get("files"):
@@ -344,6 +348,10 @@ def write_plots(report: dict, out: Path) -> list[str]:
     ax.legend()
     ax.grid(alpha=0.3)
     save(fig, "prefix_entropy.png")
+    if report.get("hardness"):
+        from cbir.bench.hardness import plot_risk_coverage
+
+        written.append(plot_risk_coverage(report["hardness"], out, title))
     return written
 
 

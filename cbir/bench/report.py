@@ -92,10 +92,16 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
     t = lap("overlap_check", t)
 
     # -- encode ------------------------------------------------------------------------------
+    q_decision = None  # an ensemble's class answers of the queries (the hardness section)
     with torch.inference_mode():
-        q_codes, _, q_idx = hasher.encode_imageset(
-            data.query, progress=cfg.progress, desc="encode queries", num_workers=cfg.num_workers
-        )
+        if hasattr(hasher, "encode_imageset_decisions"):
+            q_codes, _, q_idx, q_decision = hasher.encode_imageset_decisions(
+                data.query, progress=cfg.progress, desc="encode queries", num_workers=cfg.num_workers
+            )
+        else:
+            q_codes, _, q_idx = hasher.encode_imageset(
+                data.query, progress=cfg.progress, desc="encode queries", num_workers=cfg.num_workers
+            )
         t = lap("encode_queries", t)
         db_source, index_facts = "encoded", None
         db_item_ids = None  # ids of the database rows in an index / the server (default: positions)
@@ -180,6 +186,16 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         )
     t = lap("robustness", t)
 
+    # -- hardness (ensembles) -----------------------------------------------------------------
+    hardness = None
+    if q_decision is not None and not data.multilabel:
+        from cbir.bench.hardness import hardness_report
+
+        hardness = hardness_report(
+            hasher, q_codes, q_decision, ql, db_codes, dl, kk, index=cfg.index, db_ids=db_item_ids
+        )
+        t = lap("hardness", t)
+
     # -- the server path ---------------------------------------------------------------------
     server = None
     if cfg.address:
@@ -227,6 +243,7 @@ def build_report(cfg: BenchConfig, hasher=None) -> dict:
         "coverage": coverage,
         "robustness": robust,
         "server": server,
+        "hardness": hardness,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,

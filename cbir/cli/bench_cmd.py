@@ -8,7 +8,10 @@ The first form encodes the queries and the database (or reads the database codes
 Hamming order, tie-aware mAP, P@k, recall@k, precision/recall over Hamming radius, P@H<=2,
 code coverage, hash-code retention under colour jitter and occlusion), writes report.json,
 report.md and PNG plots into --out and prints the headline table. Without a data option the
-model's training dataset is used. --address HOST:PORT also measures the ranked figures through
+model's training dataset is used. An ensemble model (`cbir train --ensemble E`) adds a hardness
+section: easy / hard / IDK fractions of the queries, tie-aware mAP@k of each, a risk-coverage
+curve (risk_coverage.png) and the recall gain and latency of probing the prediction set on the
+IDK queries (cbir.bench.hardness). --address HOST:PORT also measures the ranked figures through
 a running `cbir serve` (its Search calls) and checks that they equal the in-process figures.
 
 The second form benches several models on the same data and prints one comparison table
@@ -146,6 +149,28 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _hardness_lines(h: dict) -> str:
+    """The ensemble's hardness section in a few lines (details in report.md)."""
+    fr, m, k = h["fractions"], h["tie_aware_map_at_k"], h["k"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"hardness ({h['members']} members, {h['perturb']}): easy {fr['easy']:.3f}, hard {fr['hard']:.3f}, "
+        f"idk {fr['idk']:.3f} of the queries",
+        f"tie-aware mAP@{k} lex: easy {f(m['easy']['lex'])}, hard {f(m['hard']['lex'])}, idk {f(m['idk']['lex'])}",
+    ]
+    p = h.get("probing")
+    if p:
+        lines.append(
+            f"idk queries: recall@{k} {p['recall_plain']:.4f} -> {p['recall_prediction_set']:.4f} with the "
+            f"prediction set ({p['latency_ratio']:.2f}x latency), {p['recall_top2']:.4f} with its top 2 classes "
+            f"({p['latency_ratio_top2']:.2f}x)"
+        )
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     if getattr(args, "bench_command", None) == "compare":
         return run_compare(args)
@@ -167,6 +192,8 @@ def run(args) -> int:
         print(json.dumps(report["headline"], indent=2))
     else:
         print(headline_table(report))
+        if report.get("hardness"):
+            print("\n" + _hardness_lines(report["hardness"]))
     print(
         f"\nreport: {files['json']}  {files['markdown']}  ({len(files['plots'])} plots; "
         f"{report['wall_s']['total']:.1f} s)"
