@@ -53,7 +53,7 @@ import torch
 from cbir.models.hasher import Hasher, resolve_device
 from cbir.models.registry import MethodSpec, create_method, resolve_params
 
-__all__ = ["TrainConfig", "train", "TrainResult", "set_seed"]
+__all__ = ["TrainConfig", "train", "TrainResult", "set_seed", "config_changes"]
 
 log = logging.getLogger("cbir.train")
 
@@ -423,20 +423,40 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
 
     start_epoch, step, elapsed_before, history = 0, 0, 0.0, []
     state_path = out / "train_state.pt"
+    budget_hit = False
     if cfg.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["config"] != _resume_key(cfg):
-            raise ValueError(f"{state_path} was written by a different config; drop --resume or use a new --out")
+        changed = config_changes(st["config"], _resume_key(cfg))
+        if changed:
+            raise ValueError(
+                f"{state_path} was written by a different config ({'; '.join(changed)}); rerun with the "
+                "old values to resume, or drop --resume / use a new --out for a new run"
+            )
         method.load_state_dict(st["model"])
         if opt is not None and st.get("optimizer"):
             opt.load_state_dict(st["optimizer"])
         start_epoch, step, elapsed_before = st["epoch"], st["step"], st["elapsed"]
         history = [r for r in st["history"] if "stage" not in r]
         torch.set_rng_state(st["rng"])
-        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+        # a run stopped by its time budget has spent it: its schedule is over (lr 0), so there is
+        # no step left to train (one more would only move BatchNorm statistics); the outputs are
+        # rebuilt from the saved state as for a finished run
+        budget_hit = bool(st.get("budget_hit", cfg.time_budget_s is not None and elapsed_before >= cfg.time_budget_s))
+        if budget_hit:
+            log.warning(
+                "%s: nothing left to train: the run stopped at its time budget of %.0f s after %d steps "
+                "(epoch %d of %d); writing the outputs of that state unchanged (a longer run needs a new --out)",
+                state_path,
+                cfg.time_budget_s,
+                step,
+                start_epoch,
+                cfg.epochs,
+            )
+        else:
+            log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
     t0 = time.perf_counter() - elapsed_before
-    budget_hit = False
+    resumed_spent = budget_hit
     model = None  # the DDP wrapper under torchrun
     if opt is not None and denv is not None:
         from torch.nn.parallel import DistributedDataParallel
@@ -448,7 +468,7 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    if opt is not None:
+    if opt is not None and not resumed_spent:
         method.train()
         for epoch in range(start_epoch, cfg.epochs):
             sums: dict[str, float] = {}
@@ -525,6 +545,7 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
                         "elapsed": time.perf_counter() - t0,
                         "history": history,
                         "rng": torch.get_rng_state(),
+                        "budget_hit": budget_hit,
                     },
                     state_path,
                 )
@@ -637,6 +658,26 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
 
         dist.barrier()
     return TrainResult(ckpt, hasher, history, resolved)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``"field: old -> new"`` for every field that differs between two resume keys (nested
+    dicts such as ``params`` field by field, ``params.beta: 0.1 -> 0.2``)."""
+    missing = object()
+
+    def show(v) -> str:
+        return "(not set)" if v is missing else repr(v)
+
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{c}" for c in config_changes(a, b)]
+        else:
+            out.append(f"{key}: {show(a)} -> {show(b)}")
+    return out
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
