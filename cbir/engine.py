@@ -13,7 +13,9 @@ Output directory (``cfg.out``):
 * ``history.jsonl`` - one line per epoch (mean losses, learning rate, wall time, and the
   validation accuracy when ``val_fraction > 0``);
 * ``train_state.pt`` - optimiser/scheduler/RNG state after the last finished epoch, used by
-  ``--resume``.
+  ``--resume`` (same config only: a changed field is named with its old and new values; a run
+  stopped by its time budget has spent its schedule, so its resume trains nothing, says so and
+  writes the outputs of the saved state unchanged).
 
 Model selection never looks at the query set: the model written is the one after the last
 epoch. ``val_fraction`` holds out part of the *training* set for monitoring only.
@@ -399,6 +401,7 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
         raise ValueError(
             f"{cfg.method}: only the image stage is distributed, and this run has none to distribute "
             "(DDTL two_stage, a method without training, or --epochs 0); run it without torchrun"
+            + (" or with --param two_stage=false (DDTL end to end)" if two_stage else "")
         )
     if cfg.freeze_backbone:
         method.backbone.requires_grad_(False)
