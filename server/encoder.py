@@ -19,6 +19,10 @@ waits for at most one step, not for the big one. A job is resolved when all its 
 a payload that does not decode fails *its own* job, the others go on. Jobs whose caller gave up
 (deadline, cancellation: their future is cancelled) are dropped before the next step.
 
+An ensemble hasher (one with ``encode_ensemble``, :class:`cbir.ensemble.EnsembleHasher`) is run
+through that method: the same codes and confidences, plus each image's class answer, which a
+job submitted with ``decisions=True`` receives (its rows of the step's ``ClassDecision``).
+
 Failures are reported as fresh exceptions carrying only a message (never raised on the worker),
 so no traceback keeps decoded pixels or request bytes alive after the call.
 """
@@ -73,7 +77,8 @@ class _Job:
     next: int = 0  # first row not yet scheduled
     done: int = 0  # rows encoded
     served: int = 0  # pixels (1 per tensor row) scheduled so far: the least served job goes first
-    parts: list = field(default_factory=list)  # (start, packed rows, conf rows)
+    parts: list = field(default_factory=list)  # (start, packed rows, conf rows, ClassDecision rows or None)
+    decisions: bool = False  # resolve to (Codes, conf, ClassDecision | None)
 
     def where(self, i: int) -> str:
         if self.names:
@@ -154,13 +159,16 @@ class MicroBatchEncoder:
         *,
         max_total_pixels: int | None = None,
         formats=None,
+        decisions: bool = False,
     ) -> Future:
         """Queue encoded images, decoded and transformed on the worker. ``max_pixels`` per image,
         ``max_total_pixels`` for all of them, ``formats`` the accepted Pillow formats (default:
         every format :func:`cbir.data.images.decode_image` accepts). The future resolves to
         ``(Codes, conf)``, or fails with :class:`ImageDecodeError` naming the first payload that
         is refused or does not decode (``names[i]``, else ``image i``). Cancel the future to
-        drop the job."""
+        drop the job. ``decisions=True``: it resolves to ``(Codes, conf, decision)``, the
+        ensemble's class answer (:class:`cbir.uncertainty.ClassDecision`, one row per image) when
+        the hasher is an ensemble (has ``encode_ensemble``), else ``None``."""
         if not payloads:
             raise ValueError("no images")
         if names is not None and len(names) != len(payloads):
@@ -175,6 +183,7 @@ class MicroBatchEncoder:
                 max_pixels=max_pixels,
                 max_total_pixels=max_total_pixels,
                 formats=None if formats is None else tuple(formats),
+                decisions=decisions,
             )
         )
 
@@ -365,8 +374,14 @@ class MicroBatchEncoder:
             if not parts:
                 return
             x = parts[0][3] if len(parts) == 1 else torch.cat([p[3] for p in parts])
+            encode_ensemble = getattr(self.hasher, "encode_ensemble", None)
+            decision = None
             with torch.inference_mode():
-                codes, conf = self.hasher.encode(x)
+                if encode_ensemble is not None:  # an ensemble: the same codes, plus the class answer
+                    enc = encode_ensemble(x)
+                    codes, conf, decision = enc.codes, enc.conf, enc.decision
+                else:
+                    codes, conf = self.hasher.encode(x)
             conf = np.asarray(conf, dtype=np.float32) if conf is not None else None
             self.forward_passes += 1
             self.images_encoded += len(x)
@@ -375,7 +390,8 @@ class MicroBatchEncoder:
             for j, start, m, _ in parts:
                 sl = slice(row, row + m)
                 row += m
-                j.parts.append((start, codes.packed[sl], None if conf is None else conf[sl]))
+                rows = None if decision is None or not j.decisions else decision.take(sl)
+                j.parts.append((start, codes.packed[sl], None if conf is None else conf[sl], rows))
                 j.done += m
                 if j.done == j.n:
                     self._finish(j, codes.nbits)
@@ -393,9 +409,15 @@ class MicroBatchEncoder:
         conf = None
         if j.parts[0][2] is not None:
             conf = np.concatenate([p[2] for p in j.parts]) if len(j.parts) > 1 else j.parts[0][2]
+        decision = None
+        if j.parts[0][3] is not None:
+            from cbir.uncertainty import ClassDecision
+
+            decision = ClassDecision.concat([p[3] for p in j.parts])
         j.parts, j.payloads, j.batch = [], None, None
+        result = (Codes(packed, nbits), conf, decision) if j.decisions else (Codes(packed, nbits), conf)
         if j.future.set_running_or_notify_cancel():
-            j.future.set_result((Codes(packed, nbits), conf))
+            j.future.set_result(result)
 
     def _run(self) -> None:
         active: list[_Job] = []

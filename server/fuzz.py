@@ -145,6 +145,15 @@ def _extreme(rng: np.random.Generator, nbits: int, ids: list[int], image: bytes)
         ("Search", pb.SearchRequest(code=ok, k=10, label_filter=["\u0000", "x" * 10_000, "\U0001f600"])),
         ("Search", pb.SearchRequest(code=ok, k=10, cursor=b"x")),  # cursor outside PREFIX
         ("Search", pb.SearchRequest()),
+        # search_prediction_set: only for an image query in LEXICOGRAPHIC mode on an ensemble server
+        ("Search", pb.SearchRequest(code=ok, k=10, search_prediction_set=True)),
+        ("Search", pb.SearchRequest(image=image, k=10, mode=pb.HAMMING, search_prediction_set=True)),
+        ("Search", pb.SearchRequest(image=image, k=10, offset=3, label_filter=["1"], search_prediction_set=True)),
+        ("Search", pb.SearchRequest(image=image, k=10_000, search_prediction_set=True)),
+        (
+            "BatchSearch",
+            pb.BatchSearchRequest(requests=[pb.SearchRequest(image=image, k=5, search_prediction_set=True)] * 3),
+        ),
         ("Add", add_nan),
         ("Add", pb.AddRequest(items=[pb.Item(id=u64, code=ok)])),
         ("Add", pb.AddRequest(items=[pb.Item(id=5, code=ok), pb.Item(id=5, code=ok)])),

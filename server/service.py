@@ -23,7 +23,8 @@ cancellation. INTERNAL is only ever a fault of the server.
 
 Where the rest lives: request validation and the per-call limits in :mod:`cbir.server.validate`,
 running one search request (plain, label-filtered) and building its response in
-:mod:`cbir.server.search`, protobuf conversions in :mod:`cbir.server.convert`.
+:mod:`cbir.server.search`, an ensemble model's class answer and the prediction-set search in
+:mod:`cbir.server.answer`, protobuf conversions in :mod:`cbir.server.convert`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ from cbir.codes import Codes
 from cbir.v1 import search_pb2 as pb
 from cbir.v1 import search_pb2_grpc as pb_grpc
 
+from .answer import (
+    check_prediction_set_request,
+    check_prediction_set_work,
+    probes_prediction_set,
+    search_prediction_set_one,
+    uncertainty_pb,
+)
 from .backend import AlreadyExists, IndexBackend, NotFound
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
@@ -122,6 +130,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self.limits = limits or Limits()
         self.backend: IndexBackend | None = None
         self.encoder: MicroBatchEncoder | None = None
+        self.ensemble = False  # the model is an ensemble: image queries get its class answer
+        self.class_names: tuple[str, ...] = ()
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(offload_workers, thread_name_prefix="cbir-offload")
             if offload_workers
@@ -130,6 +140,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     def attach(self, backend: IndexBackend, encoder: MicroBatchEncoder | None) -> None:
         self.encoder = encoder
+        hasher = encoder.hasher if encoder is not None else None
+        self.ensemble = callable(getattr(hasher, "encode_ensemble", None))
+        layout = getattr(hasher, "layout", None)
+        self.class_names = tuple(layout.class_names) if layout is not None else ()
         self.backend = backend
 
     def close(self) -> None:
@@ -178,8 +192,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 budget.cancelled = True
             raise
 
-    async def _encode_images(self, images: list[bytes], budget: Budget, names: list[str] | None = None):
-        """Decode + transform + encode on the micro-batching encoder. Returns (Codes, conf).
+    async def _encode_images(
+        self, images: list[bytes], budget: Budget, names: list[str] | None = None, decisions: bool = False
+    ):
+        """Decode + transform + encode on the micro-batching encoder. Returns (Codes, conf), or
+        (Codes, conf, ClassDecision | None) with ``decisions`` (the ensemble's class answer).
 
         The outcome is read with ``Future.exception()``, never re-raised here: an exception
         raised through the awaits would tie this frame (request bytes, futures) into reference
@@ -202,6 +219,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 names,
                 max_total_pixels=lim.max_request_pixels,
                 formats=lim.image_formats,
+                decisions=decisions,
             )
         except EncoderBusy as e:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}: retry later") from None
@@ -228,15 +246,17 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             if issubclass(kind, EncoderClosed):
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, msg)
             raise RpcError(grpc.StatusCode.INTERNAL, f"internal error: {msg}")
-        codes, conf = waiter.result()
-        if codes.nbits != self._ready().nbits:
+        out = waiter.result()
+        if out[0].nbits != self._ready().nbits:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "model and index bit counts differ")
-        return codes, conf
+        return out
 
-    async def _query_codes(self, requests, budget: Budget) -> list[Codes]:
-        """Resolve the query of each request to a 1-row Codes (images encoded as one batch)."""
+    async def _query_codes(self, requests, budget: Budget) -> tuple[list[Codes], list]:
+        """Resolve the query of each request to a 1-row Codes (images encoded as one batch), and
+        its class answer (a 1-row ``ClassDecision`` for an image query to an ensemble, else None)."""
         backend = self._ready()
         out: list[Codes | None] = [None] * len(requests)
+        answers: list = [None] * len(requests)
         img_idx, img_data = [], []
         for i, r in enumerate(requests):
             kind = r.WhichOneof("query")
@@ -260,10 +280,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 raise _invalid(f"{where}a query (image, code or id) is required")
         if img_data:
             names = [f"request {i}" for i in img_idx] if len(requests) > 1 else None
-            codes, _ = await self._encode_images(img_data, budget, names)
+            codes, _, decision = await self._encode_images(img_data, budget, names, decisions=True)
             for j, i in enumerate(img_idx):
                 out[i] = codes[j]
-        return out  # type: ignore[return-value]
+                if decision is not None:
+                    answers[i] = decision.take(slice(j, j + 1))
+        return out, answers  # type: ignore[return-value]
+
+    def _search(self, r: pb.SearchRequest, query: Codes, mode: str, k: int, answer, budget: Budget):
+        """One validated request: a plain search, or the prediction-set search of an IDK image
+        query that asked for it; with the query's class answer when the model is an ensemble."""
+        backend = self._ready()
+        probe = probes_prediction_set(r, answer)
+        if probe:
+            (classes,) = answer.sets()
+            resp = search_prediction_set_one(backend, r, query, k, classes, budget)
+        else:
+            resp = search_one(backend, self.limits, r, query, mode, k, budget)
+        if answer is not None:
+            resp.uncertainty.CopyFrom(uncertainty_pb(answer, self.class_names, probe))
+        return resp
 
     # RPCs -----------------------------------------------------------------------------------
     @_rpc(pb.SearchRequest)
@@ -271,15 +307,18 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         backend = self._ready()
         budget = Budget.of(context, self.limits.max_call_cpu_s)
         params = validate_search(self.limits, request, backend.nbits)
+        check_prediction_set_request(request, "", self.ensemble)
         check_work(self.limits, [request], [params], backend.nbits)
         mode, k = params
-        (query,) = await self._query_codes([request], budget)
+        (query,), (answer,) = await self._query_codes([request], budget)
         budget.check()
-        if mode in self.inline_modes and not request.label_filter:
-            resp = search_one(backend, self.limits, request, query, mode, k, budget)
+        if request.search_prediction_set:
+            check_prediction_set_work(self.limits, [request], [k], [answer])
+        if mode in self.inline_modes and not request.label_filter and not probes_prediction_set(request, answer):
+            resp = self._search(request, query, mode, k, answer, budget)
         else:
-            resp = await self._offload(search_one, backend, self.limits, request, query, mode, k, budget, budget=budget)
-        if request.return_metadata:
+            resp = await self._offload(self._search, request, query, mode, k, answer, budget, budget=budget)
+        if request.return_metadata or answer is not None:
             check_size(self.limits, resp)
         return resp
 
@@ -290,15 +329,19 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         reqs = request.requests
         check_count(self.limits, len(reqs), "queries")
         params = [validate_search(self.limits, r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
+        for i, r in enumerate(reqs):
+            check_prediction_set_request(r, f"request {i}: ", self.ensemble)
         check_work(self.limits, reqs, params, backend.nbits)
-        queries = await self._query_codes(reqs, budget)
+        queries, answers = await self._query_codes(reqs, budget)
+        if any(r.search_prediction_set for r in reqs):
+            check_prediction_set_work(self.limits, reqs, [k for _, k in params], answers)
 
         def run() -> pb.BatchSearchResponse:
             resp = pb.BatchSearchResponse()
-            for r, q, (mode, k) in zip(reqs, queries, params):
+            for r, q, (mode, k), a in zip(reqs, queries, params, answers):
                 budget.check()
-                resp.responses.append(search_one(backend, self.limits, r, q, mode, k, budget))
-            if any(r.return_metadata for r in reqs):
+                resp.responses.append(self._search(r, q, mode, k, a, budget))
+            if any(r.return_metadata for r in reqs) or any(a is not None for a in answers):
                 check_size(self.limits, resp)
             return resp
 

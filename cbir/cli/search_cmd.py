@@ -28,6 +28,12 @@ def register(subparsers) -> None:
     p.add_argument("--cursor", default="", help="prefix mode: next-page cursor printed by the previous call")
     p.add_argument("--radius", type=int, default=None, help="hamming mode: all hits within this distance")
     p.add_argument("--label", action="append", default=[], help="keep only hits with this label (repeatable)")
+    p.add_argument(
+        "--prediction-set",
+        action="store_true",
+        help="ensemble servers, image queries: when the class answer is IDK, search every class of the "
+        "prediction set and merge (lex mode)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--token", default=None, help="bearer token (default: $CBIR_TOKEN)")
     p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA certificate of a TLS server")
@@ -76,6 +82,28 @@ def format_table(res) -> str:
     return "\n".join(lines)
 
 
+def answer_line(res) -> str | None:
+    """The class answer of an ensemble server (hardness, IDK, prediction set) as one line, or
+    None when the result has none (code / id queries, single models)."""
+    if res.prediction_set is None:
+        return None
+    classes = ", ".join(f"{c.name or c.index} ({c.confidence:.2f})" for c in res.prediction_set)
+    head = "IDK" if res.idk else "sure"
+    searched = "; hits from every class of the set" if res.searched_prediction_set else ""
+    return f"class answer: {head}, hardness {res.hardness:.3f}, prediction set: {classes}{searched}"
+
+
+def _answer_json(res) -> dict:
+    return {
+        "hardness": float(res.hardness),
+        "idk": bool(res.idk),
+        "prediction_set": [
+            {"index": int(c.index), "name": c.name, "confidence": float(c.confidence)} for c in res.prediction_set
+        ],
+        "searched_prediction_set": bool(res.searched_prediction_set),
+    }
+
+
 def as_json(res) -> dict:
     hits = [
         {
@@ -89,11 +117,14 @@ def as_json(res) -> dict:
         for j in range(len(res))
     ]
     q = res.query_code
-    return {
+    out = {
         "query_code": {"hex": q.packed[0].tobytes().hex(), "nbits": q.nbits} if q is not None else None,
         "hits": hits,
         "next_cursor": res.next_cursor.decode(errors="replace"),
     }
+    if res.prediction_set is not None:  # an ensemble's class answer of an image query
+        out["uncertainty"] = _answer_json(res)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 return_codes=True,
                 return_metadata=True,
                 cursor=args.cursor,
+                search_prediction_set=args.prediction_set,
             )
             ms = (time.perf_counter() - t0) * 1e3
         except CbirError as e:
@@ -148,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     q = res.query_code
     print(f"query code: {_code_str(q.packed[0].tobytes(), q.nbits)} ({q.nbits} bits)")
+    line = answer_line(res)
+    if line is not None:
+        print(line)
     print(format_table(res))
     extra = f"; next page: --cursor {res.next_cursor.decode(errors='replace')}" if res.next_cursor else ""
     print(f"{len(res)} hits ({args.mode}) in {ms:.1f} ms{extra}")

@@ -34,11 +34,27 @@ class RetryPolicy:
         return max(0.0, base * (1.0 + random.uniform(-self.jitter, self.jitter)))
 
 
+@dataclass(frozen=True)
+class PredictedClass:
+    """One class of a query's prediction set: ``index`` (the model's class order), ``name`` and
+    the ensemble's t-test ``confidence``."""
+
+    index: int
+    name: str
+    confidence: float
+
+
 @dataclass
 class SearchResult:
     """One ranked answer: ``ids`` int64, ``hamming`` / ``prefix`` / ``rank`` (per hit), ``codes`` of
     the hits (when ``return_codes``), ``metadata`` dicts (when ``return_metadata``), the query's
-    code and the prefix-mode ``next_cursor`` (``b""`` at the end)."""
+    code and the prefix-mode ``next_cursor`` (``b""`` at the end).
+
+    Image queries to a server whose model is an ensemble also carry the query's class answer:
+    ``hardness`` (float in (0, 1]), ``idk`` ("I don't know": the prediction set is not exactly
+    one class), ``prediction_set`` (:class:`PredictedClass` list, most confident first) and
+    ``searched_prediction_set`` (the hits come from the prediction-set search). They are
+    ``None`` (``False``) for code / id queries and single models."""
 
     ids: np.ndarray
     hamming: np.ndarray
@@ -48,6 +64,10 @@ class SearchResult:
     codes: Codes | None = None
     metadata: list[dict] | None = None
     next_cursor: bytes = b""
+    hardness: float | None = None
+    idk: bool | None = None
+    prediction_set: list[PredictedClass] | None = None
+    searched_prediction_set: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -145,9 +165,12 @@ def search_request(
     return_codes: bool = False,
     return_metadata: bool = False,
     cursor: bytes | str = b"",
+    search_prediction_set: bool = False,
 ):
     """A ``SearchRequest``: exactly one of ``image`` (encoded file bytes), ``code`` (``Codes`` row
-    0 / bytes / hex) or ``id``; ``query`` guesses which from its type (bytes = image)."""
+    0 / bytes / hex) or ``id``; ``query`` guesses which from its type (bytes = image).
+    ``search_prediction_set``: an ensemble server searches every class of an IDK image query's
+    prediction set (see the proto)."""
     P = pb()
     if query is not None:
         if isinstance(query, Codes) or isinstance(query, str):
@@ -173,6 +196,7 @@ def search_request(
         return_codes=return_codes,
         return_metadata=return_metadata,
         cursor=cursor.encode() if isinstance(cursor, str) else bytes(cursor),
+        search_prediction_set=bool(search_prediction_set),
     )
     if radius is not None:
         req.radius = int(radius)
@@ -225,6 +249,15 @@ def codes_of(msgs) -> Codes | None:
 
 def search_result(resp, return_codes: bool, return_metadata: bool) -> SearchResult:
     hits = resp.hits
+    answer: dict[str, Any] = {}
+    if resp.HasField("uncertainty"):
+        u = resp.uncertainty
+        answer = dict(
+            hardness=float(u.hardness),
+            idk=bool(u.idk),
+            prediction_set=[PredictedClass(int(c.index), c.name, float(c.confidence)) for c in u.prediction_set],
+            searched_prediction_set=bool(u.searched_prediction_set),
+        )
     return SearchResult(
         ids=np.fromiter((h.id for h in hits), dtype=np.int64, count=len(hits)),
         hamming=np.fromiter((h.hamming_distance for h in hits), dtype=np.int32, count=len(hits)),
@@ -234,6 +267,7 @@ def search_result(resp, return_codes: bool, return_metadata: bool) -> SearchResu
         codes=(codes_of([h.code for h in hits]) or Codes.empty(resp.query_code.nbits)) if return_codes else None,
         metadata=[struct_dict(h.metadata) if h.HasField("metadata") else {} for h in hits] if return_metadata else None,
         next_cursor=bytes(resp.next_cursor),
+        **answer,
     )
 
 

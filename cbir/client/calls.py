@@ -46,10 +46,13 @@ class ClientCalls:
         return_codes: bool = False,
         return_metadata: bool = False,
         cursor: bytes | str = b"",
+        search_prediction_set: bool = False,
         timeout: float | None = None,
     ):
         """One ranked search by image bytes, code (``Codes`` row 0, bytes or hex) or indexed id
-        -> :class:`SearchResult` (numpy ids/distances, ``Codes``)."""
+        -> :class:`SearchResult` (numpy ids/distances, ``Codes``; with an ensemble model, the
+        image query's hardness, IDK flag and prediction set). ``search_prediction_set``: an IDK
+        image query searches every class of its prediction set (ensemble servers only)."""
         req = C.search_request(
             query,
             image=image,
@@ -65,6 +68,7 @@ class ClientCalls:
             return_codes=return_codes,
             return_metadata=return_metadata,
             cursor=cursor,
+            search_prediction_set=search_prediction_set,
         )
         return self._run(Call("Search", req, lambda r: C.search_result(r, return_codes, return_metadata)), timeout)
 

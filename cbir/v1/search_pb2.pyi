@@ -28,7 +28,7 @@ class Code(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., nbits: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "code", "id", "k", "offset", "mode", "prefix_bits", "radius", "label_filter", "return_codes", "return_metadata", "cursor")
+    __slots__ = ("image", "code", "id", "k", "offset", "mode", "prefix_bits", "radius", "label_filter", "return_codes", "return_metadata", "cursor", "search_prediction_set")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class SearchRequest(_message.Message):
     RETURN_CODES_FIELD_NUMBER: _ClassVar[int]
     RETURN_METADATA_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PREDICTION_SET_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     code: Code
     id: int
@@ -53,7 +54,8 @@ class SearchRequest(_message.Message):
     return_codes: bool
     return_metadata: bool
     cursor: bytes
-    def __init__(self, image: _Optional[bytes] = ..., code: _Optional[_Union[Code, _Mapping]] = ..., id: _Optional[int] = ..., k: _Optional[int] = ..., offset: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., prefix_bits: _Optional[int] = ..., radius: _Optional[int] = ..., label_filter: _Optional[_Iterable[str]] = ..., return_codes: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., cursor: _Optional[bytes] = ...) -> None: ...
+    search_prediction_set: bool
+    def __init__(self, image: _Optional[bytes] = ..., code: _Optional[_Union[Code, _Mapping]] = ..., id: _Optional[int] = ..., k: _Optional[int] = ..., offset: _Optional[int] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., prefix_bits: _Optional[int] = ..., radius: _Optional[int] = ..., label_filter: _Optional[_Iterable[str]] = ..., return_codes: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., cursor: _Optional[bytes] = ..., search_prediction_set: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "code", "hamming_distance", "common_prefix_length", "metadata", "rank")
@@ -71,15 +73,39 @@ class Hit(_message.Message):
     rank: int
     def __init__(self, id: _Optional[int] = ..., code: _Optional[_Union[Code, _Mapping]] = ..., hamming_distance: _Optional[int] = ..., common_prefix_length: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
 
+class ClassConfidence(_message.Message):
+    __slots__ = ("index", "name", "confidence")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    confidence: float
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class QueryUncertainty(_message.Message):
+    __slots__ = ("hardness", "idk", "prediction_set", "searched_prediction_set")
+    HARDNESS_FIELD_NUMBER: _ClassVar[int]
+    IDK_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_SET_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_PREDICTION_SET_FIELD_NUMBER: _ClassVar[int]
+    hardness: float
+    idk: bool
+    prediction_set: _containers.RepeatedCompositeFieldContainer[ClassConfidence]
+    searched_prediction_set: bool
+    def __init__(self, hardness: _Optional[float] = ..., idk: _Optional[bool] = ..., prediction_set: _Optional[_Iterable[_Union[ClassConfidence, _Mapping]]] = ..., searched_prediction_set: _Optional[bool] = ...) -> None: ...
+
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "query_code", "next_cursor")
+    __slots__ = ("hits", "query_code", "next_cursor", "uncertainty")
     HITS_FIELD_NUMBER: _ClassVar[int]
     QUERY_CODE_FIELD_NUMBER: _ClassVar[int]
     NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     query_code: Code
     next_cursor: bytes
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., query_code: _Optional[_Union[Code, _Mapping]] = ..., next_cursor: _Optional[bytes] = ...) -> None: ...
+    uncertainty: QueryUncertainty
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., query_code: _Optional[_Union[Code, _Mapping]] = ..., next_cursor: _Optional[bytes] = ..., uncertainty: _Optional[_Union[QueryUncertainty, _Mapping]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
     __slots__ = ("requests",)
