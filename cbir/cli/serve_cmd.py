@@ -265,10 +265,11 @@ def _serve(
             backend.close()
             raise
         info = {"pid": os.getpid(), "count": int(backend.count()), "nbits": backend.nbits, "model": hasher is not None}
-        say(
-            f"cbir serve: SERVING {info['count']} items ({backend.nbits}-bit codes) on {server.address}"
-            f"{'' if hasher else ' [no model: code/id queries only]'}"
-        )
+        members = getattr(hasher, "members", None)
+        model_note = "" if hasher else " [no model: code/id queries only]"
+        if members:
+            model_note = f" [ensemble of {len(members)} members: image queries get hardness, IDK and prediction set]"
+        say(f"cbir serve: SERVING {info['count']} items ({backend.nbits}-bit codes) on {server.address}{model_note}")
         if on_ready:
             on_ready(info)
         while not stop.wait(0.5):

@@ -66,9 +66,9 @@ def ensemble_paths(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ens_index(ensemble_paths, tmp_path_factory):
+def ens_index_dir(ensemble_paths, tmp_path_factory):
     """400 items with random codes of the ensemble's layout (every class subtree populated)."""
-    from cbir.indexer import build_index, open_index
+    from cbir.indexer import build_index
     from cbir.models.hasher import Hasher
 
     layout = Hasher.load(ensemble_paths["idk"], device="cpu").layout
@@ -76,8 +76,14 @@ def ens_index(ensemble_paths, tmp_path_factory):
     codes = Codes.from_bits(rng.integers(0, 2, size=(400, layout.nbits)).astype(np.uint8))
     ids = np.arange(400, dtype=np.int64) * 3
     metas = [{"labels": [i % 4]} for i in range(400)]
-    path = build_index(tmp_path_factory.mktemp("ens_index") / "ix", ids, codes, meta=metas, layout=layout)
-    reader = open_index(path, readonly=True)
+    return build_index(tmp_path_factory.mktemp("ens_index") / "ix", ids, codes, meta=metas, layout=layout)
+
+
+@pytest.fixture(scope="module")
+def ens_index(ens_index_dir):
+    from cbir.indexer import open_index
+
+    reader = open_index(ens_index_dir, readonly=True)
     yield reader
     reader.close()
 
@@ -316,3 +322,37 @@ def test_hostile_requests_to_an_ensemble_server(ens_server, ens_index):
     assert "INVALID_ARGUMENT" in seen and "OK" in seen
     after = client.search(image=QUERIES[0], k=5, search_prediction_set=True)
     assert after.ids.tolist() == before.ids.tolist() and after.prediction_set == before.prediction_set
+
+
+def test_cbir_serve_an_ensemble_checkpoint(ensemble_paths, ens_index_dir, ens_index):
+    """``cbir serve --model <ensemble checkpoint>`` in its own process: it says it serves an
+    ensemble, and image queries get the class answer and the prediction-set search."""
+    import signal
+    import subprocess
+    import sys
+
+    from cbir.client import CbirClient
+    from cbir.ensemble import search_prediction_set
+
+    from .test_server_cli import _read_line_with
+
+    enc, dec = _offline(ensemble_paths["idk"], QUERIES[:1])
+    cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(ens_index_dir), "--model"]
+    cmd += [str(ensemble_paths["idk"]), "--address", "127.0.0.1:0", "--grace", "5", "--no-access-log"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = _read_line_with(proc, "SERVING", timeout=90)
+        assert "[ensemble of 3 members: image queries get hardness, IDK and prediction set]" in line
+        address = line.split(" on ", 1)[1].split()[0]
+        with CbirClient(address, timeout=60) as client:
+            res = client.search(image=QUERIES[0], k=6, search_prediction_set=True)
+        _assert_answer(res, dec, 0)
+        (classes,) = dec.take(slice(0, 1)).sets()
+        assert res.ids.tolist() == search_prediction_set(ens_index, enc.codes[0:1], classes, 6)[0].tolist()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
