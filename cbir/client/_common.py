@@ -96,7 +96,7 @@ def pb():
 
 
 def channel_options(max_message_bytes: int, server_name: str | None, extra: Iterable = ()) -> list:
-    opts = [
+    opts: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", int(max_message_bytes)),
         ("grpc.max_send_message_length", int(max_message_bytes)),
     ]
@@ -308,7 +308,7 @@ def add_request(
     ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
     if (codes is None) == (images is None):
         raise ValueError("give exactly one of codes or images")
-    n = len(codes) if codes is not None else len(images)
+    n = len(codes) if codes is not None else len(images or ())
     if n != len(ids) or (metadata is not None and len(metadata) != n):
         raise ValueError(
             f"{len(ids)} ids for {n} items" + ("" if metadata is None else f" and {len(metadata)} metadata")
@@ -318,7 +318,7 @@ def add_request(
         it = P.Item(id=i)
         if codes is not None:
             it.code.CopyFrom(code_msg(codes, j))
-        else:
+        elif images is not None:
             it.image = images[j]
         if metadata is not None and metadata[j] is not None:
             it.metadata.update(metadata[j])
