@@ -356,3 +356,27 @@ def test_cbir_serve_an_ensemble_checkpoint(ensemble_paths, ens_index_dir, ens_in
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+def test_async_client_exposes_the_class_answer(ens_server, ensemble_paths, ens_index):
+    import asyncio
+
+    from cbir.client import AsyncCbirClient
+    from cbir.ensemble import search_prediction_set
+
+    server, _ = ens_server("idk")
+    enc, dec = _offline(ensemble_paths["idk"], QUERIES[1:2])
+
+    async def go():
+        async with AsyncCbirClient(server.address, timeout=60) as c:
+            return await c.search(image=QUERIES[1], k=5, search_prediction_set=True), await c.search(
+                code=enc.codes[0:1], k=5
+            )
+
+    res, by_code = asyncio.run(go())
+    _assert_answer(res, dec, 0)
+    (classes,) = dec.take(slice(0, 1)).sets()
+    assert res.searched_prediction_set and res.ids.tolist() == (
+        search_prediction_set(ens_index, enc.codes[0:1], classes, 5)[0].tolist()
+    )
+    assert by_code.prediction_set is None and by_code.idk is None
