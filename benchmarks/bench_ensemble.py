@@ -1,23 +1,41 @@
-"""Ensemble hardness on the CIFAR subset: does the t-test's easy/hard split mean something?
+"""Ensemble hardness on the CIFAR subset, for each perturbation: does the t-test's easy/hard split
+mean something, and do different perturbations find the same hard queries?
 
-E members share one frozen backbone (the backbone of a CE warm start, e.g. the stage-1 model of
-``benchmarks/bench_ddtl.py``) and differ in their class heads: each head is trained from its own
-random start (``--perturb seed``) on the cached features. The ensemble's class answer
-(:mod:`cbir.uncertainty`) splits the queries into easy and hard (IDK); the script prints
+"Looking for controversy: an ensemble approach to epistemic uncertainty" (2022). For each
+perturbation (``--perturbs``, default ``seed,bootstrap,arch``) the script builds an ensemble of
+``--members`` E members, encodes the query and database sets of the protocol
+(``../shared/datasets/README.md``: 846 queries, 4,660 database = training items) and prints
 
-* the hard fraction, tie-aware mAP@1000 (lex and Hamming) on easy vs hard queries;
-* on IDK queries: recall@1000 of a plain lexicographic search vs the prediction-set search
-  (:func:`cbir.ensemble.search_prediction_set`) over an LMDB index, and their latency ratio;
-* the cost of the t-test against the ensemble's encode time.
+* the hard fraction (``ClassDecision.idk``: the prediction set is not exactly one class), the
+  easy / hard / idk groups of :mod:`cbir.bench.hardness`, and tie-aware mAP@k (lex, Hamming) on
+  easy (= not idk) vs hard (= idk) queries;
+* on the IDK queries: recall@k of the plain lexicographic search vs the prediction-set search
+  (:func:`cbir.ensemble.search_prediction_set`) over an LMDB index of the database codes, with the
+  whole set and capped at its 2 most confident classes, and their latency ratios;
+* the t-test + confidence cost against the ensemble's encode time, and (shared backbone) the
+  encode time of the shared-backbone path against the per-member path;
+* the pairwise Jaccard overlap of the hard query sets of the perturbations.
+
+Members (cheap): ``seed`` and ``bootstrap`` are CE heads on one frozen backbone (the backbone of
+``--ce-from``, a CE model; its class head is not copied, so every head starts from its own random
+init) trained by :func:`cbir.ensemble.train_ensemble` (``head_steps`` each on cached features).
+``arch``: member 0 is such a head (the ``--ce-from`` resnet20), members 1.. are other
+architectures (``--arch-backbones``, trained from scratch with CE for ``--arch-budget`` seconds
+each, the cosine schedule following the budget): only one backbone was trained beforehand, so
+the architecture members are weaker; the figure says what they give. Model selection never looks
+at the query set (the model after the last step is used).
 
 Usage::
 
-    python benchmarks/bench_ensemble.py --ce-from runs/ce/model.pt --members 5 --head-steps 300
+    OMP_NUM_THREADS=2 python benchmarks/bench_ensemble.py --ce-from runs/dev_ce_c10/model.pt \\
+        --members 5 --head-steps 300 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -26,122 +44,191 @@ import numpy as np
 import torch
 
 
+def _train_arch(cfg, args, work: Path):
+    """The ``arch`` ensemble: member 0 a head on the frozen CE backbone, members 1.. other
+    backbones trained from scratch for ``--arch-budget`` seconds each."""
+    from cbir.engine import train
+    from cbir.ensemble import EnsembleHasher
+
+    names = [b.strip() for b in args.arch_backbones.split(",") if b.strip()]
+    members, info = [train(dataclasses.replace(cfg, out=str(work / "arch" / "member-0"))).hasher], []
+    info.append({"index": 0, "seed": cfg.seed, "backbone": cfg.backbone, "bootstrap": None, "frozen_ce": True})
+    for i in range(1, args.members):
+        spec = names[(i - 1) % len(names)]
+        name, _, width = spec.partition(":")
+        mcfg = dataclasses.replace(
+            cfg,
+            backbone=name,
+            backbone_kwargs={"width": int(width)} if width else {},
+            init_from=None,
+            freeze_backbone=False,
+            epochs=1000,
+            time_budget_s=args.arch_budget,
+            batch_size=128,
+            lr=3e-3,
+            seed=cfg.seed + i,
+            out=str(work / "arch" / f"member-{i}"),
+        )
+        members.append(train(mcfg).hasher)
+        info.append({"index": i, "seed": mcfg.seed, "backbone": spec, "bootstrap": None, "budget_s": args.arch_budget})
+    ens = EnsembleHasher(members, "arch")
+    ens.member_info = info
+    return ens
+
+
+def _encode(ens, imageset):
+    """Codes and class decisions of ``imageset``; wall time of the members' forward passes and of
+    the t-test + confidence (:func:`cbir.uncertainty.class_decision`) alone."""
+    from cbir.codes import Codes
+    from cbir.data import make_loader
+    from cbir.uncertainty import ClassDecision, class_decision
+
+    encs, t_enc, t_test = [], 0.0, 0.0
+    for batch in make_loader(imageset.with_transform(ens.eval_transform), 256, shuffle=False):
+        t = time.perf_counter()
+        _, _, logits = ens._member_outputs(batch.images)
+        t_enc += time.perf_counter() - t
+        t = time.perf_counter()
+        class_decision(logits, ens.tau, ens.margin)
+        t_test += time.perf_counter() - t
+        encs.append(ens.encode_ensemble(batch.images))
+    return (
+        Codes.concat([e.codes for e in encs]),
+        ClassDecision.concat([e.decision for e in encs], len(ens.class_names)),
+        t_enc,
+        t_test,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ce-from", required=True, help="a CE checkpoint whose backbone the members share")
+    ap.add_argument("--ce-from", default="runs/dev_ce_c10/model.pt", help="a CE checkpoint whose backbone heads share")
     ap.add_argument("--dataset", default="cifar10-subset")
     ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--perturbs", default="seed,bootstrap,arch")
     ap.add_argument("--head-steps", type=int, default=300)
+    ap.add_argument("--feature-views", type=int, default=1, help="augmented views cached per image for the heads")
+    ap.add_argument("--arch-backbones", default="convnet:32,convnet:16,convnet:48,convnet:24")
+    ap.add_argument("--arch-budget", type=float, default=45.0, help="seconds of training per arch member")
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--ensemble-from", default=None, help="an ensemble checkpoint written by an earlier run (skips the training)"
-    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
 
-    from cbir import metrics as M
+    from cbir.bench.hardness import hardness_groups, hardness_report
     from cbir.data import load_dataset
     from cbir.engine import TrainConfig
-    from cbir.ensemble import search_prediction_set, train_ensemble
-    from cbir.indexer import build_index, open_index
+    from cbir.ensemble import train_ensemble
     from cbir.models.hasher import Hasher
+    from cbir.uncertainty import class_decision
 
+    class_decision(np.zeros((2, 1, 2)))  # imports scipy.stats once, outside the timings
     work = Path(args.out or tempfile.mkdtemp(prefix="bench_ensemble-"))
-    ce = Hasher.load(args.ce_from, device="cpu")
-    sd = work / "backbone.pt"
     work.mkdir(parents=True, exist_ok=True)
+    ce = Hasher.load(args.ce_from, device="cpu")
+    sd = work / "backbone.pt"  # the backbone only: every head starts from its own random init
     torch.save({f"backbone.{k}": v for k, v in ce.method.backbone.state_dict().items()}, sd)
     cfg = TrainConfig(
         method="ce",
         dataset=args.dataset,
         backbone=ce.spec.backbone,
+        backbone_kwargs=dict(ce.spec.backbone_kwargs),
         init_from=str(sd),
         freeze_backbone=True,
         head_steps=args.head_steps,
+        feature_views=args.feature_views,
         epochs=0,
         threads=args.threads,
         out=str(work / "ens"),
-        progress=False,
+        progress=True,
     )
-    t0 = time.perf_counter()
-    if args.ensemble_from:
-        ens = Hasher.load(args.ensemble_from, device="cpu")
-        print(f"ensemble of {len(ens.members)} members from {args.ensemble_from}")
-    else:
-        ens = Hasher.load(train_ensemble(cfg, args.members, "seed"), device="cpu")
-        print(
-            f"trained {args.members} CE heads on the frozen backbone of {args.ce_from} "
-            f"({args.head_steps} head steps each) in {time.perf_counter() - t0:.1f} s"
-        )
-
     sp = load_dataset(args.dataset)
     ql, dl = sp.query.labels, sp.database.labels
+    print(f"{sp.describe()}; E = {args.members}; CE backbone {args.ce_from} ({ce.spec.backbone})")
 
-    from cbir.uncertainty import class_decision
+    hard_sets: dict[str, np.ndarray] = {}
+    for perturb in [p.strip() for p in args.perturbs.split(",") if p.strip()]:
+        t0 = time.perf_counter()
+        if perturb == "arch":
+            ens = _train_arch(cfg, args, work)
+            how = f"member 0 a CE head on the frozen backbone, members 1.. {args.arch_backbones} ({args.arch_budget:.0f} s each)"
+        else:
+            path = train_ensemble(dataclasses.replace(cfg, out=str(work / perturb)), args.members, perturb)
+            ens = Hasher.load(path, device="cpu")
+            how = f"CE heads on the frozen backbone, {args.head_steps} head steps each"
+            if perturb == "bootstrap":
+                kinds = [i["bootstrap"]["kind"] for i in ens.member_info]
+                uniq = [i["bootstrap"]["unique"] for i in ens.member_info]
+                how += f"; draws {kinds}, distinct items {uniq} of {len(sp.train)}"
+        t_train = time.perf_counter() - t0
+        print(f"\n== {perturb}: {how}; trained in {t_train:.0f} s; shared backbone: {ens.shared_backbone}")
 
-    class_decision(np.zeros((2, 1, 2)))  # imports scipy.stats once, outside the timings
-
-    def encode(imageset):
-        xs, encs = [], []
-        t_enc = t_test = 0.0
-        from cbir.data import make_loader
-
-        for batch in make_loader(imageset.with_transform(ens.eval_transform), 256, shuffle=False):
-            t = time.perf_counter()
-            codes, confs, logits = ens._member_outputs(batch.images)
-            t_enc += time.perf_counter() - t
-            t = time.perf_counter()
-            class_decision(logits, ens.tau, ens.margin)
-            t_test += time.perf_counter() - t
-            encs.append(ens.encode_ensemble(batch.images))
-            xs.append(batch.indices.numpy())
-        return encs, t_enc, t_test
-
-    q_enc, t_enc, t_test = encode(sp.query)
-    d_enc, _, _ = encode(sp.database)
-    from cbir.codes import Codes
-
-    qc = Codes.concat([e.codes for e in q_enc])
-    dc = Codes.concat([e.codes for e in d_enc])
-    idk = np.concatenate([e.decision.idk for e in q_enc])
-    sets = [s for e in q_enc for s in e.decision.sets()]
-    print(
-        f"t-test + confidence: {1000 * t_test:.1f} ms for {len(qc)} queries vs ensemble encode "
-        f"{1000 * t_enc:.1f} ms ({100 * t_test / t_enc:.2f} %)"
-    )
-    k = min(args.k, len(dc))
-    for name, sel in (("easy", ~idk), ("hard", idk)):
-        if sel.sum() == 0:
-            print(f"{name}: 0 queries")
-            continue
-        lex = M.tie_aware_average_precision(qc[np.flatnonzero(sel)], ql[sel], dc, dl, k, "lex")
-        ham = M.tie_aware_average_precision(qc[np.flatnonzero(sel)], ql[sel], dc, dl, k, "hamming")
+        t = time.perf_counter()
+        q_codes, q_dec, t_enc, t_test = _encode(ens, sp.query)
+        db_codes, _, _, _ = _encode(ens, sp.database)
         print(
-            f"{name}: {int(sel.sum())} queries ({100 * sel.mean():.1f} %), tie-aware mAP@{k} lex {lex:.4f} "
-            f"Hamming {ham:.4f}"
+            f"encoded in {time.perf_counter() - t:.0f} s; t-test + confidence {1000 * t_test:.1f} ms for "
+            f"{len(q_codes)} queries vs ensemble forward {1000 * t_enc:.1f} ms ({100 * t_test / t_enc:.2f} %)"
         )
-    ix = build_index(work / "ix", np.arange(len(dc)), dc, layout=ens.layout)
-    with open_index(ix) as r:
-        rec_plain, rec_set, t_plain, t_set = [], [], 0.0, 0.0
-        for i in np.flatnonzero(idk):
-            rel = int((dl == ql[i]).sum())
-            t = time.perf_counter()
-            ids = r.search_lex(qc[i : i + 1], k).ids
-            t_plain += time.perf_counter() - t
-            rec_plain.append((dl[ids] == ql[i]).sum() / rel)
-            t = time.perf_counter()
-            ids2, _ = search_prediction_set(r, qc[i : i + 1], sets[i], k)
-            t_set += time.perf_counter() - t
-            rec_set.append((dl[ids2] == ql[i]).sum() / rel)
-    if rec_plain:
+        if ens.shared_backbone:
+            ens.shared_backbone = False
+            _, _, t_enc_pm, _ = _encode(ens, sp.query)
+            ens.shared_backbone = True
+            print(
+                f"shared-backbone encode {1000 * t_enc:.0f} ms vs per-member {1000 * t_enc_pm:.0f} ms "
+                f"(ratio {t_enc / t_enc_pm:.3f})"
+            )
+        pred_acc = float((q_dec.predicted == ql).mean())
+        h = hardness_report(ens, q_codes, q_dec, ql, db_codes, dl, args.k)
+        hard = np.asarray(q_dec.idk)
+        hard_sets[perturb] = hard
+        m = h["tie_aware_map_at_k"]
+        k = h["k"]
         print(
-            f"IDK queries ({len(rec_plain)}): recall@{k} plain lex {np.mean(rec_plain):.4f}, prediction-set "
-            f"search {np.mean(rec_set):.4f} (gain {np.mean(rec_set) - np.mean(rec_plain):+.4f}); latency "
-            f"{1000 * t_plain / len(rec_plain):.2f} ms vs {1000 * t_set / len(rec_set):.2f} ms "
-            f"({t_set / t_plain:.2f}x)"
+            f"ensemble class accuracy on the queries {pred_acc:.4f}; mean prediction-set size {h['mean_prediction_set_size']:.2f}"
         )
+        print(
+            f"hard (idk) queries: {int(hard.sum())} of {len(hard)} ({100 * hard.mean():.1f} %); "
+            f"groups easy/hard/idk {h['fractions']['easy']:.3f}/{h['fractions']['hard']:.3f}/{h['fractions']['idk']:.3f}"
+        )
+        for name, g in (
+            ("easy (not idk)", "answered"),
+            ("hard (idk)", "idk"),
+            ("unanimous easy", "easy"),
+            ("not unanimous", "not_easy"),
+        ):
+            lex, ham = m[g]["lex"], m[g]["hamming"]
+            f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            print(f"  tie-aware mAP@{k} {name:15s} lex {f(lex)}  Hamming {f(ham)}  ({h['counts'][g]} queries)")
+        if m["answered"]["lex"] is not None and m["idk"]["lex"] is not None:
+            print(f"  easy - hard (lex): {m['answered']['lex'] - m['idk']['lex']:+.4f} (target >= 0.2)")
+        p = h["probing"]
+        if p:
+            print(
+                f"IDK queries ({p['queries']}, mean set size {p['mean_set_size']:.2f}): recall@{k} plain lex "
+                f"{p['recall_plain']:.4f}, prediction set {p['recall_prediction_set']:.4f} (gain {p['recall_gain']:+.4f}) "
+                f"latency {p['latency_ms_plain']:.3f} vs {p['latency_ms_prediction_set']:.3f} ms ({p['latency_ratio']:.2f}x); "
+                f"top-2 classes {p['recall_top2']:.4f} (gain {p['recall_gain_top2']:+.4f}, {p['latency_ratio_top2']:.2f}x) "
+                "(targets: gain >= 0.1 at <= 3x)"
+            )
+        groups = hardness_groups(q_dec)
+        assert np.array_equal(groups["idk"], hard)
+        print(f"[{perturb} done at {time.perf_counter() - t_all:.0f} s]")
+
+    if len(hard_sets) > 1:
+        print("\nJaccard overlap of the hard (idk) query sets:")
+        for a, b in itertools.combinations(hard_sets, 2):
+            inter = int((hard_sets[a] & hard_sets[b]).sum())
+            union = int((hard_sets[a] | hard_sets[b]).sum())
+            pa, pb = hard_sets[a].mean(), hard_sets[b].mean()
+            chance = pa * pb / (pa + pb - pa * pb) if pa + pb > 0 else float("nan")
+            print(
+                f"  {a} vs {b}: {inter} / {union} = {inter / union if union else float('nan'):.3f} "
+                f"(independent sets of these sizes: {chance:.3f})"
+            )
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":

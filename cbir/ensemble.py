@@ -377,8 +377,9 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     set best first (:meth:`ClassDecision.sets`). For every class ``c`` the best ``k`` items of
     ``c``'s subtree in the query's order are read from ``reader`` (a :mod:`cbir.indexer`
     reader): a subtree of at most ``k`` items is read whole with one prefix listing (its items
-    only, ``search_prefix``), a larger one by a lexicographic search re-aimed at ``c``'s subtree
-    (class bits := ``c``), whose first ``k`` results all lie in that subtree. The merge is a
+    only, ``search_prefix``; for class-only codes the first ``k`` of the listing are the answer
+    whatever the subtree's size: one code, ties by id), a larger one by a lexicographic search
+    re-aimed at ``c``'s subtree (class bits := ``c``), whose first ``k`` results all lie in it. The merge is a
     total order: ascending big-endian XOR of the **path** bits with the query's path bits, then
     the class's rank in the prediction set, then id — within one class it is exactly the index's
     lexicographic order. Returns ``(ids int64, codes Codes)`` of the best ``k``.
@@ -391,24 +392,24 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
         raise ValueError(f"one query code expected, got {len(code)}")
     k, nbits = int(k), code.nbits
     q = code.packed[0]
-    # packed masks: the class bits (the leading cb bits) and the path bits
-    lead = Codes.from_bits(np.ones((1, cb), bool)).packed[0]
-    cmask = np.zeros_like(q)
-    cmask[: len(lead)] = lead
+    nbc = (cb + 7) // 8  # bytes holding the class bits
+
+    def packed_class(c: int) -> np.ndarray:  # the class bits of class c, packed (bit 0 = MSB)
+        out = np.zeros_like(q)
+        out[:nbc] = np.frombuffer((int(c) << (8 * nbc - cb)).to_bytes(nbc, "big"), np.uint8)
+        return out
+
+    cmask = packed_class((1 << cb) - 1)  # packed masks: the class bits and the path bits
     pmask = ~cmask
-    shifts = np.arange(cb - 1, -1, -1)
     ids_all, codes_all, rank_all = [], [], []
     for r, c in enumerate(classes):
         if k == 0:
             break
-        cbits = ((int(c) >> shifts) & 1).astype(np.uint8)
-        page = reader.search_prefix(cbits, k)
-        if page.next_cursor is None:  # the whole subtree (<= k items)
-            ids, cand = np.asarray(page.ids), page.codes.packed
+        qc = packed_class(int(c))
+        page = reader.search_prefix(Codes(qc[None, :nbc], cb), k)
+        if page.next_cursor is None or nbits == cb:  # the whole subtree (<= k items), or class-only
+            ids, cand = np.asarray(page.ids), page.codes.packed  # codes whose subtree is one tie (by id)
         else:  # more than k items: the first k of the re-aimed lex order are all in the subtree
-            target = Codes.from_bits(cbits[None].astype(bool)).packed[0]
-            qc = np.zeros_like(q)
-            qc[: len(target)] = target
             res = reader.search_lex(Codes(((q & pmask) | qc)[None], nbits), k)
             cand = res.codes.packed
             keep = ((cand & cmask) == qc).all(axis=1)
