@@ -161,3 +161,22 @@ def test_cli_heads_on_a_frozen_backbone_share_it(tmp_path):
         shared = ens.encode_ensemble(x)
         ens.shared_backbone = False
         assert shared.codes == ens.encode_ensemble(x).codes
+
+
+def test_class_balanced_sampler_on_a_bootstrap_draw():
+    """The P x K sampler runs on a bootstrap sample; a plain draw that drops a class would hide
+    it from every batch, the fallback draw keeps it."""
+    from cbir.data.sampler import ClassBalancedBatchSampler
+
+    labels = np.r_[np.zeros(2, np.int64), np.repeat(np.arange(1, 5), 100)]
+    seed = next(s for s in range(100) if not (labels[bootstrap_draw(len(labels), s)[0]] == 0).any())
+    plain, _ = bootstrap_draw(len(labels), seed)
+    assert 0 not in ClassBalancedBatchSampler(labels[plain], 5, 4, seed=0).classes  # class 0 would be gone
+    idx, d = bootstrap_draw(len(labels), seed, labels, balanced=True)
+    assert d.kind == "stratified"
+    sampler = ClassBalancedBatchSampler(labels[idx], 5, 4, num_batches=20, seed=0)
+    assert sampler.classes.tolist() == [0, 1, 2, 3, 4]
+    for batch in sampler:
+        lab = labels[idx][batch]
+        assert sorted(set(lab.tolist())) == [0, 1, 2, 3, 4] and len(batch) == len(set(batch))
+        assert (np.bincount(lab)[1:] == 4).all() and np.bincount(lab)[0] == 2  # class 0: its 2 entries

@@ -9,11 +9,13 @@ rest are the member's out-of-bag items).
   ``[seed, 0xB007]``), so a member's draw is reproduced from the seed recorded in its checkpoint.
 * **Class-balanced batches** (:mod:`cbir.data.sampler`, DDTL's ``P x K`` batches and the head
   stage on cached features) draw ``K`` images per class from each class's pool. They work on a
-  bootstrap sample unchanged (a repeated item is simply in its class pool more than once, and is
-  never twice in one batch), as long as every class of the training set still has at least
+  bootstrap sample unchanged (the sample is renumbered ``0..n-1``, so an item drawn ``m`` times
+  is ``m`` entries of its class pool and, like any draw with replacement, may occur more than
+  once in a batch), as long as every class of the training set still has at least
   ``min_per_class`` (default 2: a positive and an anchor) distinct items in the draw. When a
   plain draw leaves a class below that (small classes, tiny datasets), the member **falls back**
-  to a *stratified* bootstrap (``n_c`` draws with replacement inside every class ``c``, still
+  to a *stratified* bootstrap (``n_c`` draws with replacement inside every class ``c``: every class
+  keeps its size and is in every batch cycle of the sampler; still
   ``n`` in all) and the draw records ``kind="stratified"`` and the reason.
 * :func:`bootstrapped_training` applies a draw to the training split the engine loads
   (:func:`cbir.data.load_dataset`'s ``train``; database and query are untouched).
