@@ -84,6 +84,8 @@ def test_bench_probing_recall_matches_brute_force(tmp_path, ensemble_path):
     from cbir.bench import BenchConfig, load_bench_data
 
     rep = _bench(ensemble_path, tmp_path / "b", "--no-plots")
+    assert "## Hardness" in (tmp_path / "b" / "report.md").read_text()
+    assert "risk_coverage.png" not in (tmp_path / "b" / "report.md").read_text()
     ens = Hasher.load(ensemble_path, device="cpu")
     cfg = BenchConfig(model=str(ensemble_path), dataset="digits", k=100, limit_database=600, robustness=False)
     data = load_bench_data(cfg, ens.image_size)
@@ -121,3 +123,20 @@ def test_risk_coverage_orders_by_confidence():
     assert rc["coverage"] == [0.25, 0.5, 0.75, 1.0]
     np.testing.assert_allclose(rc["map"], [0.9, 0.8, 0.7, 0.55])
     assert risk_coverage(np.zeros(0), np.zeros(0))["coverage"] == []
+
+
+def test_bench_probing_through_an_index_equals_the_encoded_database(tmp_path, ensemble_path):
+    """With --index the probing runs on that index (ids mapped to database rows): same figures."""
+    assert (
+        main(["index", "build", "--model", str(ensemble_path), "--dataset", "digits", "--out", str(tmp_path / "ix")])
+        == 0
+    )
+    common = ["bench", "--model", str(ensemble_path), "--dataset", "digits", "--no-robustness", "--k", "100"]
+    common += ["--no-plots", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--index", str(tmp_path / "ix"), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text())["hardness"] for d in ("a", "b"))
+    assert b["probing"]["index"] == str(tmp_path / "ix") and a["probing"]["index"].startswith("temporary")
+    for key in ("queries", "recall_plain", "recall_prediction_set", "recall_top2"):
+        assert a["probing"][key] == b["probing"][key], key
+    assert a["fractions"] == b["fractions"]

@@ -198,7 +198,7 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def hardness_markdown(h: dict) -> str:
+def hardness_markdown(h: dict, plotted: bool = True) -> str:
     """The section as Markdown (tables of groups and of the probing figures)."""
     k = h["k"]
     head = (
@@ -233,7 +233,8 @@ def hardness_markdown(h: dict) -> str:
         )
     else:
         parts.append("No idk query: nothing to probe.")
-    parts.append("Risk-coverage curve: [risk_coverage.png](risk_coverage.png).")
+    if plotted:
+        parts.append("Risk-coverage curve: [risk_coverage.png](risk_coverage.png).")
     return "\n\n".join(parts)
 
 

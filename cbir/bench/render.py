@@ -230,7 +230,8 @@ def report_markdown(report: dict) -> str:
     if report.get("hardness"):
         from cbir.bench.hardness import hardness_markdown
 
-        parts.append(hardness_markdown(report["hardness"]))
+        plotted = "risk_coverage.png" in (report.get("files") or {}).get("plots", [])
+        parts.append(hardness_markdown(report["hardness"], plotted))
     facts += [[f"wall time {k}", f"{v:.2f} s"] for k, v in report["wall_s"].items()]
     parts.append("## Run\n\n" + _md_table(["fact", "value"], facts, "ll"))
     if report.get("files"):
