@@ -25,6 +25,19 @@ each, the cosine schedule following the budget): only one backbone was trained b
 the architecture members are weaker; the figure says what they give. Model selection never looks
 at the query set (the model after the last step is used).
 
+Last measured (2026-12-02, 2 CPU threads, nothing else training; E = 5; warm start
+``runs/dev_ce_c10`` = resnet20 CE, 15 epochs, query class accuracy of the ensembles 0.62-0.63;
+300 head steps per member, 1 cached augmented view; arch members 1-4 convnet widths 32/16/48/24,
+45 s each; 410 s in all)::
+
+    perturbation  hard (idk)  easy - hard tie-aware mAP@1000 lex  IDK recall@1000 gain, latency  t-test
+    seed          8.2 %       0.4592 - 0.2389 = +0.220            +0.092 at 1.17x (top-2 +0.080, 1.04x)  1.15 %
+    bootstrap     6.3 %       0.4582 - 0.3011 = +0.157            +0.056 at 1.14x (top-2 +0.033, 0.91x)  1.25 %
+    arch          34.8 %      0.3546 - 0.1986 = +0.156            +0.022 at 1.46x (top-2 +0.016, 1.06x)  0.44 %
+    Jaccard of the hard sets: seed/bootstrap 0.284 (chance 0.037), seed/arch 0.100 (0.071),
+    bootstrap/arch 0.091 (0.056); shared-backbone encode = 0.21x (seed) / 0.16x (bootstrap) of
+    the per-member path.
+
 Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/bench_ensemble.py --ce-from runs/dev_ce_c10/model.pt \\
