@@ -25,7 +25,7 @@ each, the cosine schedule following the budget): only one backbone was trained b
 the architecture members are weaker; the figure says what they give. Model selection never looks
 at the query set (the model after the last step is used).
 
-Last measured (2026-12-02, 2 CPU threads, nothing else training; E = 5; warm start
+Last measured (2026-12-02, 2 CPU threads, after the shared training slot was free; E = 5; warm start
 ``runs/dev_ce_c10`` = resnet20 CE, 15 epochs, query class accuracy of the ensembles 0.62-0.63;
 300 head steps per member, 1 cached augmented view; arch members 1-4 convnet widths 32/16/48/24,
 45 s each; 410 s in all)::
