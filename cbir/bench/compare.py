@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 from cbir.bench.config import FORMAT, BenchConfig
-from cbir.bench.render import _md_table, _text_table, json_default, write_report
+from cbir.bench.render import _md_table, _text_table, write_report
 from cbir.bench.report import build_report
+from cbir.codes import json_default
 
 log = logging.getLogger("cbir.bench")
 

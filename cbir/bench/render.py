@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.bench.report import yardstick
+from cbir.codes import json_default
 
 
 def _md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
@@ -354,16 +355,6 @@ def write_plots(report: dict, out: Path) -> list[str]:
 
         written.append(plot_risk_coverage(report["hardness"], out, title))
     return written
-
-
-def json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def write_report(report: dict, out: str | Path, plots: bool = True) -> dict:
