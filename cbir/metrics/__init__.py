@@ -1,9 +1,20 @@
 """Retrieval, coverage and robustness metrics: pure functions on codes and labels.
 
-Definitions live in the docstrings of :mod:`cbir.metrics.retrieval`,
+Definitions live in the docstrings of :mod:`cbir.metrics.retrieval`, :mod:`cbir.metrics.buckets`,
 :mod:`cbir.metrics.coverage` and :mod:`cbir.metrics.robustness`; everything is re-exported here.
 """
 
+from cbir.metrics.buckets import (
+    PRCurve,
+    RadiusPrecision,
+    expected_average_precision,
+    hamming_counts,
+    lex_counts,
+    precision_recall_by_radius,
+    precision_within_radius,
+    tie_aware_average_precision,
+    tie_aware_average_precisions,
+)
 from cbir.metrics.coverage import (
     average_collision_count,
     bit_balance,
@@ -19,25 +30,16 @@ from cbir.metrics.coverage import (
 )
 from cbir.metrics.retrieval import (
     BruteForceSearcher,
-    PRCurve,
-    RadiusPrecision,
     Searcher,
     average_precision_at_k,
     average_precisions,
     check_overlap,
-    expected_average_precision,
-    hamming_counts,
-    lex_counts,
     mean_average_precision,
     precision_at_k,
-    precision_recall_by_radius,
-    precision_within_radius,
     ranked_relevance,
     recall_at_k,
     relevance,
     relevant_counts,
-    tie_aware_average_precision,
-    tie_aware_average_precisions,
 )
 from cbir.metrics.robustness import bit_flip_rate, code_retention, pairwise_common_prefix
 
