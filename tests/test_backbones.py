@@ -60,3 +60,30 @@ def test_cbir_train_refuses_width_for_resnet18_before_loading_data(tmp_path, cap
     assert rc == 2
     # the backbone error, not the unknown dataset: it is found before any data is read
     assert "cbir train: error: backbone 'resnet18' takes no argument 'width'" in err and "--width" in err
+
+
+def test_a_checkpoint_with_an_argument_its_backbone_ignored_still_loads(tmp_path, caplog):
+    """Checkpoints written before the factories refused unknown arguments (``width`` for
+    resnet18 was silently ignored then) load with a warning, content hash unchanged."""
+    import torch
+
+    from cbir.models.hasher import Hasher
+    from cbir.models.registry import MethodSpec, create_method, resolve_params
+
+    spec = MethodSpec(backbone="convnet", num_classes=3, nbits=6, backbone_kwargs=(("width", 8),))
+    params = resolve_params("regu", None)
+    h = Hasher(create_method("regu", spec, params), "regu", spec, params, image_size=16, device="cpu")
+    payload = h.payload()
+    payload["spec"]["backbone_kwargs"] = [["width", 8], ["depth_of_field", 3]]  # as an old release wrote it
+    from cbir.models import hasher as hasher_mod
+
+    payload["content_hash"] = hasher_mod._content_hash(
+        {**{k: v for k, v in payload.items() if k not in ("state_dict", "content_hash", "config")}},
+        payload["state_dict"],
+    )
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = Hasher.load(tmp_path / "old.pt", device="cpu")
+    assert "depth_of_field" in caplog.text
+    assert loaded.content_hash == payload["content_hash"]
+    x = torch.zeros(2, 3, 16, 16)
+    assert (loaded.encode(x)[0].packed == h.encode(x)[0].packed).all()

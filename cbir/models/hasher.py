@@ -52,6 +52,30 @@ def _spec_from_dict(d: dict) -> MethodSpec:
     return MethodSpec(**d)
 
 
+def _loadable_spec(spec: MethodSpec, where) -> MethodSpec:
+    """``spec`` without backbone arguments its backbone never took: checkpoints written before
+    the factories refused unknown arguments (e.g. ``width`` for resnet18, silently ignored then)
+    still load, with a warning; the saved spec, and so the content hash, stay as written."""
+    from cbir.models.backbones import _BACKBONES, backbone_arguments
+
+    if spec.backbone not in _BACKBONES:
+        return spec  # create_backbone names the unknown backbone
+    accepted = set(backbone_arguments(spec.backbone))
+    unknown = [k for k, _ in spec.backbone_kwargs if k not in accepted]
+    if not unknown:
+        return spec
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "%s: backbone %r never took the argument(s) %s (ignored when it was trained); ignoring them",
+        where,
+        spec.backbone,
+        ", ".join(unknown),
+    )
+    kept = tuple((k, v) for k, v in spec.backbone_kwargs if k in accepted)
+    return dataclasses.replace(spec, backbone_kwargs=kept)
+
+
 def _content_hash(header: dict, state_dict: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(header, sort_keys=True, default=str).encode())
@@ -171,7 +195,7 @@ class Hasher:
             raise ValueError(f"{where} is not a cbir checkpoint (format {FORMAT!r} expected)")
         spec = _spec_from_dict(payload["spec"])
         params = resolve_params(payload["method"], payload["params"])
-        method = create_method(payload["method"], spec, params)
+        method = create_method(payload["method"], _loadable_spec(spec, where), params)
         method.load_state_dict(payload["state_dict"])
         layout = CodeLayout.from_dict(payload["layout"])
         if layout != method.layout:
