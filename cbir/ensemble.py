@@ -43,7 +43,7 @@ import torch
 
 from cbir.codes import Codes
 from cbir.data.bootstrap import bootstrap_draw, bootstrapped_training
-from cbir.models.hasher import Hasher
+from cbir.models.hasher import Hasher, batch_images
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
 __all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "search_prediction_set", "FORMAT", "PERTURBATIONS"]
@@ -192,22 +192,20 @@ class EnsembleHasher:
     # the loader loops of a Hasher, over this class's encode_tensor
     encode_batches = Hasher.encode_batches
     encode_imageset = Hasher.encode_imageset
+    imageset_loader = Hasher.imageset_loader
 
     def encode_batches_decisions(
         self, batches, progress: bool = False, desc: str = "encode"
     ) -> tuple[Codes, np.ndarray, np.ndarray, ClassDecision]:
         """:meth:`encode_batches` that also returns every item's class answer (hardness, IDK,
         prediction set): ``(codes, conf, dataset indices, ClassDecision)``."""
-        from tqdm.auto import tqdm
-
         codes, confs, idx, decs = [], [], [], []
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            images = batch.images[0] if isinstance(batch.images, (tuple, list)) else batch.images
+        for images, ix in batch_images(batches, progress, desc):
             e = self.encode_ensemble(images)
             codes.append(e.codes)
             confs.append(e.conf)
             decs.append(e.decision)
-            idx.append(batch.indices.numpy())
+            idx.append(ix)
         dec = ClassDecision.concat(decs, len(self.class_names))
         if not codes:
             return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64), dec
@@ -223,15 +221,7 @@ class EnsembleHasher:
         desc: str = "encode",
     ) -> tuple[Codes, np.ndarray, np.ndarray, ClassDecision]:
         """:meth:`encode_imageset` plus every item's class answer (see :meth:`encode_batches_decisions`)."""
-        from cbir.data import make_loader
-
-        loader = make_loader(
-            imageset.with_transform(self.eval_transform),
-            batch_size or self.batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            skip_log=skip_log,
-        )
+        loader = self.imageset_loader(imageset, batch_size, num_workers, skip_log)
         return self.encode_batches_decisions(loader, progress=progress, desc=desc)
 
     # persistence --------------------------------------------------------------------------------

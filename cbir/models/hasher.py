@@ -52,6 +52,16 @@ def _spec_from_dict(d: dict) -> MethodSpec:
     return MethodSpec(**d)
 
 
+def batch_images(batches, progress: bool = False, desc: str = "encode"):
+    """``(images, dataset indices)`` of every ``cbir.data.Batch`` (the first view of a two-view
+    batch), behind a progress bar: the loop every encoder of batches runs."""
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        images = batch.images[0] if isinstance(batch.images, (tuple, list)) else batch.images
+        yield images, batch.indices.numpy()
+
+
 def _loadable_spec(spec: MethodSpec, where) -> MethodSpec:
     """``spec`` without backbone arguments its backbone never took: checkpoints written before
     the factories refused unknown arguments (e.g. ``width`` for resnet18, silently ignored then)
@@ -261,16 +271,12 @@ class Hasher:
         self, batches: Iterable, progress: bool = False, desc: str = "encode"
     ) -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode an iterable of ``cbir.data.Batch``; returns (codes, conf, dataset indices)."""
-        from tqdm.auto import tqdm
-
         codes, confs, idx = [], [], []
-        it = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
-        for batch in it:
-            images = batch.images[0] if isinstance(batch.images, (tuple, list)) else batch.images
+        for images, ix in batch_images(batches, progress, desc):
             c, f = self.encode_tensor(images)
             codes.append(c)
             confs.append(f)
-            idx.append(batch.indices.numpy())
+            idx.append(ix)
         if not codes:
             return Codes.empty(self.nbits), np.zeros((0, self.nbits), np.float32), np.zeros(0, np.int64)
         return Codes.concat(codes), np.concatenate(confs), np.concatenate(idx).astype(np.int64)
@@ -285,16 +291,20 @@ class Hasher:
         desc: str = "encode",
     ) -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode every readable image of an ``ImageSet``; returns (codes, conf, indices)."""
+        loader = self.imageset_loader(imageset, batch_size, num_workers, skip_log)
+        return self.encode_batches(loader, progress=progress, desc=desc)
+
+    def imageset_loader(self, imageset, batch_size: int | None = None, num_workers: int = 0, skip_log=None):
+        """An in-order loader of ``imageset`` in this model's evaluation transform."""
         from cbir.data import make_loader
 
-        loader = make_loader(
+        return make_loader(
             imageset.with_transform(self.eval_transform),
             batch_size or self.batch_size,
             shuffle=False,
             num_workers=num_workers,
             skip_log=skip_log,
         )
-        return self.encode_batches(loader, progress=progress, desc=desc)
 
     def encode(self, x) -> tuple[Codes, np.ndarray]:
         """Encode a tensor batch, a list of PIL images, an ``ImageSet`` or an iterable of Batches.
