@@ -43,7 +43,7 @@ import torch
 
 from cbir.codes import Codes
 from cbir.data.bootstrap import bootstrap_draw, bootstrapped_training
-from cbir.models.hasher import Hasher, batch_images
+from cbir.models.hasher import Hasher, batch_images, eval_loader
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
 __all__ = ["EnsembleHasher", "EnsembleEncoding", "train_ensemble", "search_prediction_set", "FORMAT", "PERTURBATIONS"]
@@ -192,7 +192,6 @@ class EnsembleHasher:
     # the loader loops of a Hasher, over this class's encode_tensor
     encode_batches = Hasher.encode_batches
     encode_imageset = Hasher.encode_imageset
-    imageset_loader = Hasher.imageset_loader
 
     def encode_batches_decisions(
         self, batches, progress: bool = False, desc: str = "encode"
@@ -221,7 +220,7 @@ class EnsembleHasher:
         desc: str = "encode",
     ) -> tuple[Codes, np.ndarray, np.ndarray, ClassDecision]:
         """:meth:`encode_imageset` plus every item's class answer (see :meth:`encode_batches_decisions`)."""
-        loader = self.imageset_loader(imageset, batch_size, num_workers, skip_log)
+        loader = eval_loader(imageset, self.eval_transform, batch_size or self.batch_size, num_workers, skip_log)
         return self.encode_batches_decisions(loader, progress=progress, desc=desc)
 
     # persistence --------------------------------------------------------------------------------

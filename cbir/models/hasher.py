@@ -62,6 +62,15 @@ def batch_images(batches, progress: bool = False, desc: str = "encode"):
         yield images, batch.indices.numpy()
 
 
+def eval_loader(imageset, transform, batch_size: int, num_workers: int = 0, skip_log=None):
+    """An in-order loader of ``imageset`` in a model's evaluation ``transform``."""
+    from cbir.data import make_loader
+
+    return make_loader(
+        imageset.with_transform(transform), batch_size, shuffle=False, num_workers=num_workers, skip_log=skip_log
+    )
+
+
 def _loadable_spec(spec: MethodSpec, where) -> MethodSpec:
     """``spec`` without backbone arguments its backbone never took: checkpoints written before
     the factories refused unknown arguments (e.g. ``width`` for resnet18, silently ignored then)
@@ -291,20 +300,8 @@ class Hasher:
         desc: str = "encode",
     ) -> tuple[Codes, np.ndarray, np.ndarray]:
         """Encode every readable image of an ``ImageSet``; returns (codes, conf, indices)."""
-        loader = self.imageset_loader(imageset, batch_size, num_workers, skip_log)
+        loader = eval_loader(imageset, self.eval_transform, batch_size or self.batch_size, num_workers, skip_log)
         return self.encode_batches(loader, progress=progress, desc=desc)
-
-    def imageset_loader(self, imageset, batch_size: int | None = None, num_workers: int = 0, skip_log=None):
-        """An in-order loader of ``imageset`` in this model's evaluation transform."""
-        from cbir.data import make_loader
-
-        return make_loader(
-            imageset.with_transform(self.eval_transform),
-            batch_size or self.batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            skip_log=skip_log,
-        )
 
     def encode(self, x) -> tuple[Codes, np.ndarray]:
         """Encode a tensor batch, a list of PIL images, an ``ImageSet`` or an iterable of Batches.
