@@ -106,6 +106,29 @@ def _val_accuracy(method, loader, device) -> float | None:
     return correct / max(total, 1)
 
 
+def _balanced_image_batches(cfg, method) -> bool:
+    """Whether the image stage draws class-balanced P x K batches (else shuffled ones)."""
+    return cfg.sampler == "balanced" or (
+        cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views
+    )
+
+
+def _bootstrap(cfg, method, train_set, two_stage: bool):
+    """``cfg.bootstrap_seed``: the training set replaced by its bootstrap sample
+    (:func:`cbir.data.bootstrap.bootstrap_draw`; stratified when a plain draw would starve a
+    class of class-balanced batches, which the head stage always draws). Returns the subset and
+    the draw's record."""
+    from cbir.data.bootstrap import bootstrap_draw
+
+    balanced = cfg.freeze_backbone or two_stage or _balanced_image_batches(cfg, method)
+    idx, draw = bootstrap_draw(len(train_set), cfg.bootstrap_seed, np.asarray(train_set.labels), balanced=balanced)
+    if draw.kind != "bootstrap":
+        log.warning("stratified bootstrap instead of a plain one: %s", draw.reason)
+    sub = train_set.subset(idx)
+    sub.name = f"{train_set.name}[bootstrap]"
+    return sub, draw
+
+
 def _image_loader(cfg, method, train_set, aug, skip_log, denv=None):
     """Training loader of the image stage: shuffled, or class-balanced P x K batches.
 
@@ -115,9 +138,7 @@ def _image_loader(cfg, method, train_set, aug, skip_log, denv=None):
     from cbir.data.sampler import ClassBalancedBatchSampler, resolve_pk
 
     ds = train_set.with_transform(TwoViews(aug) if method.two_views else aug)
-    balanced = cfg.sampler == "balanced" or (
-        cfg.sampler == "auto" and getattr(method, "balanced_batches", False) and method.two_views
-    )
+    balanced = _balanced_image_batches(cfg, method)
     if denv is not None:
         from cbir.data.sampler import DistributedClassBalancedBatchSampler
         from cbir.distributed.ddp import ShardedBatchSampler
@@ -313,6 +334,9 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
         )
     if cfg.freeze_backbone:
         method.backbone.requires_grad_(False)
+    draw = None
+    if cfg.bootstrap_seed is not None:
+        train_set, draw = _bootstrap(cfg, method, train_set, two_stage)
 
     aug = train_transform(image_size, flip=splits.flip_ok, strength=cfg.aug_strength)
     skip_log = SkipLog()
@@ -543,6 +567,7 @@ def _train(cfg: TrainConfig, denv) -> TrainResult:
             else {"sampler": "random", "batch_size": cfg.batch_size}
         ),
         "init": init_report,
+        "bootstrap": draw.to_dict() if draw is not None else None,
         "backbone_frozen": cfg.freeze_backbone,
         "head_stage": [p or cfg.method for p in phases],
         "feature_cache": None

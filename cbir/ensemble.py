@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from cbir.codes import Codes
-from cbir.data.bootstrap import bootstrap_draw, bootstrapped_training
 from cbir.models.hasher import Hasher, batch_images, eval_loader
 from cbir.uncertainty import DEFAULT_TAU, ClassDecision, bit_agreement, class_decision
 
@@ -282,13 +281,6 @@ def _head_view(method):
     return view
 
 
-def _uses_balanced_batches(cfg) -> bool:
-    """Whether a run of ``cfg`` draws class-balanced batches (:mod:`cbir.data.sampler`): the
-    head stage on cached features always does, the image stage with ``--sampler balanced`` or
-    DDTL's ``auto``."""
-    return cfg.sampler == "balanced" or cfg.freeze_backbone or (cfg.sampler == "auto" and cfg.method == "ddtl")
-
-
 def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence[str] = ()) -> Path:
     """Train ``members`` models from ``cfg`` (a :class:`cbir.engine.TrainConfig`) and write one
     ensemble checkpoint ``<cfg.out>/model.pt``; member ``i`` lives in ``<cfg.out>/member-<i>``.
@@ -320,16 +312,6 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
         )
     if perturb != "arch" and backbones:
         raise ValueError(f"backbones are given only with --perturb arch (got {backbones} with --perturb {perturb})")
-    labels = None
-    if perturb == "bootstrap":
-        if cfg.val_fraction > 0:
-            raise ValueError(
-                "--perturb bootstrap with --val-fraction: a bootstrap sample repeats items, so a validation "
-                "split of it would share items with training; use --val-fraction 0"
-            )
-        from cbir.data import load_dataset
-
-        labels = np.asarray(load_dataset(cfg.dataset, root=cfg.data_root, image_size=cfg.image_size).train.labels)
     out = Path(cfg.out)
     hashers, info = [], []
     for i in range(members):
@@ -340,17 +322,11 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
             out=str(out / f"member-{i}"),
             backbone=backbones[i] if perturb == "arch" else cfg.backbone,
         )
-        rec: dict = {"index": i, "seed": seed, "backbone": mcfg.backbone, "bootstrap": None}
         if perturb == "bootstrap":
-            assert labels is not None
-            idx, draw = bootstrap_draw(len(labels), cfg.seed + i, labels, balanced=_uses_balanced_batches(cfg))
-            if draw.kind != "bootstrap":
-                log.warning("member %d: stratified bootstrap instead of a plain one: %s", i, draw.reason)
-            rec["bootstrap"] = draw.to_dict()
-            with bootstrapped_training(idx):
-                hasher = train(mcfg).hasher
-        else:
-            hasher = train(mcfg).hasher
+            mcfg = dataclasses.replace(mcfg, bootstrap_seed=cfg.seed + i)
+        res = train(mcfg)
+        hasher = res.hasher
+        rec: dict = {"index": i, "seed": seed, "backbone": mcfg.backbone, "bootstrap": res.config.get("bootstrap")}
         hasher.config = dict(hasher.config or {}, ensemble_member=dict(rec, perturb=perturb))
         hashers.append(hasher)
         info.append(rec)

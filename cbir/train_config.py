@@ -48,6 +48,7 @@ class TrainConfig:
     feature_aug_strength: float | None = None  # default aug_strength
     image_size: int | None = None
     val_fraction: float = 0.0
+    bootstrap_seed: int | None = None  # train on n draws with replacement of the n training items (cbir.data.bootstrap)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -69,6 +70,11 @@ class TrainConfig:
             raise ValueError("scheduler must be cosine or none")
         if not 0 <= self.val_fraction < 0.5:
             raise ValueError("val_fraction must be in [0, 0.5)")
+        if self.bootstrap_seed is not None and self.val_fraction > 0:
+            raise ValueError(
+                "--perturb bootstrap with --val-fraction: a bootstrap sample repeats items, so a validation "
+                "split of it would share items with training; use --val-fraction 0"
+            )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError("time_budget_s must be > 0")
         if self.bits is not None and self.bits <= 0:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from cbir.cli import main
 from cbir.data import load_dataset
-from cbir.data.bootstrap import BootstrapDraw, bootstrap_draw, bootstrapped_training
+from cbir.data.bootstrap import BootstrapDraw, bootstrap_draw
 from cbir.ensemble import EnsembleHasher
 from cbir.models.hasher import Hasher
 
@@ -135,17 +137,31 @@ def test_balanced_fallback_keeps_every_class_and_says_why():
     assert d.kind == "bootstrap"
 
 
-def test_bootstrapped_training_replaces_the_train_split_only():
-    base = load_dataset("digits")
-    idx, _ = bootstrap_draw(len(base.train), 5)
-    with bootstrapped_training(idx):
-        import cbir.data
+def test_bootstrap_seed_replaces_the_train_split_only(tmp_path):
+    from cbir.engine import TrainConfig, train
 
-        sp = cbir.data.load_dataset("digits")
-    assert np.array_equal(sp.train.labels, base.train.labels[idx])
-    assert torch.equal(sp.train.images, base.train.images[torch.from_numpy(idx)])
-    assert len(sp.database) == len(base.database) and len(sp.query) == len(base.query)
-    assert cbir.data.load_dataset("digits").train.labels.shape == base.train.labels.shape  # switched off again
+    base = load_dataset("digits")
+    cfg = TrainConfig(
+        method="ce",
+        dataset="digits",
+        backbone="convnet",
+        backbone_kwargs={"width": 8},
+        image_size=16,
+        epochs=1,
+        max_steps=1,
+        batch_size=32,
+        threads=1,
+        progress=False,
+        bootstrap_seed=5,
+        out=str(tmp_path),
+    )
+    res = train(cfg)
+    idx, draw = bootstrap_draw(len(base.train), 5, base.train.labels, balanced=False)
+    assert res.config["bootstrap"] == draw.to_dict()  # the engine trained on exactly this draw (its SHA-256)
+    assert res.config["dataset"]["train"] == len(idx) == len(base.train)
+    assert res.config["dataset"]["database"] == len(base.database) and res.config["dataset"]["query"] == len(base.query)
+    plain = train(dataclasses.replace(cfg, bootstrap_seed=None, out=str(tmp_path / "plain")))
+    assert plain.config["bootstrap"] is None
 
 
 def test_cli_heads_on_a_frozen_backbone_share_it(tmp_path):

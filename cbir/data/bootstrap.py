@@ -17,19 +17,19 @@ rest are the member's out-of-bag items).
   to a *stratified* bootstrap (``n_c`` draws with replacement inside every class ``c``: every class
   keeps its size and is in every batch cycle of the sampler; still
   ``n`` in all) and the draw records ``kind="stratified"`` and the reason.
-* :func:`bootstrapped_training` applies a draw to the training split the engine loads
-  (:func:`cbir.data.load_dataset`'s ``train``; database and query are untouched).
+* the engine applies a draw to the training split it loads when ``TrainConfig.bootstrap_seed``
+  is set (``train.subset(indices)``; database and query are untouched) and records it in the
+  run's ``config.json`` (``bootstrap``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["BootstrapDraw", "bootstrap_draw", "bootstrapped_training", "BOOTSTRAP_STREAM"]
+__all__ = ["BootstrapDraw", "bootstrap_draw", "BOOTSTRAP_STREAM"]
 
 #: the second word of the PCG64 seed of every draw (keeps bootstrap draws independent of any
 #: other stream seeded with the member's seed)
@@ -109,33 +109,3 @@ def bootstrap_draw(
             kind = "stratified"
             idx = _draw(n, seed, lab)
     return idx, BootstrapDraw(int(seed), int(n), kind, reason, int(len(np.unique(idx))), _sha(idx))
-
-
-@contextlib.contextmanager
-def bootstrapped_training(indices):
-    """While active, :func:`cbir.data.load_dataset` (the loader the training engine calls)
-    returns splits whose ``train`` is ``train.subset(indices)`` (items in draw order, repeats
-    kept); the database and query splits are unchanged. One process-wide switch: train one
-    member at a time inside it (as :func:`cbir.ensemble.train_ensemble` does)."""
-    import cbir.data as data
-
-    idx = np.asarray(indices, dtype=np.int64)
-    original = data.load_dataset
-
-    def load(*args, **kwargs):
-        splits = original(*args, **kwargs)
-        if idx.size and idx.max() >= len(splits.train):
-            raise ValueError(
-                f"the bootstrap draw indexes {idx.max() + 1} training items but the dataset has "
-                f"{len(splits.train)}; draw it from the same dataset"
-            )
-        sub = splits.train.subset(idx)
-        sub.name = f"{splits.train.name}[bootstrap]"
-        splits.train = sub
-        return splits
-
-    data.load_dataset = load
-    try:
-        yield
-    finally:
-        data.load_dataset = original
