@@ -335,7 +335,7 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
     return ens.save(out / "model.pt")
 
 
-def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10):
+def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10, fill: bool = True):
     """Search every class subtree of a query's prediction set and merge (issue: IDK queries).
 
     ``code`` is the query's 1-row code (its class bits are ignored), ``classes`` its prediction
@@ -347,7 +347,18 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     re-aimed at ``c``'s subtree (class bits := ``c``), whose first ``k`` results all lie in it. The merge is a
     total order: ascending big-endian XOR of the **path** bits with the query's path bits, then
     the class's rank in the prediction set, then id — within one class it is exactly the index's
-    lexicographic order. Returns ``(ids int64, codes Codes)`` of the best ``k``.
+    lexicographic order.
+
+    **Filling k** (``fill``, default on): when the set's subtrees hold fewer than ``k`` items
+    (then every one of them was read whole), the remaining slots are filled with the other items
+    in the plain lexicographic order of ``code`` (one ``search_lex`` of ``k``, the set's classes
+    dropped), so the answer has ``min(k, index size)`` items like a plain search. Without it a
+    class-only code (e.g. ``ce``) whose set holds two classes of ~N/C items each left ~9 % of
+    the 1000 slots of the cifar10-subset figure empty. The whole answer is one total order:
+    the set's items first (in the order above), then the others by big-endian ``code XOR c``,
+    then id. ``fill=False`` returns the set's items only.
+
+    Returns ``(ids int64, codes Codes)`` of the best ``k``.
     """
     layout = reader.layout
     cb = int(layout.class_bits)
@@ -382,12 +393,26 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
         ids_all.append(ids)
         codes_all.append(cand)
         rank_all.append(np.full(len(ids), r))
-    if not ids_all or sum(len(i) for i in ids_all) == 0:
-        return np.zeros(0, np.int64), Codes.empty(nbits)
-    ids = np.concatenate(ids_all).astype(np.int64)
-    packed = np.concatenate(codes_all)
-    ranks = np.concatenate(rank_all)
-    # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
-    x = (packed ^ q) & pmask
-    order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
-    return ids[order], Codes(np.ascontiguousarray(packed[order]), nbits)
+    if ids_all and sum(len(i) for i in ids_all):
+        ids = np.concatenate(ids_all).astype(np.int64)
+        packed = np.concatenate(codes_all)
+        ranks = np.concatenate(rank_all)
+        # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
+        x = (packed ^ q) & pmask
+        order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
+        ids, packed = ids[order], packed[order]
+    else:
+        ids, packed = np.zeros(0, np.int64), np.zeros((0, q.shape[0]), np.uint8)
+    if fill and 0 < k and len(ids) < k:
+        # fewer than k: every subtree of the set was read whole, so dropping the set's classes
+        # drops exactly the items already taken, and the first k of the plain order hold at
+        # least k - len(ids) others
+        res = reader.search_lex(Codes(q[None], nbits), k)
+        cand = res.codes.packed
+        in_set = np.zeros(len(cand), bool)
+        for c in classes:
+            in_set |= ((cand & cmask) == packed_class(int(c))).all(axis=1)
+        more = np.flatnonzero(~in_set)[: k - len(ids)]
+        ids = np.concatenate([ids, np.asarray(res.ids, dtype=np.int64)[more]])
+        packed = np.concatenate([packed, cand[more]])
+    return ids, Codes(np.ascontiguousarray(packed), nbits)

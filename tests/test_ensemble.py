@@ -173,7 +173,7 @@ def test_prediction_set_search_equals_brute_force_union(tmp_path, seed, cb, dept
             classes = [int(c) for c in rng.permutation(nc)[: rng.integers(1, 4)]]
             # subtrees of n / 2^cb items: read whole (k >= their size) or by a lex search
             k = int(rng.integers(1, 2 * n // nc + 10))
-            got_ids, got_codes = search_prediction_set(r, q, classes, k)
+            got_ids, got_codes = search_prediction_set(r, q, classes, k, fill=False)
             # brute force: every item of the classes, path XOR (big-endian), class rank, id
             sel = np.flatnonzero(np.isin(cls, classes))
             qp = q.to_bits()[0, cb:]
@@ -182,6 +182,17 @@ def test_prediction_set_search_equals_brute_force_union(tmp_path, seed, cb, dept
             top = sel[np.lexsort((ids[sel], crank, xor))][:k]
             assert np.array_equal(got_ids, ids[top])
             assert got_codes == codes[top]
+            # filled: then the other items by big-endian XOR of the whole code, then id
+            rest = np.flatnonzero(~np.isin(cls, classes))
+            full = ((bits[rest] ^ q.to_bits()[0]) * (1 << np.arange(cb + depth - 1, -1, -1))).sum(axis=1)
+            want = np.concatenate([top, rest[np.lexsort((ids[rest], full))]])[:k]
+            got_ids, got_codes = search_prediction_set(r, q, classes, k)
+            assert len(got_ids) == min(k, n) and np.array_equal(got_ids, ids[want])
+            assert got_codes == codes[want]
+            kf = len(sel) + 7  # always filled: the set's items, then 7 others
+            want = np.concatenate([sel[np.lexsort((ids[sel], crank, xor))], rest[np.lexsort((ids[rest], full))]])
+            got_ids, got_codes = search_prediction_set(r, q, classes, kf)
+            assert np.array_equal(got_ids, ids[want[:kf]]) and got_codes == codes[want[:kf]]
 
 
 def _shared(members):
