@@ -226,6 +226,13 @@ def main() -> None:
                 f"top-2 classes {p['recall_top2']:.4f} (gain {p['recall_gain_top2']:+.4f}, {p['latency_ratio_top2']:.2f}x) "
                 "(targets: gain >= 0.1 at <= 3x)"
             )
+            print(
+                f"  not filled: prediction set {p['recall_set_only']:.4f} (gain {p['recall_gain_set_only']:+.4f}, "
+                f"{p['latency_ratio_set_only']:.2f}x), {p['mean_returned']['set_only']:.1f} items returned of {k}; "
+                f"true class first {p['true_class_first']:.3f}, in top 2 {p['true_class_in_top2']:.3f}, "
+                f"in the set {p['true_class_in_set']:.3f}; plain top-{k} reaches the set's 2nd class "
+                f"{p['plain_reaches_second_class']:.3f}"
+            )
         groups = hardness_groups(q_dec)
         assert np.array_equal(groups["idk"], hard)
         print(f"[{perturb} done at {time.perf_counter() - t_all:.0f} s]")

@@ -100,14 +100,22 @@ def test_bench_probing_recall_matches_brute_force(tmp_path, ensemble_path):
     cb = ens.layout.class_bits
     dbits, qbits = dc.to_bits(), qc.to_bits()
     dcls = (dbits[:, :cb] * (1 << np.arange(cb - 1, -1, -1))).sum(axis=1)
-    rec = []
+    rec, rec_filled = [], []
+    weights = 1 << np.arange(dbits.shape[1] - 1, -1, -1)
     for i, s in zip(np.flatnonzero(idk), [dec.sets()[j] for j in np.flatnonzero(idk)]):
         sel = np.flatnonzero(np.isin(dcls, s))
-        xor = ((dbits[sel, cb:] ^ qbits[i, cb:]) * (1 << np.arange(dbits.shape[1] - cb - 1, -1, -1))).sum(axis=1)
+        xor = ((dbits[sel, cb:] ^ qbits[i, cb:]) * weights[cb:]).sum(axis=1)
         crank = np.array([s.index(c) for c in dcls[sel]])
         top = sel[np.lexsort((sel, crank, xor))][:100]
         rec.append((dl[top] == ql[i]).sum() / (dl == ql[i]).sum())
-    assert p["recall_prediction_set"] == pytest.approx(float(np.mean(rec)), abs=1e-12)
+        # filled: then the other items in the plain lex order of the query code (XOR, then id)
+        rest = np.flatnonzero(~np.isin(dcls, s))
+        full = ((dbits[rest] ^ qbits[i]) * weights).sum(axis=1)
+        filled = np.concatenate([top, rest[np.lexsort((rest, full))]])[:100]
+        rec_filled.append((dl[filled] == ql[i]).sum() / (dl == ql[i]).sum())
+    assert p["recall_set_only"] == pytest.approx(float(np.mean(rec)), abs=1e-12)
+    assert p["recall_prediction_set"] == pytest.approx(float(np.mean(rec_filled)), abs=1e-12)
+    assert p["mean_returned"]["full_set"] == 100 and p["mean_returned"]["plain"] == 100
 
 
 def test_single_model_has_no_hardness_section(tmp_path):
