@@ -292,6 +292,7 @@ class View:
         self.n = base.n - len(self.deleted) + len(self.add_ids)
         self._alive_mask: np.ndarray | None = None
         self._selector = None
+        self._sorted_adds: tuple[np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -317,6 +318,15 @@ class View:
         """Mask of base positions that are not deleted."""
         m = self.alive_mask()
         return np.ones(len(pos), dtype=bool) if m is None else m[pos]
+
+    def sorted_adds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The added rows in tree order (code, then id): (``head64`` uint64, ids int64)."""
+        with self._lock:
+            if self._sorted_adds is None:
+                h = _head64(self.add_codes)
+                order = np.lexsort((self.add_ids, h))
+                self._sorted_adds = (h[order], self.add_ids[order])
+            return self._sorted_adds
 
     def keep(self):
         """A ``keep(positions) -> mask`` filter for the MIH loop, or None (nothing deleted)."""

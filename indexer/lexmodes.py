@@ -15,6 +15,7 @@ from itertools import islice
 import numpy as np
 
 from cbir.codes import Codes
+from cbir.indexer import lexarray
 from cbir.indexer.lexsearch import LexSearcher
 from cbir.indexer.readerbase import ReaderAttrs
 from cbir.indexer.results import (
@@ -163,12 +164,40 @@ class LexModes(ReaderAttrs):
             return self._search_lex_uncertain(q, need, offset, conf, conf_threshold, probe_budget)
         if labels is not None:
             return self._search_lex_labels(q, k, offset, ckey, paged, labels)
-        if ckey is None and need and self._count:  # the common case: XOR values come along
+        if ckey is None and need and self._count:
+            v = self._lex_view()
+            if v is not None:  # the common case: binary searches on the sorted base
+                return self._lex_from_view(v, q, need, offset, paged, k)
             qb = q.tobytes()
             keys, x = self._with_txn(lambda txn: self._lex.topk_x(txn, qb, need))
             return self._keys_result(q, keys[offset:], "lex", paged, k, None if x is None else x[offset:])
         keys = self._lex_keys(q, need, ckey)
         return self._keys_result(q, keys[offset:], "lex", paged, k)
+
+    def _lex_from_view(self, v, q: np.ndarray, need: int, offset: int, paged: bool, k: int) -> SearchResult:
+        """Top-``need`` of the view (base rows minus the deleted ones, plus the added rows, merged
+        in the one total order), from the ``offset``-th on (:mod:`cbir.indexer.lexarray`)."""
+        b = v.base
+        q64 = int.from_bytes(q.tobytes().ljust(8, b"\0"), "big")
+        pos, x = lexarray.topk(b.head64, q64, need, 0, b.n, v.alive_mask())
+        ids = b.ids[pos]
+        if len(v.add_ids):
+            ah, aid = v.sorted_adds()
+            p2, x2 = lexarray.topk(ah, q64, need)
+            ids, x = lexarray.merge(ids, x, aid[p2], x2, need)
+        if offset:
+            ids, x = ids[offset:], x[offset:]
+        n, nb = len(ids), self.nb
+        packed = (x ^ np.uint64(q64)).astype(">u8").view(np.uint8).reshape(n, 8)
+        if nb < 8:
+            packed = np.ascontiguousarray(packed[:, :nb])
+        nxt = None
+        if paged and n and n >= k:
+            nxt = (packed[-1].tobytes() + int(ids[-1]).to_bytes(8, "big")).hex()
+        dist = np.bitwise_count(x).astype(np.int32)
+        return SearchResult(
+            np.asarray(ids, dtype=np.int64), Codes(packed, self.nbits), dist, prefix_len_u64(x, self.nbits), "lex", nxt
+        )
 
     def _search_lex_labels(self, q, k, offset, ckey, paged, labels) -> SearchResult:
         allowed = self.ids_with_labels(labels)

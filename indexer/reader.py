@@ -62,6 +62,9 @@ class IndexReader(LexModes, HammingModes):
     #: max(DELTA_MIN, DELTA_FRACTION * N) items; beyond, rebuild them from LMDB
     DELTA_MIN = 2_000
     DELTA_FRACTION = 0.02
+    #: lexicographic top-k of <= 64-bit codes from the memory-mapped sorted base (``head64``)
+    #: plus the replayed change log (:mod:`cbir.indexer.lexarray`); False: the LMDB tree walk
+    LEX_FROM_BASE = True
 
     def __init__(self, path, readonly: bool = True) -> None:
         self.path = Path(path)
@@ -83,6 +86,7 @@ class IndexReader(LexModes, HammingModes):
         self.layout = CodeLayout.from_dict(self.manifest["layout"])
         self.nbits = self.layout.nbits
         self.nb = (self.nbits + 7) // 8
+        self._pad_off = 0xFF >> (self.nbits % 8) if self.nbits % 8 else 0  # pad bits of the last byte
         self.class_names = tuple(self.layout.class_names or ())
         if self.readonly:
             self._env = acquire_env(self.path / LMDB_DIR, want_write=False)
@@ -227,12 +231,43 @@ class IndexReader(LexModes, HammingModes):
             if v is not None and v.generation == gen:
                 return v
             new = self._make_view(gen, v)
+            assert new is not None  # (scan=True always gives a view)
             with self._lock:
                 if self.generation == gen:
                     self._derived = new
             return new
 
-    def _make_view(self, gen: int, v: View | None) -> View:
+    def _lex_view(self) -> View | None:
+        """The current view for a lexicographic search from the sorted base (codes <= 64 bits),
+        or None (answer from the LMDB tree): made here only when that is cheap (a memory-mapped
+        base plus the replayed change log, or the scan of a small index), never waiting behind
+        a rebuild running in another thread."""
+        if not self.LEX_FROM_BASE or self.nb > 8:
+            return None
+        with self._lock:
+            self._check_fork()
+            gen, v = self.generation, self._derived
+        if v is not None and v.generation == gen:
+            return v
+        if not self._build_lock.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:
+                gen, v = self.generation, self._derived
+            if v is not None and v.generation == gen:
+                return v
+            new = self._make_view(gen, v, scan=self._count < _derived.PERSIST_MIN)
+            if new is not None:
+                with self._lock:
+                    if self.generation == gen:
+                        self._derived = new
+            return new
+        finally:
+            self._build_lock.release()
+
+    def _make_view(self, gen: int, v: View | None, scan: bool = True) -> View | None:
+        """The view of generation ``gen``: ``v`` or the newest persisted base with the change
+        log replayed onto it, else (``scan``) a new base scanned from LMDB, else None."""
         root = self.path / DERIVED_DIR
         if v is None or v.generation > gen:
             v = None
@@ -244,6 +279,8 @@ class IndexReader(LexModes, HammingModes):
             recs = self._with_txn(lambda txn: self._read_log(txn, v.generation + 1, gen))
             max_delta = max(self.DELTA_MIN, int(self.DELTA_FRACTION * v.base.n))
             v = v.replay(recs, self.nb, max_delta) if recs is not None else None
+        if v is None and not scan:
+            return None
         if v is None:
             tree = self._live_env.dbs["tree"]
             twin = self._twin_txn(gen)
@@ -285,6 +322,8 @@ class IndexReader(LexModes, HammingModes):
             if len(code) != 1:
                 raise ValueError(f"expected one query code, got {len(code)} (use *_batch)")
             return code.packed[0]
+        if type(code) is bytes and len(code) == self.nb and (self.nbits % 8 == 0 or not code[-1] & self._pad_off):
+            return np.frombuffer(code, dtype=np.uint8)  # (the common case, checked as Codes would)
         if isinstance(code, (bytes, bytearray, memoryview)):
             return Codes(np.frombuffer(bytes(code), dtype=np.uint8)[None, :], self.nbits).packed[0]
         a = np.asarray(code)

@@ -87,10 +87,13 @@ def prefix_len_to(q: np.ndarray, packed: np.ndarray, nbits: int) -> np.ndarray:
 
 
 def prefix_len_u64(x: np.ndarray, nbits: int) -> np.ndarray:
-    """Common-prefix lengths (int32) from ``q XOR c`` as big-endian uint64 (codes <= 64 bits)."""
-    hi = np.frexp((x >> np.uint64(32)).astype(np.float64))[1]
-    lo = np.frexp((x & np.uint64(0xFFFFFFFF)).astype(np.float64))[1]
-    return np.minimum(64 - np.where(hi > 0, hi + 32, lo), nbits).astype(np.int32)
+    """Common-prefix lengths (int32) from ``q XOR c`` as big-endian uint64 (codes <= 64 bits).
+
+    ``x & ~(x >> 1)`` keeps the highest set bit and clears the bit below it, so its float64
+    conversion cannot round up to the next power of two: ``frexp`` then gives the bit length."""
+    e = np.frexp((x & ~(x >> np.uint64(1))).astype(np.float64))[1]
+    out = (64 - e).astype(np.int32)
+    return np.minimum(out, nbits, out=out) if nbits < 64 else out
 
 
 def hamming_result_u64(

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cbir.codes import CodeLayout, Codes
-from cbir.indexer import build_index, open_index
+from cbir.indexer import IndexReader, build_index, lexarray, open_index
 from cbir.indexer.lexsearch import LexSearcher
 
 NBITS = st.sampled_from([1, 3, 7, 8, 12, 16, 21, 33, 64, 70])
@@ -26,15 +26,50 @@ def _build(tmp, codes, ids, class_bits=0):
     return open_index(build_index(f"{tmp}/ix", ids, codes, layout=layout))
 
 
+#: lexicographic search paths: the LMDB tree walk (MAX_WIDEN 0 forces its recursion into
+#: sibling subtrees) and the sorted-base path of <= 64-bit codes (lexarray; DIRECT 0 and
+#: WINDOW 0 force its ring recursion and its full binary searches)
+LEX_PATHS = st.sampled_from(["tree-0", "tree-1", "tree-3", "base", "base-rings", "base-nowindow"])
+
+
+class _LexPath:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.saved = (
+            LexSearcher.MAX_WIDEN,
+            IndexReader.LEX_FROM_BASE,
+            lexarray.DIRECT_EXTRA,
+            lexarray.DIRECT_MIN,
+            lexarray.WINDOW,
+        )
+
+    def __enter__(self):
+        if self.path.startswith("tree"):
+            IndexReader.LEX_FROM_BASE = False
+            LexSearcher.MAX_WIDEN = int(self.path.split("-")[1])
+        elif self.path == "base-rings":
+            lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN = 0, 0
+        elif self.path == "base-nowindow":
+            lexarray.WINDOW = 0
+        return self
+
+    def __exit__(self, *exc):
+        (
+            LexSearcher.MAX_WIDEN,
+            IndexReader.LEX_FROM_BASE,
+            lexarray.DIRECT_EXTRA,
+            lexarray.DIRECT_MIN,
+            lexarray.WINDOW,
+        ) = self.saved
+
+
 @SETTINGS
-@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1), widen=st.sampled_from([0, 1, 3]))
-def test_search_lex_matches_brute_force(nbits, n, kind, seed, widen):
+@given(nbits=NBITS, n=st.integers(0, 300), kind=KIND, seed=st.integers(0, 2**32 - 1), path=LEX_PATHS)
+def test_search_lex_matches_brute_force(nbits, n, kind, seed, path):
     rng = np.random.default_rng(seed)
     codes = random_codes(rng, n, nbits, kind)
     ids = random_ids(rng, n)
-    old = LexSearcher.MAX_WIDEN
-    LexSearcher.MAX_WIDEN = widen  # 0 forces the recursion into sibling subtrees
-    try:
+    with _LexPath(path):
         with tempfile.TemporaryDirectory() as tmp, _build(tmp, codes, ids) as r:
             for q in queries_for(rng, codes, nbits, 3):
                 for k in {0, 1, 3, 17, n, n + 5}:
@@ -53,8 +88,59 @@ def test_search_lex_matches_brute_force(nbits, n, kind, seed, widen):
                 # offset = a later page of the same ranking
                 ref = ref_ids(q, codes, ids, 12, "lex")
                 assert np.array_equal(r.search_lex(q, 7, offset=5).ids, ref[5:12])
+
+
+def _ref_topk(h, q, k, alive):
+    """Brute force over sorted uint64 rows: live positions by (q XOR h, position)."""
+    pos = np.flatnonzero(alive) if alive is not None else np.arange(len(h))
+    x = h[pos] ^ np.uint64(q)
+    order = np.lexsort((pos, x))[:k]
+    return pos[order], x[order]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(0, 400),
+    kind=st.sampled_from(["uniform", "clustered", "dups", "narrow"]),
+    seed=st.integers(0, 2**32 - 1),
+    dele=st.sampled_from([0.0, 0.1, 0.7, 1.0]),
+    direct=st.sampled_from([(3, 64), (0, 0), (1, 4)]),
+    window=st.sampled_from([0, 1, 2]),
+)
+def test_lexarray_topk_matches_brute_force(n, kind, seed, dele, direct, window):
+    """The sorted-array lex top-k (every branch: window, full searches, ring recursion, runs of
+    duplicates, deleted rows) equals brute force over (q XOR c, position), ties included."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        h = rng.integers(0, 2**64, n, dtype=np.uint64)
+    elif kind == "clustered":
+        c = rng.integers(0, 2**64, max(1, n // 30), dtype=np.uint64)
+        flips = np.zeros(n, np.uint64)
+        for _ in range(3):
+            flips |= np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
+        h = c[rng.integers(0, len(c), n)] ^ (flips & rng.integers(0, 2**64, n, dtype=np.uint64))
+    elif kind == "dups":
+        h = rng.integers(0, 2**64, 3, dtype=np.uint64)[rng.integers(0, 3, n)]
+    else:  # few distinct low bits under one prefix: long runs, deep rings
+        h = np.uint64(0xABCD << 48) | rng.integers(0, 64, n).astype(np.uint64)
+    h = np.sort(h)
+    alive = None if dele == 0 else rng.random(n) >= dele
+    saved = (lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN, lexarray.WINDOW)
+    lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN = direct
+    lexarray.WINDOW = window
+    try:
+        qs = [int(v) for v in rng.integers(0, 2**64, 3, dtype=np.uint64)] + [
+            int(h[i]) for i in rng.integers(0, max(n, 1), 3) if n
+        ]
+        for q in qs:
+            for k in {1, 2, 5, 40, 64, 100, n, n + 3}:
+                pos, x = lexarray.topk(h, q, k, alive=alive)
+                rp, rx = _ref_topk(h, q, k, alive)
+                assert np.array_equal(pos, rp), (q, k)
+                assert np.array_equal(x, rx)
+                assert pos.dtype == np.int64 and x.dtype == np.uint64
     finally:
-        LexSearcher.MAX_WIDEN = old
+        lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN, lexarray.WINDOW = saved
 
 
 @SETTINGS

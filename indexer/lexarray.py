@@ -1,0 +1,131 @@
+"""Lexicographic top-k over a sorted ``head64`` array (codes of <= 64 bits).
+
+The derived base keeps the codes in tree order as big-endian uint64 (``Derived.head64``,
+memory-mapped), so the lexicographic top-k of a query is read from it with binary searches
+(``searchsorted``) and one small sort: no per-key Python, no byte joins, no LMDB cursor.
+
+Order: ascending ``x = q XOR c`` (unsigned), ties (equal codes) by id; rows of the base are
+sorted by (code, id), so among equal ``x`` the row position is the id order.
+
+Algorithm (:func:`topk`): every trie node ``q[:j]`` (the rows sharing the first ``j`` bits with
+``q``) is one contiguous run of rows, found by two binary searches; all 65 of them (j = 0..64)
+are found by two vectorised ``searchsorted`` calls. Rows sharing a longer prefix come first, so
+with ``J`` the deepest depth whose run holds >= k rows, the answer is the top-k of that run,
+sorted by ``(x, position)``. A run much longer than k (:data:`DIRECT_EXTRA`, :data:`DIRECT_MIN`) is not sorted
+whole: the run of depth ``J + 1`` (fewer than k rows) is, then the rings ``cpl == J``,
+``cpl == J - 1``, ... (each one contiguous run: the sibling subtree) are searched by the same
+procedure with the query's bit flipped, for the rows still needed.
+
+Deleted rows (``alive`` mask) are skipped; a run whose live rows are fewer than k goes on to
+the next rings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_ALL = (1 << 64) - 1
+#: MASKS[j]: the first j bits set (the trie node of depth j), j = 0..64
+MASKS = np.array([_ALL ^ ((1 << (64 - j)) - 1) for j in range(65)], dtype=np.uint64)
+NMASKS = ~MASKS
+#: runs of at most DIRECT_EXTRA * k + DIRECT_MIN rows are sorted whole (else: the ring recursion)
+DIRECT_EXTRA = 3
+DIRECT_MIN = 64
+#: the window searched first spans WINDOW * k rows (+ 32) on each side of the query
+WINDOW = 2
+
+_EMPTY_POS = np.zeros(0, np.int64)
+_EMPTY_X = np.zeros(0, np.uint64)
+
+
+def _sorted_rows(h: np.ndarray, qn, a: int, z: int, alive: np.ndarray | None):
+    """Live rows of ``h[a:z]`` sorted by (x, position): (positions, x)."""
+    x = h[a:z] ^ qn
+    if alive is None:
+        order = x.argsort(kind="stable")
+        return order + a, x[order]
+    rows = alive[a:z].nonzero()[0]
+    x = x[rows]
+    order = x.argsort(kind="stable")
+    return rows[order] + a, x[order]
+
+
+def _runs(seg: np.ndarray, lo: int, ml, mh, qn, k: int):
+    """Runs of every depth in ``seg`` (row ``lo`` onwards): (starts, ends, deepest with >= k)."""
+    los = seg.searchsorted(ml & qn) + lo
+    his = seg.searchsorted(mh | qn, side="right") + lo
+    return los, his, max(int(np.count_nonzero(his - los >= k)) - 1, 0)
+
+
+def topk(
+    h: np.ndarray,
+    q: int,
+    k: int,
+    lo: int = 0,
+    hi: int | None = None,
+    alive: np.ndarray | None = None,
+    depth: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row positions int64, their ``q XOR h`` uint64) of the top-``k`` live rows of
+    ``h[lo:hi]`` (sorted uint64) in the lexicographic order of ``q`` (a Python int < 2^64).
+    ``depth``: every row of the range shares its first ``depth`` bits with ``q``."""
+    if hi is None:
+        hi = len(h)
+    if k <= 0 or hi <= lo:
+        return _EMPTY_POS, _EMPTY_X
+    qn = np.uint64(q)
+    ml, mh = MASKS[depth:], NMASKS[depth:]
+    seg = h[lo:hi]
+    # the runs near q first, from a window around its position; all of them only when the
+    # window cannot tell (the run of >= k rows reaches past it)
+    p = lo + int(seg.searchsorted(qn))
+    a0, z0 = max(lo, p - WINDOW * k - 32), min(hi, p + WINDOW * k + 32)
+    win = h[a0:z0]
+    los = win.searchsorted(ml & qn) + a0  # run of depth depth + t: [los[t], his[t])
+    his = win.searchsorted(mh | qn, side="right") + a0
+    t = max(int(np.count_nonzero(his - los >= k)) - 1, 0)
+    a, z = int(los[t]), int(his[t])
+    windowed = (a0, z0) != (lo, hi)
+    if windowed and ((a == a0 and a0 > lo) or (z == z0 and z0 < hi)):  # past the window: search all
+        los, his, t = _runs(seg, lo, ml, mh, qn, k)
+        a, z, windowed = int(los[t]), int(his[t]), False
+    last = len(los) - 1
+    if z - a <= DIRECT_EXTRA * k + DIRECT_MIN:
+        pos, x = _sorted_rows(h, qn, a, z, alive)
+        if len(pos) >= k or t == 0:
+            return pos[:k], x[:k]
+    elif t == last:  # more than k exact duplicates of q: the first ones by position (= id)
+        rows = np.arange(a, z, dtype=np.int64) if alive is None else a + alive[a:z].nonzero()[0]
+        if len(rows) >= k:
+            return rows[:k], np.zeros(k, np.uint64)
+    # the run of depth + t + 1 (fewer than k rows) whole, then the rings depth + t, ..., depth
+    if windowed:  # (the window's runs shallower than t are clipped to it)
+        los, his, _t = _runs(seg, lo, ml, mh, qn, k)
+    if t < last:
+        pos, x = _sorted_rows(h, qn, int(los[t + 1]), int(his[t + 1]), alive)
+    else:
+        pos, x = _sorted_rows(h, qn, a, z, alive)
+    parts_p, parts_x = [pos], [x]
+    need = k - len(pos)
+    for s in range(min(t, last - 1), -1, -1):
+        if need <= 0:
+            break
+        j = depth + s  # the ring: rows whose common prefix with q is exactly j bits
+        r_lo, r_hi = (int(los[s]), int(los[s + 1])) if los[s + 1] > los[s] else (int(his[s + 1]), int(his[s]))
+        if r_hi <= r_lo:
+            continue
+        bit = 1 << (63 - j)
+        sp, sx = topk(h, q ^ bit, need, r_lo, r_hi, alive, j + 1)
+        if len(sp):
+            parts_p.append(sp)
+            parts_x.append(sx | np.uint64(bit))
+            need -= len(sp)
+    return np.concatenate(parts_p), np.concatenate(parts_x)
+
+
+def merge(ids_a, x_a, ids_b, x_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` of two lex-ordered candidate lists, by (x, id): (ids, x)."""
+    ids = np.concatenate([ids_a, ids_b])
+    x = np.concatenate([x_a, x_b])
+    perm = np.lexsort((ids, x))[:k]
+    return ids[perm], x[perm]
