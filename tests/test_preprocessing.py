@@ -108,3 +108,31 @@ def test_shared_sets_npz_vs_files_vs_payload_100_percent_equal(tmp_path, hasher,
     eq_bytes = float((c_npz.packed == c_bytes.packed).all(axis=1).mean())
     print(f"{dataset}: {len(idx)} queries, npz==files {eq_files:.4f}, npz==payload {eq_bytes:.4f}")
     assert (eq_files, eq_bytes) == (1.0, 1.0), f"{dataset}: files {eq_files:.4f}, payload {eq_bytes:.4f}"
+
+
+def test_eval_loader_transforms_whole_batches_exactly_as_image_by_image(tmp_path):
+    """The evaluation loader applies the transform to each batch at once (grouped by size);
+    mixed sizes, grey images and a corrupt file in one batch give the per-image tensors, in
+    order, with the corrupt file reported and left out."""
+    from cbir.data import SkipLog
+    from cbir.models.hasher import eval_loader
+
+    rng = np.random.default_rng(7)
+    shapes = [(48, 48, 3), (32, 32, 3), (48, 48, 3), (40, 30), (32, 32, 3), (20, 52, 3), (48, 48, 3)]
+    paths = []
+    for i, shape in enumerate(shapes):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(_png_bytes(rng.integers(0, 256, shape, dtype=np.uint8)))
+        paths.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    paths.insert(3, str(bad))
+    iset = ImageSet(paths=paths, labels=np.zeros(len(paths), np.int64), class_names=("x",))
+    tf = eval_transform(32)
+    log = SkipLog()
+    batches = list(eval_loader(iset, tf, batch_size=5, skip_log=log))
+    got = torch.cat([b.images for b in batches])
+    idx = torch.cat([b.indices for b in batches]).tolist()
+    assert idx == [0, 1, 2, 4, 5, 6, 7] and log.count == 1
+    want = torch.stack([tf(decode_image(open(paths[i], "rb").read())) for i in idx])
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -10,6 +10,7 @@ a :class:`Skipped` record, and :func:`make_loader` moves those records out of th
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from cbir.data.images import CorruptImageError, decode_image
+from cbir.data.transforms import transform_batch
 
 __all__ = ["ImageSet", "Skipped", "Batch", "SkipLog", "make_loader", "Loader", "collate"]
 
@@ -232,14 +234,19 @@ def _stack(xs: list):
     return torch.stack(xs)
 
 
-def collate(items: list) -> Batch:
+def collate(items: list, batch_transform=None) -> Batch:
     """Collate ``ImageSet`` items into a :class:`Batch`, moving :class:`Skipped` records
-    into ``batch.skipped``. A batch of only skipped items has ``len(batch) == 0``."""
+    into ``batch.skipped``. A batch of only skipped items has ``len(batch) == 0``.
+    ``batch_transform``: a deterministic transform applied to the batch's raw images at once
+    (:func:`~cbir.data.transforms.transform_batch`; the set then carries no transform)."""
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [(it.path, it.reason) for it in items if isinstance(it, Skipped)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), skipped)
-    images = _stack([it[0] for it in good])
+    if batch_transform is not None:
+        images = transform_batch([it[0] for it in good], batch_transform)
+    else:
+        images = _stack([it[0] for it in good])
     t0 = good[0][1]
     if isinstance(t0, torch.Tensor):
         targets = torch.stack([it[1] for it in good]).to(torch.float32)
@@ -334,15 +341,19 @@ def make_loader(
     seed: int | None = None,
     drop_last: bool = False,
     skip_log: SkipLog | None = None,
+    batch_transform=None,
 ) -> Loader:
     """Batches of ``imageset`` as :class:`Batch` objects.
 
     ``seed`` seeds a ``torch.Generator`` used for shuffling (and for the workers' base seed,
     hence their augmentations), so a seeded loader yields the same order every time.
     Unreadable items go to ``batch.skipped`` and to ``skip_log`` (a new one, reachable as
-    ``loader.skip_log``, when none is given)."""
+    ``loader.skip_log``, when none is given). ``batch_transform``: a deterministic transform
+    applied per batch to the raw items (``imageset`` must then have no transform of its own)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if batch_transform is not None and imageset.transform is not None:
+        raise ValueError("make_loader: give the transform either to the ImageSet or as batch_transform, not both")
     gen = None
     if seed is not None:
         gen = torch.Generator()
@@ -352,7 +363,7 @@ def make_loader(
         batch_size=int(batch_size),
         shuffle=bool(shuffle),
         num_workers=int(num_workers),
-        collate_fn=collate,
+        collate_fn=collate if batch_transform is None else functools.partial(collate, batch_transform=batch_transform),
         drop_last=bool(drop_last),
         generator=gen,
         persistent_workers=False,

@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["train_transform", "eval_transform", "resize_uint8", "TwoViews", "MEAN", "STD"]
+__all__ = ["train_transform", "eval_transform", "resize_uint8", "transform_batch", "TwoViews", "MEAN", "STD"]
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -95,6 +95,33 @@ def eval_transform(image_size: int) -> v2.Compose:
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True), _EvalResize(image_size), *_finish()])
+
+
+def transform_batch(raw: list, transform) -> torch.Tensor:
+    """Apply a deterministic per-image ``transform`` to a list of ``uint8`` CHW tensors as few
+    batched calls: images of one size are stacked and transformed in one call (a v2 pipeline
+    costs ~180 us per 48x48 image one by one and ~25 us per image in a batch of 512). The rows
+    keep the input order and equal the per-image transform (``tests/test_preprocessing.py``);
+    only for deterministic transforms (a random one would draw once per group).
+    """
+    if not raw:
+        raise ValueError("transform_batch needs at least one image")
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(raw):
+        groups.setdefault((t.dtype, *t.shape), []).append(i)
+    if len(groups) == 1:
+        return transform(torch.stack(raw))
+    out = None
+    for rows in groups.values():
+        batch = transform(torch.stack([raw[i] for i in rows]))
+        if out is None:
+            out = torch.empty(len(raw), *batch.shape[1:], dtype=batch.dtype)
+        elif batch.shape[1:] != out.shape[1:]:
+            raise ValueError(
+                f"the transform gave {tuple(batch.shape[1:])} for some images and {tuple(out.shape[1:])} for others"
+            )
+        out[rows] = batch
+    return out
 
 
 class TwoViews:

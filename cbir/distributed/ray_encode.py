@@ -51,7 +51,8 @@ _SETS: dict = {}
 
 
 def _read_chunks(batch: dict, ref, batch_size: int) -> dict:
-    """Ray task: decode + transform the items of each chunk in ``batch["id"]``."""
+    """Ray task: decode the items of each chunk in ``batch["id"]`` and apply the evaluation
+    transform to the chunk at once (as :func:`cbir.models.hasher.eval_loader` does)."""
     import ray
     import torch
 
@@ -61,13 +62,13 @@ def _read_chunks(batch: dict, ref, batch_size: int) -> dict:
     if key not in _SETS:
         _SETS.clear()
         _SETS[key] = ray.get(ref)
-    imageset = _SETS[key]
+    imageset, transform = _SETS[key]
 
     out = {"chunk": [], "n": [], "indices": [], "images": [], "shape": [], "skipped": []}
     n = len(imageset)
     for c in np.asarray(batch["id"]).tolist():
         lo = c * batch_size
-        b = collate([imageset[i] for i in range(lo, min(n, lo + batch_size))])
+        b = collate([imageset[i] for i in range(lo, min(n, lo + batch_size))], batch_transform=transform)
         imgs = b.images if len(b) else torch.zeros(0)
         arr = np.ascontiguousarray(imgs.numpy(), dtype=np.float32)
         out["chunk"].append(c)
@@ -145,7 +146,7 @@ def encode_with_ray(
     if batch_size <= 0:
         raise ValueError("batch_size must be > 0")
     hasher = Hasher.load(model_path, device="cpu")  # the transform and the bit count
-    tf_set = imageset.with_transform(hasher.eval_transform)
+    raw_set = imageset.with_transform(None)
     nbits, nb = hasher.nbits, (hasher.nbits + 7) // 8
     started = False
     if not ray.is_initialized():
@@ -163,8 +164,8 @@ def encode_with_ray(
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = bool(progress)
-        nchunks = len(chunk_bounds(len(tf_set), batch_size))
-        ref = [ray.put(tf_set)]  # in a list: passed as the reference, fetched once per worker
+        nchunks = len(chunk_bounds(len(raw_set), batch_size))
+        ref = [ray.put((raw_set, hasher.eval_transform))]  # in a list: passed as the reference, fetched once per worker
         ds = ray.data.range(nchunks)
         # half a CPU per read task: reads keep going beside CPU actors (and the two stages,
         # asking for different resources, are not fused into one)

@@ -63,11 +63,18 @@ def batch_images(batches, progress: bool = False, desc: str = "encode"):
 
 
 def eval_loader(imageset, transform, batch_size: int, num_workers: int = 0, skip_log=None):
-    """An in-order loader of ``imageset`` in a model's evaluation ``transform``."""
+    """An in-order loader of ``imageset`` in a model's evaluation ``transform``, applied to each
+    batch of raw images at once (:func:`cbir.data.transforms.transform_batch`: the same tensors
+    as image by image, several times faster)."""
     from cbir.data import make_loader
 
     return make_loader(
-        imageset.with_transform(transform), batch_size, shuffle=False, num_workers=num_workers, skip_log=skip_log
+        imageset.with_transform(None),
+        batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        skip_log=skip_log,
+        batch_transform=transform,
     )
 
 
@@ -259,21 +266,17 @@ class Hasher:
         """
         from torchvision.transforms.v2 import functional as TF
 
+        from cbir.data.transforms import transform_batch
+
         raw = [img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img.convert("RGB")) for img in images]
         if not raw:
             return torch.zeros(0, 3, self.image_size, self.image_size)
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(raw):
-            groups.setdefault((t.dtype, *t.shape), []).append(i)
-        out = torch.empty(len(raw), 3, self.image_size, self.image_size)
-        for rows in groups.values():
-            batch = self.eval_transform(torch.stack([raw[i] for i in rows]))
-            if batch.shape[1:] != out.shape[1:]:
-                raise ValueError(
-                    f"the eval transform gave {tuple(batch.shape[1:])}, expected {tuple(out.shape[1:])}"
-                    " (images must have 3 channels)"
-                )
-            out[rows] = batch
+        out = transform_batch(raw, self.eval_transform)
+        if out.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"the eval transform gave {tuple(out.shape[1:])}, expected {(3, self.image_size, self.image_size)}"
+                " (images must have 3 channels)"
+            )
         return out
 
     def encode_batches(
