@@ -16,6 +16,7 @@ import errno
 import functools
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,16 +47,20 @@ from cbir.indexer.rows import (
     as_ids,
     check_codes,
     conf_rows,
+    head64,
     ids_bytes,
     key_order,
     label_keys,
     make_keys,
     meta_bytes,
     rows_bytes,
+    stable_argsort_u64,
 )
 
 INITIAL_MAP = 64 << 20  # map size of a temporary build environment (it grows as needed)
 PUT_CHUNK = 1 << 18
+#: write LMDB in a thread while the derived structures are built (False: one after the other)
+PARALLEL = False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -137,49 +142,38 @@ def build_index(
             metasync=False,
             readahead=False,
         )
+        lmdb_done: list[float] = []
+        writer = None
         try:
             dbs = {name.decode(): env.open_db(name) for name in DBS}
-            order = key_order(codes.packed, ids, ids_sorted)
-            sorted_codes = codes.packed[order]
-            sorted_ids = ids[order]
-            # several transactions are fine: the directory is invisible until it is published
-            for s in range(0, max(n, 1), PUT_CHUNK):
-                e_ = min(n, s + PUT_CHUNK)
-                if e_ <= s:
-                    break
-                _put_retry(
-                    env,
-                    functools.partial(
-                        _bulk_chunk,
-                        dbs=dbs,
-                        s_codes=sorted_codes[s:e_],
-                        s_ids=sorted_ids[s:e_],
-                        id_sorted_ids=ids[byid[s:e_]],
-                        id_sorted_codes=None if delta else codes.packed[byid[s:e_]],
-                        meta_b=meta_b,
-                        conf_h=conf_h,
-                        rows=byid[s:e_],
-                    ),
-                )
-                if bar is not None:
-                    bar.update(e_ - s)
-            for s in range(0, len(lab_keys), PUT_CHUNK):
-                _put_retry(env, functools.partial(_put_labels, dbs=dbs, keys=lab_keys[s : s + PUT_CHUNK]))
-            with env.begin(write=True) as txn:
-                txn.put(b"generation", u64(1), db=dbs["info"])
-                txn.put(b"count", u64(n), db=dbs["info"])
-            env.sync(True)
+            order, sorted_codes, sorted_ids, sorted_head = _sort_keys(codes.packed, ids, ids_sorted, byid)
+            write = functools.partial(
+                _write_lmdb, env, dbs, n, sorted_codes, sorted_ids, ids, byid, None if delta else codes.packed,
+                meta_b, conf_h, lab_keys, bar, lmdb_done, t0,
+            )  # fmt: skip
+            if delta and PARALLEL:  # the one sorted append runs while the derived structures are built
+                writer = _Writer(write)
+                writer.start()
+            else:
+                write()
+            if delta:  # MIH tables, FAISS index and the id index now, not on the first query
+                idx = np.int32 if n < 2**31 else np.int64
+                inv = np.empty(n, dtype=idx)
+                inv[order] = np.arange(n, dtype=idx)  # row of each input item
+                spos = inv if ids_sorted else inv[byid]
+                sid = ids if ids_sorted else ids[byid]
+                d = Derived(1, layout.nbits, sorted_codes, sorted_ids, head64=sorted_head, by_id=(sid, spos))
+                d.save(tmp / DERIVED_DIR)
+            if writer is not None:
+                writer.finish()
         finally:
+            if writer is not None and writer.is_alive():
+                writer.join()  # (never close the environment under a running writer)
             env.close()
-        t_lmdb = time.perf_counter() - t0
+        t_lmdb = lmdb_done[0]
         man = new_manifest(layout, model_hash, build_params)
         man["count"], man["generation"] = n, 1
         man["codes_db"] = "delta" if delta else "full"
-        if delta:  # MIH tables, FAISS index and the id index now, not on the first query
-            inv = np.empty_like(order)
-            inv[order] = np.arange(n, dtype=order.dtype)  # row of each input item
-            spos = inv[byid].astype(np.int32 if n < 2**31 else np.int64)
-            Derived(1, layout.nbits, sorted_codes, sorted_ids, by_id=(ids[byid], spos)).save(tmp / DERIVED_DIR)
         man["build"].setdefault("seconds", round(time.perf_counter() - t0, 3))
         man["build"].setdefault("lmdb_seconds", round(t_lmdb, 3))
         write_manifest(tmp, man)  # the manifest is written last: it marks a complete index
@@ -192,6 +186,77 @@ def build_index(
         if bar is not None:
             bar.close()
     return out
+
+
+def _sort_keys(packed: np.ndarray, ids: np.ndarray, ids_sorted: bool, byid: np.ndarray):
+    """(order, sorted packed codes, sorted ids, sorted head64 or None): the one sort of the
+    build (tree key order), which feeds the LMDB append and every derived array."""
+    n, nb = packed.shape
+    if nb > 8:
+        order = key_order(packed, ids, ids_sorted)
+        return order, packed[order], ids[order], None
+    h = head64(packed)
+    hv = h >> np.uint64(64 - 8 * nb) if nb < 8 else h  # (pad bytes need no radix pass)
+    order = stable_argsort_u64(hv, 8 * nb, order=None if ids_sorted else byid)
+    hs = h[order]
+    sc = hs.astype(">u8").view(np.uint8).reshape(n, 8)
+    return order, (sc if nb == 8 else np.ascontiguousarray(sc[:, :nb])), ids[order], hs
+
+
+class _Writer(threading.Thread):
+    """Runs the LMDB append in a thread (py-lmdb releases the GIL around each put, numpy
+    around its loops, so the append and the derived structures share the cores)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__(name="cbir-index-lmdb", daemon=True)
+        self.fn = fn
+        self.exc: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # re-raised in the building thread by finish()
+            self.exc = exc
+
+    def finish(self) -> None:
+        self.join()
+        if self.exc is not None:
+            raise self.exc
+
+
+def _write_lmdb(
+    env, dbs, n, sorted_codes, sorted_ids, ids, byid, packed, meta_b, conf_h, lab_keys, bar, done: list, t0: float
+) -> None:
+    """The sorted append of the whole build: ``tree`` (and, when given, ``codes``, ``meta``,
+    ``conf``, ``labels``) in key order, then ``info``; records the elapsed time in ``done``.
+    Several transactions are fine: the directory is invisible until it is published."""
+    per_id = packed is not None or meta_b is not None or conf_h is not None
+    for s in range(0, n, PUT_CHUNK):
+        e_ = min(n, s + PUT_CHUNK)
+        rows = byid[s:e_] if per_id else None
+        _put_retry(
+            env,
+            functools.partial(
+                _bulk_chunk,
+                dbs=dbs,
+                s_codes=sorted_codes[s:e_],
+                s_ids=sorted_ids[s:e_],
+                id_sorted_ids=ids[rows] if per_id else None,
+                id_sorted_codes=None if packed is None else packed[rows],
+                meta_b=meta_b,
+                conf_h=conf_h,
+                rows=rows,
+            ),
+        )
+        if bar is not None:
+            bar.update(e_ - s)
+    for s in range(0, len(lab_keys), PUT_CHUNK):
+        _put_retry(env, functools.partial(_put_labels, dbs=dbs, keys=lab_keys[s : s + PUT_CHUNK]))
+    with env.begin(write=True) as txn:
+        txn.put(b"generation", u64(1), db=dbs["info"])
+        txn.put(b"count", u64(n), db=dbs["info"])
+    env.sync(True)
+    done.append(time.perf_counter() - t0)
 
 
 def _bar(progress: bool, total: int):

@@ -23,6 +23,8 @@ from itertools import combinations
 
 import numpy as np
 
+from cbir.indexer.rows import RADIX_MIN, stable_argsort_u64
+
 DIRECT_MAX_BITS = 24  # substring tables of at most this many bits are directly addressed
 
 
@@ -95,18 +97,34 @@ class MIH:
             self._combined()  # direct tables: one CSR; the per-table copies are then dropped
 
     def _subvals(self, i: int, rows=None) -> np.ndarray:
+        if rows is None and self.codes64 is not None:  # two passes over the uint64 codes
+            sh = np.uint64(64 - self.starts[i] - self.sizes[i])
+            return (self.codes64 >> sh) & np.uint64((1 << self.sizes[i]) - 1)
         src = self.codes if rows is None else self.codes[rows]
         return substring_values(src, self.starts[i], self.sizes[i])
 
     def _build_table(self, i: int):
         s = self.sizes[i]
         vals = self._subvals(i)
-        perm = np.argsort(vals, kind="stable").astype(np.int64 if self.n >= 2**31 else np.int32)
+        idx = np.int64 if self.n >= 2**31 else np.int32
         if s <= DIRECT_MAX_BITS and (1 << s) <= max(8 * self.n, 1 << 16):
+            if self.n >= RADIX_MIN:  # one O(n) counting sort (FAISS bucket_sort) gives both
+                import faiss
+
+                if self.n and bool((vals[1:] >= vals[:-1]).all()):  # (the leading bits of sorted codes)
+                    perm = np.arange(self.n, dtype=idx)
+                    counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
+                    offsets = np.zeros((1 << s) + 1, dtype=idx)
+                    np.cumsum(counts, out=offsets[1:])
+                    return perm, offsets, None
+                lims, perm64 = faiss.bucket_sort(vals.astype(np.int64), 1 << s, 0)
+                return perm64.astype(idx), lims.astype(idx), None
+            perm = np.argsort(vals, kind="stable").astype(idx)
             counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
-            offsets = np.zeros((1 << s) + 1, dtype=np.int64 if self.n >= 2**31 else np.int32)
+            offsets = np.zeros((1 << s) + 1, dtype=idx)
             np.cumsum(counts, out=offsets[1:])
             return perm, offsets, None
+        perm = stable_argsort_u64(vals, s).astype(idx)
         return perm, None, vals[perm]
 
     # persistence ----------------------------------------------------------------------------
@@ -180,20 +198,22 @@ class MIH:
             if any(offs is None for _p, offs, _v in self.tables):
                 self._comb = False
             else:
-                n = self.n
-                small = (self.m + 1) * max(n, 1) < 2**31
-                bases, offs, perms = [], [], []
-                base = 0
-                for t, (perm, off, _v) in enumerate(self.tables):
-                    bases.append(base)
-                    base += len(off)
-                    offs.append(off.astype(np.int64) + t * n)
-                    perms.append(perm)
-                perm_all = np.concatenate(perms)
+                n, m = self.n, self.m
+                small = (m + 1) * max(n, 1) < 2**31
+                tabs = self.tables
+                offs_all = np.empty(sum(len(off) for _p, off, _v in tabs), dtype=np.int32 if small else np.int64)
+                perm_all = np.empty(m * n, dtype=np.result_type(*[p_.dtype for p_, _o, _v in tabs]))
                 # codes stored again in bucket order: candidates of a bucket are then read
                 # sequentially instead of gathered at random (<= 64-bit codes)
-                codes_all = self.codes64[perm_all] if self.codes64 is not None else None
-                offs_all = np.concatenate(offs).astype(np.int32 if small else np.int64)
+                codes_all = np.empty(m * n, dtype=np.uint64) if self.codes64 is not None else None
+                bases, base = [], 0
+                for t, (perm, off, _v) in enumerate(tabs):  # (written in place: no temporaries)
+                    bases.append(base)
+                    np.add(off, t * n, out=offs_all[base : base + len(off)], casting="unsafe")
+                    base += len(off)
+                    perm_all[t * n : (t + 1) * n] = perm
+                    if codes_all is not None:
+                        np.take(self.codes64, perm.astype(np.intp), out=codes_all[t * n : (t + 1) * n])
                 self._comb = (np.array(bases, dtype=np.uint64), offs_all, perm_all, codes_all)
                 self.tables = None
         return self._comb or None

@@ -59,9 +59,41 @@ def split_keys(keys: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
 def head64(packed: np.ndarray) -> np.ndarray:
     """First 8 bytes of each packed row as big-endian uint64 (zero padded)."""
     nb = packed.shape[1]
+    if nb == 8 and packed.flags.c_contiguous:
+        return packed.view(">u8").reshape(-1).astype(np.uint64)
     buf = np.zeros((len(packed), 8), dtype=np.uint8)
     buf[:, : min(nb, 8)] = packed[:, :8]
     return buf.view(">u8").reshape(-1).astype(np.uint64)
+
+
+#: arrays at least this long are sorted with a counting sort first (FAISS ``bucket_sort``)
+RADIX_MIN = 1 << 16
+RADIX_BITS = 20
+
+
+def stable_argsort_u64(v: np.ndarray, nbits: int = 64, order: np.ndarray | None = None) -> np.ndarray:
+    """Stable argsort (int64) of the non-negative integers ``v`` (< 2^nbits), or of
+    ``v[order]`` mapped back through ``order`` when given (= ``order[argsort(v[order])]``).
+
+    Large arrays (numpy's stable sort of 64-bit keys is a merge sort, ~2 s at 10^7): one
+    stable O(n) counting sort on the leading :data:`RADIX_BITS` bits (FAISS ``bucket_sort``),
+    then numpy's stable sort of the keys in that order, which finds them sorted but for the
+    rows of each bucket (runs: ~4x faster than from scratch)."""
+    v = np.asarray(v)
+    src = v if order is None else v[order]
+    if len(v) < RADIX_MIN:
+        o = np.argsort(src, kind="stable")
+    else:
+        import faiss
+
+        src = src.astype(np.uint64, copy=False)
+        shift = max(nbits - RADIX_BITS, 0)
+        digit = (src >> np.uint64(shift)).astype(np.int64)
+        _lims, o = faiss.bucket_sort(digit, 1 << min(nbits, RADIX_BITS), 0)  # nt=0: stable path
+        del digit
+        if shift:  # the rows of each bucket: sorted by the whole key, stably
+            o = o[src[o].argsort(kind="stable")]
+    return o if order is None else np.asarray(order, dtype=np.int64)[o]
 
 
 def key_order(packed: np.ndarray, ids: np.ndarray, ids_sorted: bool = False) -> np.ndarray:
@@ -69,9 +101,12 @@ def key_order(packed: np.ndarray, ids: np.ndarray, ids_sorted: bool = False) -> 
     nb = packed.shape[1]
     if nb <= 8:
         h = head64(packed)
+        if nb < 8:  # the zero pad bytes need no pass
+            h >>= np.uint64(64 - 8 * nb)
         if ids_sorted:  # a stable sort on the code keeps equal codes in id order
-            return np.argsort(h, kind="stable")
-        return np.lexsort((ids, h))
+            return stable_argsort_u64(h, 8 * nb)
+        byid = np.argsort(ids, kind="stable")
+        return stable_argsort_u64(h, 8 * nb, order=byid)
     return np.lexsort([ids] + [packed[:, j] for j in range(nb - 1, -1, -1)])
 
 

@@ -322,3 +322,59 @@ def test_mih_on_a_tiny_collection_scans_instead_of_enumerating(n):
             assert sorted(pos.tolist()) == np.flatnonzero(d <= radius).tolist()
     probes = sum(len(v[0]) for v in getattr(mih, "_probe_cache", {}).values())
     assert probes < 2_000, probes
+
+
+@pytest.mark.parametrize("nbits", [12, 24, 64, 70])
+def test_radix_key_order_and_mih_tables_equal_numpy_sorts(nbits):
+    """Above RADIX_MIN the build sorts with a counting sort (FAISS bucket_sort) then numpy's
+    stable sort; MIH tables come from one counting sort each: same permutations as numpy's
+    stable argsort / lexsort, duplicates and unsorted ids included."""
+    from cbir.indexer import rows
+    from cbir.indexer.mih import MIH
+
+    rng = np.random.default_rng(nbits)
+    n = rows.RADIX_MIN + 4321
+    codes = random_codes(rng, n, nbits, "clustered")
+    codes.packed[: n // 3] = codes.packed[n // 3 : 2 * (n // 3)]  # many exact duplicates
+    ids = rng.permutation(n).astype(np.int64) * 5
+    for ids_sorted, idv in ((False, ids), (True, np.sort(ids))):
+        ref = np.lexsort([idv] + [codes.packed[:, j] for j in range(codes.nbytes - 1, -1, -1)])
+        assert np.array_equal(rows.key_order(codes.packed, idv, ids_sorted), ref)
+    v = rng.integers(0, 2**40, n).astype(np.uint64)
+    assert np.array_equal(rows.stable_argsort_u64(v, 40), np.argsort(v, kind="stable"))
+    sc = codes.packed[rows.key_order(codes.packed, ids)]
+    mih = MIH(sc, nbits)
+    for t in range(mih.m):  # every bucket holds exactly the rows with that substring value
+        vals = mih._subvals(t).astype(np.int64)
+        if mih._comb:
+            bases, offs, perm, _c = mih._comb
+            off = offs[int(bases[t]) : int(bases[t]) + (1 << mih.sizes[t]) + 1].astype(np.int64) - t * n
+            got = perm[t * n : (t + 1) * n]
+        else:
+            got, off, _sv = mih.tables[t]
+            if off is None:
+                assert np.array_equal(got, np.argsort(vals, kind="stable"))
+                continue
+        assert np.array_equal(got, np.argsort(vals, kind="stable"))
+        assert np.array_equal(np.diff(off), np.bincount(vals, minlength=1 << mih.sizes[t]))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_large_build_is_exact_with_either_writer(tmp_path, parallel, monkeypatch):
+    """A build past PERSIST_MIN and RADIX_MIN (derived structures saved with it), the LMDB
+    append in the building thread or alongside it: searches equal brute force, ids map back."""
+    from cbir.indexer import build as build_mod
+
+    monkeypatch.setattr(build_mod, "PARALLEL", parallel)
+    rng = np.random.default_rng(7)
+    n = 70_000
+    codes = random_codes(rng, n, 64, "clustered")
+    codes.packed[:500] = codes.packed[500:1000]
+    ids = rng.permutation(n).astype(np.int64) * 3 + 1
+    with open_index(build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(64, class_bits=2))) as r:
+        assert r.derived().base.saved_dir is not None
+        for q in queries_for(rng, codes, 64, 3):
+            assert np.array_equal(r.search_lex(q, 50).ids, ref_ids(q, codes, ids, 50, "lex"))
+            assert np.array_equal(r.search_hamming(q, k=20).ids, ref_ids(q, codes, ids, 20, "hamming"))
+        for j in rng.integers(0, n, 5):
+            assert np.array_equal(r.get(int(ids[j])).code.packed, codes.packed[j : j + 1])
