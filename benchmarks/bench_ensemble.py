@@ -96,7 +96,7 @@ def _encode(ens, imageset):
     from cbir.data import make_loader
     from cbir.uncertainty import ClassDecision, class_decision
 
-    encs, t_enc, t_test = [], 0.0, 0.0
+    encs, t_enc, t_test, all_logits = [], 0.0, 0.0, []
     for batch in make_loader(imageset.with_transform(ens.eval_transform), 256, shuffle=False):
         t = time.perf_counter()
         _, _, logits = ens._member_outputs(batch.images)
@@ -105,12 +105,48 @@ def _encode(ens, imageset):
         class_decision(logits, ens.tau, ens.margin)
         t_test += time.perf_counter() - t
         encs.append(ens.encode_ensemble(batch.images))
+        all_logits.append(logits)
     return (
         Codes.concat([e.codes for e in encs]),
         ClassDecision.concat([e.decision for e in encs], len(ens.class_names)),
         t_enc,
         t_test,
+        np.concatenate(all_logits, axis=1),
     )
+
+
+def _heldout_dataset(name: str, fraction: float, work: Path) -> str:
+    """An ``.npz`` whose query set is a stratified ``fraction`` of ``name``'s training set
+    (seed 0) and whose training set = database is the rest: the data on which thresholds may be
+    looked at (never the query set)."""
+    from cbir.data import load_dataset
+    from cbir.data.sources import stratified_split
+
+    tr = load_dataset(name).train
+    if tr.images is not None:  # (N, 3, H, W) uint8
+        images = tr.images.numpy()
+    else:
+        images = np.stack([np.asarray(tr.get_pil(i)) for i in range(len(tr))])
+    rest, held = stratified_split(tr.labels, fraction=fraction, seed=0)
+    split = np.full(len(tr), "train", dtype="<U5")
+    split[held] = "test"
+    out = work / f"heldout-{fraction:g}.npz"
+    np.savez(out, images=images, labels=tr.labels, split=split, class_names=np.array(tr.class_names))
+    return str(out)
+
+
+def _margin_sweep(ens, q_codes, q_logits, ql, db_codes, dl, k: int, margins) -> None:
+    """The hardness figures at other prediction-set margins (the codes do not depend on it)."""
+    from cbir.bench.hardness import hardness_report
+    from cbir.uncertainty import class_decision
+
+    for m in margins:
+        dec = class_decision(q_logits, ens.tau, m)
+        h = hardness_report(ens, q_codes, dec, ql, db_codes, dl, k)
+        t, p = h["tie_aware_map_at_k"], h["probing"]
+        gap = t["answered"]["lex"] - t["idk"]["lex"] if t["idk"]["lex"] is not None else float("nan")
+        gain = f"{p['recall_gain']:+.4f} at {p['latency_ratio']:.2f}x" if p else "-"
+        print(f"  margin {m:g}: hard (idk) {h['fractions']['idk']:.3f}, easy - hard {gap:+.4f}, IDK recall gain {gain}")
 
 
 def main() -> None:
@@ -125,6 +161,14 @@ def main() -> None:
     ap.add_argument("--arch-budget", type=float, default=45.0, help="seconds of training per arch member")
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--heldout",
+        type=float,
+        default=None,
+        help="replace the protocol by a held-out FRACTION of the training set as queries, the rest as "
+        "training set = database (for looking at thresholds without the query set)",
+    )
+    ap.add_argument("--margins", default="", help="also print the hardness figures at these prediction-set margins")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,9 +187,16 @@ def main() -> None:
     ce = Hasher.load(args.ce_from, device="cpu")
     sd = work / "backbone.pt"  # the backbone only: every head starts from its own random init
     torch.save({f"backbone.{k}": v for k, v in ce.method.backbone.state_dict().items()}, sd)
+    dataset = args.dataset
+    if args.heldout is not None:
+        dataset = _heldout_dataset(args.dataset, args.heldout, work)
+        print(
+            f"held-out protocol: {args.heldout:g} of the {args.dataset} training set as queries, the rest as "
+            f"training set = database ({dataset}); the --ce-from backbone was trained on all of it"
+        )
     cfg = TrainConfig(
         method="ce",
-        dataset=args.dataset,
+        dataset=dataset,
         backbone=ce.spec.backbone,
         backbone_kwargs=dict(ce.spec.backbone_kwargs),
         init_from=str(sd),
@@ -157,7 +208,7 @@ def main() -> None:
         out=str(work / "ens"),
         progress=True,
     )
-    sp = load_dataset(args.dataset)
+    sp = load_dataset(dataset)
     ql, dl = sp.query.labels, sp.database.labels
     print(f"{sp.describe()}; E = {args.members}; CE backbone {args.ce_from} ({ce.spec.backbone})")
 
@@ -179,15 +230,15 @@ def main() -> None:
         print(f"\n== {perturb}: {how}; trained in {t_train:.0f} s; shared backbone: {ens.shared_backbone}")
 
         t = time.perf_counter()
-        q_codes, q_dec, t_enc, t_test = _encode(ens, sp.query)
-        db_codes, _, _, _ = _encode(ens, sp.database)
+        q_codes, q_dec, t_enc, t_test, q_logits = _encode(ens, sp.query)
+        db_codes, _, _, _, _ = _encode(ens, sp.database)
         print(
             f"encoded in {time.perf_counter() - t:.0f} s; t-test + confidence {1000 * t_test:.1f} ms for "
             f"{len(q_codes)} queries vs ensemble forward {1000 * t_enc:.1f} ms ({100 * t_test / t_enc:.2f} %)"
         )
         if ens.shared_backbone:
             ens.shared_backbone = False
-            _, _, t_enc_pm, _ = _encode(ens, sp.query)
+            _, _, t_enc_pm, _, _ = _encode(ens, sp.query)
             ens.shared_backbone = True
             print(
                 f"shared-backbone encode {1000 * t_enc:.0f} ms vs per-member {1000 * t_enc_pm:.0f} ms "
@@ -233,6 +284,10 @@ def main() -> None:
                 f"in the set {p['true_class_in_set']:.3f}; plain top-{k} reaches the set's 2nd class "
                 f"{p['plain_reaches_second_class']:.3f}"
             )
+        margins = [float(m) for m in args.margins.split(",") if m.strip()]
+        if margins:
+            print(f"other prediction-set margins (tau {ens.tau:.3f}):")
+            _margin_sweep(ens, q_codes, q_logits, ql, db_codes, dl, k, margins)
         groups = hardness_groups(q_dec)
         assert np.array_equal(groups["idk"], hard)
         print(f"[{perturb} done at {time.perf_counter() - t_all:.0f} s]")

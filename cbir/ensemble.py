@@ -338,25 +338,27 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
 def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10, fill: bool = True):
     """Search every class subtree of a query's prediction set and merge (issue: IDK queries).
 
-    ``code`` is the query's 1-row code (its class bits are ignored), ``classes`` its prediction
-    set best first (:meth:`ClassDecision.sets`). For every class ``c`` the best ``k`` items of
-    ``c``'s subtree in the query's order are read from ``reader`` (a :mod:`cbir.indexer`
-    reader): a subtree of at most ``k`` items is read whole with one prefix listing (its items
-    only, ``search_prefix``; for class-only codes the first ``k`` of the listing are the answer
-    whatever the subtree's size: one code, ties by id), a larger one by a lexicographic search
-    re-aimed at ``c``'s subtree (class bits := ``c``), whose first ``k`` results all lie in it. The merge is a
-    total order: ascending big-endian XOR of the **path** bits with the query's path bits, then
-    the class's rank in the prediction set, then id — within one class it is exactly the index's
-    lexicographic order.
+    ``code`` is the query's 1-row code, ``classes`` its prediction set best first
+    (:meth:`ClassDecision.sets`). For every class ``c`` the best ``k`` items of ``c``'s subtree in
+    the query's order are read from ``reader`` (a :mod:`cbir.indexer` reader) by one
+    lexicographic search re-aimed at the subtree (the query's class bits := ``c``): the
+    subtree's items come first in that order, so its first ``k`` results that carry class ``c``
+    are the subtree's best ``k`` (all of it when it holds fewer). The merge is a total order:
+    ascending big-endian XOR of the **path** bits with the query's path bits, then the class's
+    rank in the prediction set, then id — within one class it is exactly the index's
+    lexicographic order. For class-only codes (``ce``: every item of a class has one code) the
+    merge serves whole classes in set order, so class ``r`` is asked only for the slots the
+    classes before it left, and the search stops once ``k`` are found.
 
     **Filling k** (``fill``, default on): when the set's subtrees hold fewer than ``k`` items
     (then every one of them was read whole), the remaining slots are filled with the other items
-    in the plain lexicographic order of ``code`` (one ``search_lex`` of ``k``, the set's classes
-    dropped), so the answer has ``min(k, index size)`` items like a plain search. Without it a
-    class-only code (e.g. ``ce``) whose set holds two classes of ~N/C items each left ~9 % of
-    the 1000 slots of the cifar10-subset figure empty. The whole answer is one total order:
-    the set's items first (in the order above), then the others by big-endian ``code XOR c``,
-    then id. ``fill=False`` returns the set's items only.
+    in the plain lexicographic order of ``code`` (the set's classes dropped), so the answer has
+    ``min(k, index size)`` items like a plain search. Without it a class-only code whose set
+    holds two classes of ~N/C items each left ~9 % of the 1000 slots of the cifar10-subset
+    figure empty. The whole answer is one total order: the set's items first (in the order
+    above), then the others by big-endian ``code XOR c``, then id. ``fill=False`` returns the
+    set's items only. The plain search of ``code`` is the re-aimed search of ``code``'s own
+    class (normally the set's first): it is made once and serves both.
 
     Returns ``(ids int64, codes Codes)`` of the best ``k``.
     """
@@ -369,50 +371,61 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     k, nbits = int(k), code.nbits
     q = code.packed[0]
     nbc = (cb + 7) // 8  # bytes holding the class bits
+    classes = [int(c) for c in classes]
 
-    def packed_class(c: int) -> np.ndarray:  # the class bits of class c, packed (bit 0 = MSB)
-        out = np.zeros_like(q)
-        out[:nbc] = np.frombuffer((int(c) << (8 * nbc - cb)).to_bytes(nbc, "big"), np.uint8)
-        return out
+    def class_of(packed: np.ndarray) -> np.ndarray:  # the class number of packed codes (N, nb)
+        if nbc == 1:
+            return packed[:, 0] >> (8 - cb)
+        v = packed[:, 0].astype(np.int64)
+        for j in range(1, nbc):
+            v = (v << 8) | packed[:, j]
+        return v >> (8 * nbc - cb)
 
-    cmask = packed_class((1 << cb) - 1)  # packed masks: the class bits and the path bits
-    pmask = ~cmask
+    shift = 8 * nbc - cb  # path bits in the class bytes
+    qb = q.tobytes()
+    head = int.from_bytes(qb[:nbc], "big")
+    own, low = head >> shift, head & ((1 << shift) - 1)  # the query's class; its path bits there
+    class_only = nbits == cb
+    plain = None  # the plain lex search of the query code, once made
     ids_all, codes_all, rank_all = [], [], []
+    taken = 0
     for r, c in enumerate(classes):
-        if k == 0:
+        need = k - taken if class_only else k
+        if need <= 0:
             break
-        qc = packed_class(int(c))
-        page = reader.search_prefix(Codes(qc[None, :nbc], cb), k)
-        if page.next_cursor is None or nbits == cb:  # the whole subtree (<= k items), or class-only
-            ids, cand = np.asarray(page.ids), page.codes.packed  # codes whose subtree is one tie (by id)
-        else:  # more than k items: the first k of the re-aimed lex order are all in the subtree
-            res = reader.search_lex(Codes(((q & pmask) | qc)[None], nbits), k)
-            cand = res.codes.packed
-            keep = ((cand & cmask) == qc).all(axis=1)
-            ids, cand = np.asarray(res.ids)[keep], cand[keep]
-        ids_all.append(ids)
-        codes_all.append(cand)
-        rank_all.append(np.full(len(ids), r))
-    if ids_all and sum(len(i) for i in ids_all):
-        ids = np.concatenate(ids_all).astype(np.int64)
+        res = reader.search_lex(((c << shift) | low).to_bytes(nbc, "big") + qb[nbc:], need)
+        if need == k and c == own:
+            plain = res
+        cand = res.codes.packed
+        m = int((class_of(cand) == c).sum())  # the subtree comes first: its items are a prefix
+        ids_all.append(np.asarray(res.ids[:m], dtype=np.int64))
+        codes_all.append(cand[:m])
+        if not class_only:
+            rank_all.append(np.full(m, r))
+        taken += m
+    if taken:
+        ids = np.concatenate(ids_all)
         packed = np.concatenate(codes_all)
-        ranks = np.concatenate(rank_all)
-        # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
-        x = (packed ^ q) & pmask
-        order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
-        ids, packed = ids[order], packed[order]
+        if not class_only:  # class-only: already whole classes in set order, ids ascending
+            ranks = np.concatenate(rank_all)
+            pmask = np.full_like(q, 0xFF)  # packed mask of the path bits
+            pmask[:nbc] = np.frombuffer(((1 << shift) - 1).to_bytes(nbc, "big"), np.uint8)
+            # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
+            x = (packed ^ q) & pmask
+            order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
+            ids, packed = ids[order], packed[order]
     else:
         ids, packed = np.zeros(0, np.int64), np.zeros((0, q.shape[0]), np.uint8)
     if fill and 0 < k and len(ids) < k:
         # fewer than k: every subtree of the set was read whole, so dropping the set's classes
         # drops exactly the items already taken, and the first k of the plain order hold at
         # least k - len(ids) others
-        res = reader.search_lex(Codes(q[None], nbits), k)
-        cand = res.codes.packed
-        in_set = np.zeros(len(cand), bool)
-        for c in classes:
-            in_set |= ((cand & cmask) == packed_class(int(c))).all(axis=1)
-        more = np.flatnonzero(~in_set)[: k - len(ids)]
-        ids = np.concatenate([ids, np.asarray(res.ids, dtype=np.int64)[more]])
+        if plain is None:
+            plain = reader.search_lex(qb, k)
+        cand = plain.codes.packed
+        in_set = np.zeros(1 << cb, bool)
+        in_set[[c for c in classes if 0 <= c < 1 << cb]] = True
+        more = np.flatnonzero(~in_set[class_of(cand)])[: k - len(ids)]
+        ids = np.concatenate([ids, np.asarray(plain.ids, dtype=np.int64)[more]])
         packed = np.concatenate([packed, cand[more]])
     return ids, Codes(np.ascontiguousarray(packed), nbits)
