@@ -181,14 +181,18 @@ class LexModes(ReaderAttrs):
         q64 = int.from_bytes(q.tobytes().ljust(8, b"\0"), "big")
         pos, x = lexarray.topk(b.head64, q64, need, 0, b.n, v.alive_mask())
         ids = b.ids[pos]
+        nb = self.nb
         if len(v.add_ids):
             ah, aid = v.sorted_adds()
             p2, x2 = lexarray.topk(ah, q64, need)
             ids, x = lexarray.merge(ids, x, aid[p2], x2, need)
-        if offset:
             ids, x = ids[offset:], x[offset:]
-        n, nb = len(ids), self.nb
-        packed = (x ^ np.uint64(q64)).astype(">u8").view(np.uint8).reshape(n, 8)
+            c64 = x ^ np.uint64(q64)
+        else:
+            ids, x = ids[offset:], x[offset:]
+            c64 = b.head64[pos[offset:]]
+        n = len(ids)
+        packed = c64.astype(">u8").view(np.uint8).reshape(n, 8)
         if nb < 8:
             packed = np.ascontiguousarray(packed[:, :nb])
         nxt = None

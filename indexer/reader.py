@@ -245,6 +245,8 @@ class IndexReader(LexModes, HammingModes):
         if not self.LEX_FROM_BASE or self.nb > 8:
             return None
         with self._lock:
+            if self._closed:
+                raise ValueError("index reader is closed")
             self._check_fork()
             gen, v = self.generation, self._derived
         if v is not None and v.generation == gen:

@@ -86,14 +86,19 @@ def prefix_len_to(q: np.ndarray, packed: np.ndarray, nbits: int) -> np.ndarray:
     return np.where(nz.any(axis=1), out, nbits).astype(np.int32)
 
 
-def prefix_len_u64(x: np.ndarray, nbits: int) -> np.ndarray:
-    """Common-prefix lengths (int32) from ``q XOR c`` as big-endian uint64 (codes <= 64 bits).
+#: 2^0 .. 2^63: ``searchsorted(_POW2, x, "right")`` is the bit length of a uint64 ``x``
+_POW2 = np.array([1 << b for b in range(64)], dtype=np.uint64)
+_CPL_TABLES: dict[int, np.ndarray] = {}
 
-    ``x & ~(x >> 1)`` keeps the highest set bit and clears the bit below it, so its float64
-    conversion cannot round up to the next power of two: ``frexp`` then gives the bit length."""
-    e = np.frexp((x & ~(x >> np.uint64(1))).astype(np.float64))[1]
-    out = (64 - e).astype(np.int32)
-    return np.minimum(out, nbits, out=out) if nbits < 64 else out
+
+def prefix_len_u64(x: np.ndarray, nbits: int) -> np.ndarray:
+    """Common-prefix lengths (int32) from ``q XOR c`` as big-endian uint64 (codes <= 64 bits):
+    ``64 - bit_length(x)`` (capped at ``nbits``), by one binary search per value in the 64
+    powers of two and a table lookup."""
+    table = _CPL_TABLES.get(nbits)
+    if table is None:
+        table = _CPL_TABLES[nbits] = np.minimum(64 - np.arange(65), nbits).astype(np.int32)
+    return table[_POW2.searchsorted(x, side="right")]
 
 
 def hamming_result_u64(

@@ -378,3 +378,13 @@ def test_large_build_is_exact_with_either_writer(tmp_path, parallel, monkeypatch
             assert np.array_equal(r.search_hamming(q, k=20).ids, ref_ids(q, codes, ids, 20, "hamming"))
         for j in rng.integers(0, n, 5):
             assert np.array_equal(r.get(int(ids[j])).code.packed, codes.packed[j : j + 1])
+
+
+def test_lex_on_a_closed_reader_raises(tmp_path):
+    rng = np.random.default_rng(2)
+    codes = random_codes(rng, 50, 64, "clustered")
+    r = open_index(build_index(tmp_path / "ix", np.arange(50), codes))
+    assert len(r.search_lex(codes[:1], 5)) == 5
+    r.close()
+    with pytest.raises(ValueError, match="closed"):
+        r.search_lex(codes[:1], 5)
