@@ -90,6 +90,7 @@ class MIH:
                 codes64 = buf.view(">u8").reshape(-1).astype(np.uint64)
             self.codes64 = codes64
         self._comb = comb
+        self._identity: set[int] = set()  # tables whose perm is the identity (sorted values)
         if comb is None and tables is None:
             tables = [self._build_table(i) for i in range(self.m)]
         self.tables = tables  # list of (perm, offsets or None, sorted values or None)
@@ -112,6 +113,7 @@ class MIH:
                 import faiss
 
                 if self.n and bool((vals[1:] >= vals[:-1]).all()):  # (the leading bits of sorted codes)
+                    self._identity.add(i)
                     perm = np.arange(self.n, dtype=idx)
                     counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
                     offsets = np.zeros((1 << s) + 1, dtype=idx)
@@ -212,7 +214,9 @@ class MIH:
                     np.add(off, t * n, out=offs_all[base : base + len(off)], casting="unsafe")
                     base += len(off)
                     perm_all[t * n : (t + 1) * n] = perm
-                    if codes_all is not None:
+                    if codes_all is not None and t in self._identity:  # (a copy, not a gather)
+                        codes_all[t * n : (t + 1) * n] = self.codes64
+                    elif codes_all is not None:
                         np.take(self.codes64, perm.astype(np.intp), out=codes_all[t * n : (t + 1) * n])
                 self._comb = (np.array(bases, dtype=np.uint64), offs_all, perm_all, codes_all)
                 self.tables = None

@@ -350,6 +350,8 @@ def test_radix_key_order_and_mih_tables_equal_numpy_sorts(nbits):
             bases, offs, perm, _c = mih._comb
             off = offs[int(bases[t]) : int(bases[t]) + (1 << mih.sizes[t]) + 1].astype(np.int64) - t * n
             got = perm[t * n : (t + 1) * n]
+            if _c is not None:  # the codes stored again in bucket order
+                assert np.array_equal(_c[t * n : (t + 1) * n], mih.codes64[got])
         else:
             got, off, _sv = mih.tables[t]
             if off is None:
