@@ -14,7 +14,8 @@ snapshot lock when the delta grows past ~2 % of N).
 Modules: ``env`` (environment cache, fork and reader-table rules, manifest), ``rows`` (key
 layouts, validation, item labels), ``writer``, ``build`` (bulk build, compaction),
 ``reader`` (snapshot), ``lexmodes`` / ``hamming`` (search modes; the MIH-vs-FAISS choice is
-``hamming.AutoPolicy``), ``derived``, ``mih``, ``faissidx``, ``lexsearch``, ``stats``,
+``hamming.AutoPolicy``), ``derived``, ``mih``, ``faissidx``, ``lexarray`` (lex top-k on the
+sorted base), ``lexsearch`` (lex on the LMDB tree), ``stats``,
 ``publish`` (atomic swaps that never delete a user's files), ``sharded`` (sharded indexes).
 
 Public API
