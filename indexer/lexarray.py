@@ -8,13 +8,17 @@ Order: ascending ``x = q XOR c`` (unsigned), ties (equal codes) by id; rows of t
 sorted by (code, id), so among equal ``x`` the row position is the id order.
 
 Algorithm (:func:`topk`): every trie node ``q[:j]`` (the rows sharing the first ``j`` bits with
-``q``) is one contiguous run of rows, found by two binary searches; all 65 of them (j = 0..64)
-are found by two vectorised ``searchsorted`` calls. Rows sharing a longer prefix come first, so
-with ``J`` the deepest depth whose run holds >= k rows, the answer is the top-k of that run,
-sorted by ``(x, position)``. A run much longer than k (:data:`DIRECT_EXTRA`, :data:`DIRECT_MIN`) is not sorted
-whole: the run of depth ``J + 1`` (fewer than k rows) is, then the rings ``cpl == J``,
-``cpl == J - 1``, ... (each one contiguous run: the sibling subtree) are searched by the same
-procedure with the query's bit flipped, for the rows still needed.
+``q``) is one contiguous run of rows, and rows sharing a longer prefix come first. First a
+window of ``WINDOW * k + 32`` rows on each side of ``q``'s position is sorted by
+``(x, position)``: its k-th smallest ``x`` names the run ``{x < B}`` (``B`` = 2^bit_length)
+that holds the top-k, and when neither edge row of the window is in that run the run lies
+inside the window, so the window's first k rows are the answer (the common case: one binary
+search and one small sort). Otherwise the runs of all 65 depths are found by two vectorised
+``searchsorted`` calls; with ``J`` the deepest depth whose run holds >= k rows, the answer is
+the top-k of that run. A run much longer than k (:data:`DIRECT_EXTRA`, :data:`DIRECT_MIN`) is
+not sorted whole: the run of depth ``J + 1`` (fewer than k rows) is, then the rings
+``cpl == J``, ``cpl == J - 1``, ... (each one contiguous run: the sibling subtree) are searched
+by the same procedure with the query's bit flipped, for the rows still needed.
 
 Deleted rows (``alive`` mask) are skipped; a run whose live rows are fewer than k goes on to
 the next rings.
@@ -32,7 +36,7 @@ NMASKS = ~MASKS
 DIRECT_EXTRA = 3
 DIRECT_MIN = 64
 #: the window searched first spans WINDOW * k rows (+ 32) on each side of the query
-WINDOW = 2
+WINDOW = 1
 
 _EMPTY_POS = np.zeros(0, np.int64)
 _EMPTY_X = np.zeros(0, np.uint64)
@@ -74,21 +78,38 @@ def topk(
     if k <= 0 or hi <= lo:
         return _EMPTY_POS, _EMPTY_X
     qn = np.uint64(q)
+    # fast path: sort a window around q's position; the k-th smallest x there, xk, names the
+    # trie run {x < B}, B = 2^bit_length(xk), holding the top-k; if neither edge row of the
+    # window is in that run, the run lies inside the window and its first k rows are the answer
+    p = lo + int(h[lo:hi].searchsorted(qn))
+    a0, z0 = max(lo, p - WINDOW * k - 32), min(hi, p + WINDOW * k + 32)
+    x = h[a0:z0] ^ qn
+    rows = None
+    if alive is not None:
+        rows = alive[a0:z0].nonzero()[0]
+        x = x[rows]
+    order = x.argsort(kind="stable")
+    if len(order) >= k:
+        xs = x[order]
+        b = 1 << int(xs[k - 1]).bit_length()
+        if (a0 == lo or int(h[a0]) ^ q >= b) and (z0 == hi or int(h[z0 - 1]) ^ q >= b):
+            sel = order[:k]
+            return (sel if rows is None else rows[sel]) + a0, xs[:k]
+        # the run reaches past the window: find its ends (two binary searches), sort it whole
+        if b < 1 << 64:
+            seg = h[lo:hi]
+            a = lo + int(seg.searchsorted(np.uint64(q & ~(b - 1))))
+            z = lo + int(seg.searchsorted(np.uint64(q | (b - 1)), side="right"))
+            if z - a <= DIRECT_EXTRA * k + DIRECT_MIN:
+                pos, xr = _sorted_rows(h, qn, a, z, alive)
+                return pos[:k], xr[:k]  # (>= k live rows: those of the window already)
+    elif a0 == lo and z0 == hi:  # (the whole range, fewer than k live rows)
+        return (order if rows is None else rows[order]) + a0, x[order]
+    # the trie runs of every depth (two vectorised binary searches over the range)
     ml, mh = MASKS[depth:], NMASKS[depth:]
     seg = h[lo:hi]
-    # the runs near q first, from a window around its position; all of them only when the
-    # window cannot tell (the run of >= k rows reaches past it)
-    p = lo + int(seg.searchsorted(qn))
-    a0, z0 = max(lo, p - WINDOW * k - 32), min(hi, p + WINDOW * k + 32)
-    win = h[a0:z0]
-    los = win.searchsorted(ml & qn) + a0  # run of depth depth + t: [los[t], his[t])
-    his = win.searchsorted(mh | qn, side="right") + a0
-    t = max(int(np.count_nonzero(his - los >= k)) - 1, 0)
+    los, his, t = _runs(seg, lo, ml, mh, qn, k)
     a, z = int(los[t]), int(his[t])
-    windowed = (a0, z0) != (lo, hi)
-    if windowed and ((a == a0 and a0 > lo) or (z == z0 and z0 < hi)):  # past the window: search all
-        los, his, t = _runs(seg, lo, ml, mh, qn, k)
-        a, z, windowed = int(los[t]), int(his[t]), False
     last = len(los) - 1
     if z - a <= DIRECT_EXTRA * k + DIRECT_MIN:
         pos, x = _sorted_rows(h, qn, a, z, alive)
@@ -99,8 +120,6 @@ def topk(
         if len(rows) >= k:
             return rows[:k], np.zeros(k, np.uint64)
     # the run of depth + t + 1 (fewer than k rows) whole, then the rings depth + t, ..., depth
-    if windowed:  # (the window's runs shallower than t are clipped to it)
-        los, his, _t = _runs(seg, lo, ml, mh, qn, k)
     if t < last:
         pos, x = _sorted_rows(h, qn, int(los[t + 1]), int(his[t + 1]), alive)
     else:
