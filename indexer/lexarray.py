@@ -9,7 +9,7 @@ sorted by (code, id), so among equal ``x`` the row position is the id order.
 
 Algorithm (:func:`topk`): every trie node ``q[:j]`` (the rows sharing the first ``j`` bits with
 ``q``) is one contiguous run of rows, and rows sharing a longer prefix come first. First a
-window of ``WINDOW * k + 32`` rows on each side of ``q``'s position is sorted by
+window of ``WINDOW * k + WINDOW_EXTRA`` rows on each side of ``q``'s position is sorted by
 ``(x, position)``: its k-th smallest ``x`` names the run ``{x < B}`` (``B`` = 2^bit_length)
 that holds the top-k, and when neither edge row of the window is in that run the run lies
 inside the window, so the window's first k rows are the answer (the common case: one binary
@@ -35,8 +35,9 @@ NMASKS = ~MASKS
 #: runs of at most DIRECT_EXTRA * k + DIRECT_MIN rows are sorted whole (else: the ring recursion)
 DIRECT_EXTRA = 3
 DIRECT_MIN = 64
-#: the window searched first spans WINDOW * k rows (+ 32) on each side of the query
+#: the window sorted first spans WINDOW * k + WINDOW_EXTRA rows on each side of the query
 WINDOW = 1
+WINDOW_EXTRA = 32
 
 _EMPTY_POS = np.zeros(0, np.int64)
 _EMPTY_X = np.zeros(0, np.uint64)
@@ -81,8 +82,8 @@ def topk(
     # fast path: sort a window around q's position; the k-th smallest x there, xk, names the
     # trie run {x < B}, B = 2^bit_length(xk), holding the top-k; if neither edge row of the
     # window is in that run, the run lies inside the window and its first k rows are the answer
-    p = lo + int(h[lo:hi].searchsorted(qn))
-    a0, z0 = max(lo, p - WINDOW * k - 32), min(hi, p + WINDOW * k + 32)
+    p = int(h.searchsorted(qn)) if lo == 0 and hi == len(h) else lo + int(h[lo:hi].searchsorted(qn))
+    a0, z0 = max(lo, p - WINDOW * k - WINDOW_EXTRA), min(hi, p + WINDOW * k + WINDOW_EXTRA)
     x = h[a0:z0] ^ qn
     rows = None
     if alive is not None:
@@ -90,11 +91,10 @@ def topk(
         x = x[rows]
     order = x.argsort(kind="stable")
     if len(order) >= k:
-        xs = x[order]
-        b = 1 << int(xs[k - 1]).bit_length()
+        sel = order[:k]
+        b = 1 << int(x[sel[-1]]).bit_length()
         if (a0 == lo or int(h[a0]) ^ q >= b) and (z0 == hi or int(h[z0 - 1]) ^ q >= b):
-            sel = order[:k]
-            return (sel if rows is None else rows[sel]) + a0, xs[:k]
+            return (sel if rows is None else rows[sel]) + a0, x[sel]
         # the run reaches past the window: find its ends (two binary searches), sort it whole
         if b < 1 << 64:
             seg = h[lo:hi]
