@@ -91,6 +91,7 @@ class MIH:
             self.codes64 = codes64
         self._comb = comb
         self._identity: set[int] = set()  # tables whose perm is the identity (sorted values)
+        self._perm64: dict[int, np.ndarray] = {}  # int64 perms of fresh tables, until combined
         if comb is None and tables is None:
             tables = [self._build_table(i) for i in range(self.m)]
         self.tables = tables  # list of (perm, offsets or None, sorted values or None)
@@ -119,7 +120,8 @@ class MIH:
                     offsets = np.zeros((1 << s) + 1, dtype=idx)
                     np.cumsum(counts, out=offsets[1:])
                     return perm, offsets, None
-                lims, perm64 = faiss.bucket_sort(vals.astype(np.int64), 1 << s, 0)
+                lims, perm64 = faiss.bucket_sort(vals.view(np.int64), 1 << s, 0)  # (< 2^24: no copy)
+                self._perm64[i] = perm64  # (the int64 positions gather the codes in _combined)
                 return perm64.astype(idx), lims.astype(idx), None
             perm = np.argsort(vals, kind="stable").astype(idx)
             counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
@@ -199,6 +201,7 @@ class MIH:
         if self._comb is None:
             if any(offs is None for _p, offs, _v in self.tables):
                 self._comb = False
+                self._perm64.clear()
             else:
                 n, m = self.n, self.m
                 small = (m + 1) * max(n, 1) < 2**31
@@ -217,9 +220,12 @@ class MIH:
                     if codes_all is not None and t in self._identity:  # (a copy, not a gather)
                         codes_all[t * n : (t + 1) * n] = self.codes64
                     elif codes_all is not None:
-                        np.take(self.codes64, perm.astype(np.intp), out=codes_all[t * n : (t + 1) * n])
+                        p64 = self._perm64.pop(t, None)
+                        p64 = perm.astype(np.intp) if p64 is None else p64
+                        np.take(self.codes64, p64, out=codes_all[t * n : (t + 1) * n])
                 self._comb = (np.array(bases, dtype=np.uint64), offs_all, perm_all, codes_all)
                 self.tables = None
+                self._perm64.clear()
         return self._comb or None
 
     def _probes(self, r_lo: int, r_hi: int, bases):

@@ -88,7 +88,7 @@ def stable_argsort_u64(v: np.ndarray, nbits: int = 64, order: np.ndarray | None 
 
         src = src.astype(np.uint64, copy=False)
         shift = max(nbits - RADIX_BITS, 0)
-        digit = (src >> np.uint64(shift)).astype(np.int64)
+        digit = (src >> np.uint64(shift)).view(np.int64)  # (< 2^20: the same bits, no copy)
         _lims, o = faiss.bucket_sort(digit, 1 << min(nbits, RADIX_BITS), 0)  # nt=0: stable path
         del digit
         if shift:  # the rows of each bucket: sorted by the whole key, stably
