@@ -155,6 +155,16 @@ class LexModes(ReaderAttrs):
         k, offset = int(k), int(offset)
         if k < 0 or offset < 0:
             raise ValueError("k and offset must be >= 0")
+        if (
+            cursor is None
+            and labels is None
+            and (conf is None or conf_threshold is None)
+            and k + offset
+            and self._count
+        ):
+            v = self._lex_view()  # the common case: binary searches on the sorted base
+            if v is not None:
+                return self._lex_from_view(v, q, k + offset, offset, False, k)
         paged = cursor is not None
         ckey = self._cursor_key(cursor)
         need = k + offset
@@ -178,19 +188,18 @@ class LexModes(ReaderAttrs):
         """Top-``need`` of the view (base rows minus the deleted ones, plus the added rows, merged
         in the one total order), from the ``offset``-th on (:mod:`cbir.indexer.lexarray`)."""
         b = v.base
-        q64 = int.from_bytes(q.tobytes().ljust(8, b"\0"), "big")
-        pos, x = lexarray.topk(b.head64, q64, need, 0, b.n, v.alive_mask())
-        ids = b.ids[pos]
         nb = self.nb
+        q64 = int.from_bytes(q.tobytes(), "big") << (8 * (8 - nb))
+        pos, x = lexarray.topk(b.head64, q64, need, 0, b.n, v.alive_mask())
         if len(v.add_ids):
             ah, aid = v.sorted_adds()
             p2, x2 = lexarray.topk(ah, q64, need)
-            ids, x = lexarray.merge(ids, x, aid[p2], x2, need)
-            ids, x = ids[offset:], x[offset:]
+            ids, x = lexarray.merge(b.ids[pos], x, aid[p2], x2, need)
             c64 = x ^ np.uint64(q64)
         else:
-            ids, x = ids[offset:], x[offset:]
-            c64 = b.head64[pos[offset:]]
+            ids, c64 = b.ids[pos], b.head64[pos]
+        if offset:
+            ids, x, c64 = ids[offset:], x[offset:], c64[offset:]
         n = len(ids)
         packed = c64.astype(">u8").view(np.uint8).reshape(n, 8)
         if nb < 8:
@@ -199,9 +208,7 @@ class LexModes(ReaderAttrs):
         if paged and n and n >= k:
             nxt = (packed[-1].tobytes() + int(ids[-1]).to_bytes(8, "big")).hex()
         dist = np.bitwise_count(x).astype(np.int32)
-        return SearchResult(
-            np.asarray(ids, dtype=np.int64), Codes(packed, self.nbits), dist, prefix_len_u64(x, self.nbits), "lex", nxt
-        )
+        return SearchResult(ids, Codes(packed, self.nbits), dist, prefix_len_u64(x, self.nbits), "lex", nxt)
 
     def _search_lex_labels(self, q, k, offset, ckey, paged, labels) -> SearchResult:
         allowed = self.ids_with_labels(labels)
