@@ -25,7 +25,10 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
+import os
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import clustered_codes, make_model, png, start_server  # noqa: E402
+import bench_server  # noqa: E402
+from bench_server import clustered_codes, make_model, pin_cores, png  # noqa: E402
 
 MiB = 1 << 20
 
@@ -73,13 +77,17 @@ def reference(stub, codes, image: bytes):
     ]
 
 
-def hostile_sender(address: str, seed: int, nbits: int, ids: list, image: bytes, stop, pause) -> None:
-    """In its own process: keep 4 hostile requests in flight (except while ``pause`` is set)
-    until ``stop`` is set."""
+def hostile_sender(
+    address: str, seed: int, nbits: int, ids: list, image: bytes, stop, pause, sent, cores: set | None = None
+) -> None:
+    """In its own process (pinned to ``cores``): keep 4 hostile requests in flight (except while
+    ``pause`` is set) until ``stop`` is set; ``sent`` counts the answered requests."""
     import grpc
 
     from cbir.server.fuzz import hostile_requests
 
+    if cores:
+        os.sched_setaffinity(0, cores)
     reqs = list(hostile_requests(2000, seed, nbits, ids, image))  # made up front: the sender's CPU is not the test
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MiB)]) as ch:
         i = 0
@@ -88,7 +96,42 @@ def hostile_sender(address: str, seed: int, nbits: int, ids: list, image: bytes,
                 time.sleep(0.01)
                 continue
             send_all(ch, [reqs[(i + j) % len(reqs)] for j in range(8)], 4)
+            with sent.get_lock():
+                sent.value += 8
             i += 8
+
+
+def start_server(index_dir, model_path, args, log_path, cores=None, extra=()):
+    """``bench_server.start_server`` with ``extra`` cbir serve flags appended to its command."""
+    popen = subprocess.Popen
+
+    def with_extra(cmd, *a, **kw):
+        return popen([*cmd, *extra], *a, **kw)
+
+    subprocess.Popen = with_extra  # type: ignore[misc]
+    try:
+        return bench_server.start_server(index_dir, model_path, args, log_path, cores=cores)
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
+
+
+def thread_cpu(pid: int) -> dict:
+    """CPU seconds (user + system) of each thread of process ``pid``, summed by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Counter = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 
 
 def latencies(fn, n: int) -> np.ndarray:
@@ -120,6 +163,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=4, help="server offload threads")
     ap.add_argument("--server-torch-threads", type=int, default=1, help="server --torch-threads (default: %(default)s)")
     ap.add_argument("--workdir", default=None, help="where to build the index (default: a temp dir)")
+    ap.add_argument("--windows", type=int, default=4, help="interleaved alone/during windows (default: %(default)s)")
+    ap.add_argument("--per-window", type=int, default=100, help="searches per window (default: %(default)s)")
+    ap.add_argument(
+        "--server-args",
+        default="",
+        help="extra cbir serve flags, e.g. '--bulk-nice 0 --switch-interval-ms 5' (default: none)",
+    )
+    ap.add_argument(
+        "--client-cores",
+        default=None,
+        help="cores for this client and the hostile sender, e.g. 0 (default: the last usable core; "
+        "the server gets the others); 'none' pins nothing",
+    )
     args = ap.parse_args(argv)
     args.inline_modes, args.encoder_batch, args.encoder_wait_ms = "lex,prefix", 64, 2.0
 
@@ -130,6 +186,10 @@ def main(argv=None) -> int:
     from cbir.server.fuzz import hostile_requests, png_bomb, rss_bytes
     from cbir.v1 import search_pb2 as pb
 
+    if args.client_cores == "none":
+        client_cores, server_cores = set(), set()
+    else:
+        client_cores, server_cores = pin_cores(args.client_cores)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cbir-hostile-"))
     hasher = make_model(args)
     model_path = hasher.save(work / "model.pt")
@@ -143,11 +203,19 @@ def main(argv=None) -> int:
     log_path = work / "server.log"
     print(
         f"# cbir hostile-input benchmark: N={args.n}, {nbits}-bit codes, backbone={args.backbone}, "
-        f"server torch threads={args.server_torch_threads}",
+        f"server torch threads={args.server_torch_threads}, extra server flags {args.server_args!r}; cpu cores={os.cpu_count()}; "
+        + (
+            f"server pinned to cores {sorted(server_cores)}, this client and the hostile sender to "
+            f"{sorted(client_cores)}"
+            if server_cores
+            else "nothing pinned"
+        ),
         flush=True,
     )
 
-    proc, address, logf = start_server(index_dir, model_path, args, log_path)
+    proc, address, logf = start_server(
+        index_dir, model_path, args, log_path, cores=server_cores or None, extra=shlex.split(args.server_args)
+    )
     try:
         channel, stub = connect(address)
         image = png(11)
@@ -239,25 +307,52 @@ def main(argv=None) -> int:
         q = pb.SearchRequest(code=pb.Code(data=codes.packed[9].tobytes(), nbits=nbits), k=10, mode=pb.HAMMING)
         ctx = multiprocessing.get_context("spawn")
         stop, pause = ctx.Event(), ctx.Event()
+        sent = ctx.Value("q", 0)
         pause.set()
-        sender = ctx.Process(target=hostile_sender, args=(address, 100, nbits, ids[:1000].tolist(), image, stop, pause))
+        sender = ctx.Process(
+            target=hostile_sender,
+            args=(address, 100, nbits, ids[:1000].tolist(), image, stop, pause, sent, client_cores or None),
+        )
         sender.start()
         time.sleep(3.0)  # the sender process imports and connects
         alone, during = [], []
-        for _ in range(4):  # interleaved windows: drifting background load hits both alike
+        log_at = log_path.stat().st_size
+        busy_s, busy_n, cpu = 0.0, 0, Counter()
+        for _ in range(args.windows):  # interleaved windows: drifting background load hits both alike
             pause.set()
             time.sleep(0.3)
-            alone.append(latencies(lambda: stub.Search(q, timeout=60), 100))
+            alone.append(latencies(lambda: stub.Search(q, timeout=60), args.per_window))
             pause.clear()
             time.sleep(0.3)
-            during.append(latencies(lambda: stub.Search(q, timeout=60), 100))
+            n0, c0, t0 = sent.value, thread_cpu(proc.pid), time.perf_counter()
+            during.append(latencies(lambda: stub.Search(q, timeout=60), args.per_window))
+            busy_s += time.perf_counter() - t0
+            busy_n += sent.value - n0
+            cpu.update(cpu_delta(c0, thread_cpu(proc.pid)))
         stop.set()
         sender.join(120)
         alone, during = np.concatenate(alone), np.concatenate(during)
         p99a, p99d = np.percentile(alone, 99) * 1e3, np.percentile(during, 99) * 1e3
         print(
             f"HAMMING code Search p99: {p99a:.2f} ms alone, {p99d:.2f} ms with 4 hostile requests in flight; "
-            f"ratio {p99d / p99a:.1f} (target <= 2; server, client and sender share this machine's cores)",
+            f"ratio {p99d / p99a:.1f} (target <= 2; "
+            + (
+                f"server on cores {sorted(server_cores)}, client and sender on {sorted(client_cores)})"
+                if server_cores
+                else "server, client and sender share this machine's cores)"
+            ),
+            flush=True,
+        )
+        statuses = Counter(
+            line.split("status=", 1)[1].split()[0] + " " + line.split("method=", 1)[1].split()[0]
+            for line in log_path.read_text(errors="replace")[log_at:].splitlines()
+            if "rpc method=" in line
+        )
+        top = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])[:6] if v > 0)
+        print(
+            f"  hostile sender: {busy_n} requests answered in the {busy_s:.2f} s of the 'during' windows "
+            f"({busy_n / busy_s:.0f}/s); server CPU meanwhile {sum(cpu.values()):.2f} s by thread: {top}; "
+            f"non-OK statuses logged during the windows (method): {dict(statuses.most_common(8))}",
             flush=True,
         )
         raw.close()

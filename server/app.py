@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from cbir.v1 import search_pb2_grpc as pb_grpc
 
 from .backend import IndexBackend, open_backend
 from .encoder import MicroBatchEncoder
+from .sched import name_thread
 from .security import BearerTokenClientInterceptor, TokenAuthInterceptor, check_bind_policy, split_address
 from .service import Limits, SearchServicer
 
@@ -51,7 +53,11 @@ class ServerOptions:
     max_hits_per_call: int = 200_000  # sum of k + offset over the queries of one Search/BatchSearch
     max_filter_scan: int = 50_000  # items a label-filtered search may examine
     max_call_cpu_s: float = 2.0  # CPU seconds the search work of one call may use (checked between queries)
-    max_workers: int = 4  # offload threads: HAMMING/HYBRID scans, filtered search, writes, stats
+    max_workers: int = 4  # search threads: single unfiltered HAMMING/HYBRID searches of k + offset <= bulk_min_hits
+    bulk_workers: int = 2  # bulk threads: BatchSearch, filtered and large-k searches, writes, stats
+    bulk_nice: int = 10  # added to the nice value of the bulk threads and the image encoder (cbir.server.sched)
+    bulk_min_hits: int = 1000  # a single search ranking more (k + offset) goes to the bulk threads
+    switch_interval_s: float | None = None  # sys.setswitchinterval (process-wide) when set
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
     encoder_max_batch: int = 64
@@ -81,6 +87,7 @@ class _LoopThread:
         self._thread.start()
 
     def _main(self) -> None:
+        name_thread("cbir-loop")
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
@@ -106,9 +113,20 @@ class CbirServer:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if opts.max_workers < 1:
             raise ValueError(f"max_workers (offload threads) must be >= 1, got {opts.max_workers}")
+        if opts.switch_interval_s is not None and not opts.switch_interval_s > 0:
+            raise ValueError(f"switch_interval_s must be > 0, got {opts.switch_interval_s}")
         check_bind_policy(address, opts.tls, opts.token, opts.insecure)
         host, _ = split_address(address)
-        self.servicer = SearchServicer(self._limits(opts), opts.max_workers, opts.inline_modes)
+        self.servicer = SearchServicer(
+            self._limits(opts),
+            opts.max_workers,
+            opts.inline_modes,
+            bulk_workers=opts.bulk_workers,
+            bulk_nice=opts.bulk_nice,
+            bulk_min_hits=opts.bulk_min_hits,
+        )
+        if opts.switch_interval_s is not None:
+            sys.setswitchinterval(opts.switch_interval_s)
         self._loop = _LoopThread()
         try:
             self._server, port, why = self._loop.call(self._start(address), timeout=60)
@@ -225,6 +243,7 @@ class CbirServer:
                 o.encoder_max_queue,
                 o.encoder_max_delay_s,
                 o.encoder_step_pixels,
+                nice=o.bulk_nice,
             )
             self.encoder.warmup(formats=self.servicer.limits.image_formats)  # before SERVING, not on the first query
         backend.warmup()

@@ -107,9 +107,13 @@ class MicroBatchEncoder:
         max_queue: int = 1024,
         max_delay_s: float | None = None,
         max_step_pixels: int = 8 << 20,
+        nice: int = 0,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_step_pixels < 1:
             raise ValueError("max_batch, max_queue and max_step_pixels must be >= 1")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be in 0..19 (added to the worker thread's nice value), got {nice}")
+        self.nice = int(nice)
         if max_wait_s < 0 or (max_delay_s is not None and max_delay_s < 0):
             raise ValueError("max_wait_s and max_delay_s must be >= 0")
         self.hasher = hasher
@@ -420,6 +424,10 @@ class MicroBatchEncoder:
             j.future.set_result(result)
 
     def _run(self) -> None:
+        from .sched import lower_priority, name_thread
+
+        name_thread("cbir-encoder")
+        lower_priority(self.nice)  # decoding untrusted bytes + the forward pass: after cheap requests
         active: list[_Job] = []
         stop = False
         while True:

@@ -55,6 +55,7 @@ from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
 from .guard import Budget, RpcError, log_level, parse_request
 from .guard import invalid as _invalid
+from .sched import thread_setup
 from .search import search_one
 from .validate import INLINE_MODES, MODE_NAMES, Limits, check_count, check_size, check_work, validate_search
 
@@ -116,11 +117,22 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         limits: Limits | None = None,
         offload_workers: int = 2,
         inline_modes: frozenset[str] | set[str] | tuple[str, ...] = INLINE_MODES,
+        bulk_workers: int = 2,
+        bulk_nice: int = 10,
+        bulk_min_hits: int = 1000,
     ) -> None:
         if offload_workers < 0:
             raise ValueError(
                 f"offload_workers must be >= 0 (0 runs everything on the event loop), got {offload_workers}"
             )
+        if bulk_workers < 0:
+            raise ValueError(
+                f"bulk_workers must be >= 0 (0 = the bulk work shares the search threads), got {bulk_workers}"
+            )
+        if not 0 <= bulk_nice <= 19:
+            raise ValueError(f"bulk_nice must be in 0..19 (added to the bulk threads' nice value), got {bulk_nice}")
+        if bulk_min_hits < 1:
+            raise ValueError(f"bulk_min_hits must be >= 1, got {bulk_min_hits}")
         unknown = set(inline_modes) - set(MODE_NAMES.values())
         if unknown:
             raise ValueError(
@@ -128,14 +140,26 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             )
         self.inline_modes = frozenset(inline_modes)
         self.limits = limits or Limits()
+        self.bulk_nice = int(bulk_nice)
+        self.bulk_min_hits = int(bulk_min_hits)
         self.backend: IndexBackend | None = None
         self.encoder: MicroBatchEncoder | None = None
         self.ensemble = False  # the model is an ensemble: image queries get its class answer
         self.class_names: tuple[str, ...] = ()
         self._pool = (
-            concurrent.futures.ThreadPoolExecutor(offload_workers, thread_name_prefix="cbir-offload")
+            concurrent.futures.ThreadPoolExecutor(
+                offload_workers, thread_name_prefix="cbir-search", initializer=thread_setup("cbir-search")
+            )
             if offload_workers
             else None
+        )
+        # the expensive work a client can ask for, at a lower OS priority (cbir.server.sched)
+        self._bulk = (
+            concurrent.futures.ThreadPoolExecutor(
+                bulk_workers, thread_name_prefix="cbir-bulk", initializer=thread_setup("cbir-bulk", self.bulk_nice)
+            )
+            if bulk_workers and self._pool is not None
+            else self._pool
         )
 
     def attach(self, backend: IndexBackend, encoder: MicroBatchEncoder | None) -> None:
@@ -147,6 +171,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self.backend = backend
 
     def close(self) -> None:
+        if self._bulk is not None and self._bulk is not self._pool:
+            self._bulk.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
@@ -171,9 +197,15 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "index and model are still loading")
         return b
 
-    async def _offload(self, fn, *args, budget: Budget | None = None):
-        """Run ``fn(*args)`` on the offload pool (inline when there is none); if the call is
-        cancelled meanwhile, ``budget`` tells the thread to stop at its next check."""
+    def _is_bulk(self, r: pb.SearchRequest, k: int, answer) -> bool:
+        """A single search that goes to the bulk threads: label-filtered, a prediction-set probe,
+        or one that ranks more than ``bulk_min_hits`` items (k + offset)."""
+        return bool(r.label_filter) or probes_prediction_set(r, answer) or int(r.offset) + k > self.bulk_min_hits
+
+    async def _offload(self, fn, *args, budget: Budget | None = None, bulk: bool = False):
+        """Run ``fn(*args)`` on the search threads, or with ``bulk`` on the low-priority bulk
+        threads (inline when there are none); if the call is cancelled meanwhile, ``budget``
+        tells the thread to stop at its next check."""
 
         def work():
             if budget is not None:
@@ -186,7 +218,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if self._pool is None:
             return work()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+            return await asyncio.get_running_loop().run_in_executor(self._bulk if bulk else self._pool, work)
         except asyncio.CancelledError:
             if budget is not None:
                 budget.cancelled = True
@@ -251,12 +283,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "model and index bit counts differ")
         return out
 
-    async def _query_codes(self, requests, budget: Budget) -> tuple[list[Codes], list]:
-        """Resolve the query of each request to a 1-row Codes (images encoded as one batch), and
-        its class answer (a 1-row ``ClassDecision`` for an image query to an ensemble, else None)."""
+    def _resolve(self, requests) -> tuple[list[Codes | None], list[int], list[bytes]]:
+        """The code and id queries of ``requests`` resolved to 1-row Codes (None for an image
+        query), and the image queries: ``(codes, image indices, image bytes)``."""
         backend = self._ready()
         out: list[Codes | None] = [None] * len(requests)
-        answers: list = [None] * len(requests)
         img_idx, img_data = [], []
         for i, r in enumerate(requests):
             kind = r.WhichOneof("query")
@@ -278,6 +309,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                     raise RpcError(grpc.StatusCode.NOT_FOUND, f"{where}no item with id {r.id}") from None
             else:
                 raise _invalid(f"{where}a query (image, code or id) is required")
+        return out, img_idx, img_data
+
+    async def _query_codes(self, requests, budget: Budget, resolved=None) -> tuple[list[Codes], list]:
+        """Resolve the query of each request to a 1-row Codes (images encoded as one batch), and
+        its class answer (a 1-row ``ClassDecision`` for an image query to an ensemble, else None);
+        ``resolved``: what :meth:`_resolve` already returned for them."""
+        out, img_idx, img_data = resolved if resolved is not None else self._resolve(requests)
+        answers: list = [None] * len(requests)
         if img_data:
             names = [f"request {i}" for i in img_idx] if len(requests) > 1 else None
             codes, _, decision = await self._encode_images(img_data, budget, names, decisions=True)
@@ -314,10 +353,11 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         budget.check()
         if request.search_prediction_set:
             check_prediction_set_work(self.limits, [request], [k], [answer])
-        if mode in self.inline_modes and not request.label_filter and not probes_prediction_set(request, answer):
+        bulk = self._is_bulk(request, k, answer)
+        if mode in self.inline_modes and not bulk:
             resp = self._search(request, query, mode, k, answer, budget)
         else:
-            resp = await self._offload(self._search, request, query, mode, k, answer, budget, budget=budget)
+            resp = await self._offload(self._search, request, query, mode, k, answer, budget, budget=budget, bulk=bulk)
         if request.return_metadata or answer is not None:
             check_size(self.limits, resp)
         return resp
@@ -328,11 +368,16 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         budget = Budget.of(context, self.limits.max_call_cpu_s)
         reqs = request.requests
         check_count(self.limits, len(reqs), "queries")
-        params = [validate_search(self.limits, r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
-        for i, r in enumerate(reqs):
-            check_prediction_set_request(r, f"request {i}: ", self.ensemble)
-        check_work(self.limits, reqs, params, backend.nbits)
-        queries, answers = await self._query_codes(reqs, budget)
+
+        def prepare():  # up to max_batch queries: validated and resolved off the event loop
+            params = [validate_search(self.limits, r, backend.nbits, f"request {i}: ") for i, r in enumerate(reqs)]
+            for i, r in enumerate(reqs):
+                check_prediction_set_request(r, f"request {i}: ", self.ensemble)
+            check_work(self.limits, reqs, params, backend.nbits)
+            return params, self._resolve(reqs)
+
+        params, resolved = await self._offload(prepare, bulk=True)
+        queries, answers = await self._query_codes(reqs, budget, resolved)
         if any(r.search_prediction_set for r in reqs):
             check_prediction_set_work(self.limits, reqs, [k for _, k in params], answers)
 
@@ -345,7 +390,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 check_size(self.limits, resp)
             return resp
 
-        return await self._offload(run, budget=budget)
+        return await self._offload(run, budget=budget, bulk=True)
 
     @staticmethod
     def _check_writable(backend) -> None:
@@ -397,7 +442,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         codes = Codes.from_bytes(rows, backend.nbits)
         budget.check()
         try:
-            n = await self._offload(functools.partial(backend.add, ids, codes, metas, upsert=request.upsert, conf=conf))
+            n = await self._offload(
+                functools.partial(backend.add, ids, codes, metas, upsert=request.upsert, conf=conf), bulk=True
+            )
         except AlreadyExists as e:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"id {e.args[0]} is already indexed (use upsert)") from None
         except PermissionError as e:
@@ -416,7 +463,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         self._check_writable(backend)
         ids = list(dict.fromkeys(request.ids))  # a repeated id is deleted once
         try:
-            n = await self._offload(functools.partial(backend.delete, ids, must_exist=request.must_exist))
+            n = await self._offload(functools.partial(backend.delete, ids, must_exist=request.must_exist), bulk=True)
         except NotFound as e:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"no item with id {e.args[0]}") from None
         except PermissionError as e:
@@ -426,7 +473,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
     @_rpc(pb.GetStatsRequest)
     async def GetStats(self, request, context):
         backend = self._ready()
-        st = json_safe(await self._offload(backend.stats))
+        st = json_safe(await self._offload(backend.stats, bulk=True))
         cov = st.get("coverage") if isinstance(st.get("coverage"), dict) else st
 
         def num(*names):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger("cbir.serve")
 
+SWITCH_INTERVAL_MS = 5.0  # Python's default, until measured otherwise (benchmarks/bench_hostile.py)
 _SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # = cbir.data.images.SAFE_FORMATS (lazy import)
 
 
@@ -64,8 +65,37 @@ def register(subparsers) -> None:
         "--workers",
         type=int,
         default=4,
-        help="offload threads for scans (HAMMING/HYBRID), filtered search and writes; RPCs and "
-        "lexicographic/prefix lookups run on one asyncio event loop (default: %(default)s)",
+        help="search threads for single HAMMING/HYBRID scans; RPCs and lexicographic/prefix lookups "
+        "run on one asyncio event loop (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--bulk-workers",
+        type=int,
+        default=2,
+        help="bulk threads, run at a lower OS priority (--bulk-nice): BatchSearch, label-filtered "
+        "searches, searches ranking more than --bulk-min-hits items, writes, stats; 0 = they share "
+        "the search threads (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--bulk-nice",
+        type=int,
+        default=10,
+        help="added to the nice value of the bulk threads and of the image encoder thread (Linux, "
+        "per thread; 0..19): the kernel runs cheap requests first on a busy machine (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--bulk-min-hits",
+        type=int,
+        default=1000,
+        help="a single search whose k + offset exceeds this runs on the bulk threads (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=SWITCH_INTERVAL_MS,
+        help="Python's GIL switch interval in the server process (sys.setswitchinterval): how long a "
+        "thread holding the GIL keeps it while another waits; Python's own default is 5 ms "
+        "(default: %(default)s)",
     )
     lim.add_argument(
         "--inline-modes",
@@ -198,6 +228,10 @@ def _options(args: argparse.Namespace, extra_grpc_options=()):
         max_k=args.max_k,
         max_batch=args.max_batch,
         max_workers=args.workers,
+        bulk_workers=args.bulk_workers,
+        bulk_nice=args.bulk_nice,
+        bulk_min_hits=args.bulk_min_hits,
+        switch_interval_s=args.switch_interval_ms / 1000.0,
         inline_modes=tuple(m.strip() for m in args.inline_modes.split(",") if m.strip()),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_hits_per_call=args.max_hits_per_call,
