@@ -115,9 +115,11 @@ def _read_line_with(proc, needle: str, timeout: float) -> str:
 
 
 def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, images):
+    import os
     import signal
     import subprocess
     import sys
+    from pathlib import Path
 
     import grpc
 
@@ -145,6 +147,10 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, ima
             "2048",
             "--max-hits-per-call",
             "50",
+            "--bulk-nice",
+            "6",
+            "--switch-interval-ms",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -171,6 +177,15 @@ def test_cbir_serve_subprocess_sigterm(index_dir, hasher, tmp_path, dataset, ima
                 stub.GetCode(img, timeout=10)
             assert (
                 e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "per-request budget of 2048" in e.value.details()
+            )
+        if sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) + 6 <= 19:
+            # --bulk-nice reaches the encoder thread (the bulk threads are made on first use)
+            encoder = [
+                t for t in Path(f"/proc/{proc.pid}/task").iterdir() if "(cbir-encoder)" in (t / "stat").read_text()
+            ]
+            assert (
+                encoder
+                and os.getpriority(os.PRIO_PROCESS, int(encoder[0].name)) == os.getpriority(os.PRIO_PROCESS, 0) + 6
             )
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
