@@ -14,10 +14,18 @@ Against one ``cbir serve`` subprocess on 127.0.0.1 (its RSS read from ``/proc``)
    4096x4096 images is being encoded vs alone (fairness), and a HAMMING code Search's p99 while
    another process keeps 4 hostile requests in flight vs alone (4 interleaved windows of each).
 
+Where things run: with at least 2 usable cores the server is pinned to all but the last core and
+this client and the hostile sender (``os.sched_setaffinity``) to the last one (``--client-cores``;
+``none`` pins nothing), as a deployment has its clients on other machines; the sender's answered
+requests per second and the server's CPU seconds by thread (``cbir-loop``, ``cbir-search``,
+``cbir-bulk``, ``cbir-encoder``, gRPC's own) during the hostile windows are printed with the p99s.
+``--server-args`` passes extra ``cbir serve`` flags (e.g. ``--bulk-nice 0`` for an A/B run).
+
 Timings on a shared machine are disturbed by other work; the counts and RSS figures are not.
 
     python benchmarks/bench_hostile.py
-    python benchmarks/bench_hostile.py --n 200000 --hostile 10000 --bombs 1000
+    python benchmarks/bench_hostile.py --n 1000000 --hostile 10000 --bombs 1000
+    python benchmarks/bench_hostile.py --n 1000000 --client-cores none   # nothing pinned
 """
 
 from __future__ import annotations
