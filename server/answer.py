@@ -73,16 +73,17 @@ def probes_prediction_set(r: pb.SearchRequest, decision) -> bool:
 
 
 def check_prediction_set_work(lim: Limits, reqs: Sequence[pb.SearchRequest], ks: Sequence[int], decisions) -> None:
-    """Refuse before any search a call whose prediction-set searches (set size x k each) and
-    plain searches (k + offset) exceed the per-call hit limit (RESOURCE_EXHAUSTED)."""
+    """Refuse before any search a call whose prediction-set searches ((set size + 1) x k each:
+    k per class of the set, plus the plain search that fills the answer) and plain searches
+    (k + offset) exceed the per-call hit limit (RESOURCE_EXHAUSTED)."""
     hits = 0
     for r, k, d in zip(reqs, ks, decisions):
-        hits += int(d.prediction_set[0].sum()) * k if probes_prediction_set(r, d) else int(r.offset) + k
+        hits += (int(d.prediction_set[0].sum()) + 1) * k if probes_prediction_set(r, d) else int(r.offset) + k
     if hits > lim.max_hits_per_call:
         raise RpcError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"this call's prediction-set searches ask for {hits} ranked hits (k for every class of each "
-            f"IDK query's prediction set), over the per-call work limit of {lim.max_hits_per_call}; lower k "
+            f"IDK query's prediction set and k for the plain search that fills its answer), over the per-call work limit of {lim.max_hits_per_call}; lower k "
             "or split the call",
         )
 

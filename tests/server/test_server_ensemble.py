@@ -241,9 +241,10 @@ def test_malformed_prediction_set_requests_are_invalid(ens_server, ensemble_path
 
 
 def test_prediction_set_search_is_bounded(ens_server, ensemble_paths):
-    """Set size x k counts against the per-call hit limit, before any search runs."""
+    """(Set size + 1) x k (k per class of the set and k for the filling plain search) counts
+    against the per-call hit limit, before any search runs."""
     _, dec = _offline(ensemble_paths["idk"], QUERIES[:1])
-    n = int(dec.prediction_set[0].sum())
+    n = int(dec.prediction_set[0].sum()) + 1
     k = 40
     server, client = ens_server("idk", max_hits_per_call=n * k - 1)
     from cbir.client import ResourceExhausted
