@@ -28,6 +28,7 @@ import numpy as np
 
 from cbir.codes import CodeLayout, Codes
 from cbir.indexer import derived as _derived
+from cbir.indexer import derivejob as _derivejob
 from cbir.indexer import publish as _publish
 from cbir.indexer.derived import Derived, latest_saved
 from cbir.indexer.env import (
@@ -59,8 +60,12 @@ from cbir.indexer.rows import (
 
 INITIAL_MAP = 64 << 20  # map size of a temporary build environment (it grows as needed)
 PUT_CHUNK = 1 << 18
-#: write LMDB in a thread while the derived structures are built (False: one after the other)
+#: write LMDB in a thread while the derived structures are built (False: see OVERLAP_MIN)
 PARALLEL = False
+#: builds of at least this many items build the MIH tables and the FAISS index in a child
+#: process while this one appends the LMDB tree (:mod:`cbir.indexer.derivejob`; None: never,
+#: they are built after the append)
+OVERLAP_MIN: int | None = 1 << 21
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,6 +149,7 @@ def build_index(
         )
         lmdb_done: list[float] = []
         writer = None
+        job: _derivejob.Job | None = None
         try:
             dbs = {name.decode(): env.open_db(name) for name in DBS}
             order, sorted_codes, sorted_ids, sorted_head = _sort_keys(codes.packed, ids, ids_sorted, byid)
@@ -154,6 +160,11 @@ def build_index(
             if delta and PARALLEL:  # the one sorted append runs while the derived structures are built
                 writer = _Writer(write)
                 writer.start()
+            elif delta:  # MIH + FAISS in a child process (large builds) while the append runs here
+                head = sorted_head if sorted_head is not None else head64(sorted_codes)
+                spawn = OVERLAP_MIN is not None and n >= OVERLAP_MIN
+                job = _derivejob.start(tmp / DERIVED_DIR, 1, layout.nbits, sorted_codes, sorted_ids, head, spawn)
+                write()
             else:
                 write()
             if delta:  # MIH tables, FAISS index and the id index now, not on the first query
@@ -162,13 +173,19 @@ def build_index(
                 inv[order] = np.arange(n, dtype=idx)  # row of each input item
                 spos = inv if ids_sorted else inv[byid]
                 sid = ids if ids_sorted else ids[byid]
-                d = Derived(1, layout.nbits, sorted_codes, sorted_ids, head64=sorted_head, by_id=(sid, spos))
-                d.save(tmp / DERIVED_DIR)
+                if job is not None:
+                    job.finish(sorted_codes, sorted_ids, head, (sid, spos))
+                    job = None
+                else:
+                    d = Derived(1, layout.nbits, sorted_codes, sorted_ids, head64=sorted_head, by_id=(sid, spos))
+                    d.save(tmp / DERIVED_DIR)
             if writer is not None:
                 writer.finish()
         finally:
             if writer is not None and writer.is_alive():
                 writer.join()  # (never close the environment under a running writer)
+            if job is not None:  # (the build failed: stop the child before its directory goes)
+                job.kill()
             env.close()
         t_lmdb = lmdb_done[0]
         man = new_manifest(layout, model_hash, build_params)

@@ -171,26 +171,20 @@ class Derived:
             np.save(tmp / "codes.npy", np.asarray(self.codes))
             np.save(tmp / "ids.npy", np.asarray(self.ids))
             np.save(tmp / "head64.npy", np.asarray(self.head64))
-            mih = self.mih
-            for name, arr in mih.arrays().items():
-                np.save(tmp / f"{name}.npy", arr)
-            (tmp / "mih.json").write_text(json.dumps({"m": mih.m}))
+            from cbir.indexer.derivejob import write_accelerators
+
+            write_accelerators(self, tmp)
             sid, spos = self.by_id()
             np.save(tmp / "sid.npy", sid)
             np.save(tmp / "spos.npy", spos)
-            self.faiss.save(tmp / FAISS_FILE)
-            state = {"generation": self.generation, "nbits": self.nbits, "n": self.n}
-            (tmp / "state.json").write_text(json.dumps(state))  # last: marks a complete dir
-            os.rename(tmp, final)
         except OSError as exc:
             log.debug("could not persist derived structures: %s", exc)
             shutil.rmtree(tmp, ignore_errors=True)
             if not (final / "state.json").exists():
                 return
-        self.saved_dir = final
-        for old in root.glob("g*"):  # older generations (mmaps held elsewhere stay valid)
-            if old.name != final.name and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        got = commit_saved(tmp, root, self.generation, self.nbits, self.n)
+        if got is not None:
+            self.saved_dir = got
 
     @classmethod
     def load(cls, root: Path, generation: int, nbits: int) -> Derived | None:
@@ -215,6 +209,28 @@ class Derived:
         out = cls(generation, nbits, codes, ids, head, mih)
         out.saved_dir = d
         return out
+
+
+def commit_saved(tmp: Path, root: Path, generation: int, nbits: int, n: int) -> Path | None:
+    """Publish the complete directory ``tmp`` as ``root/g<generation>`` (``state.json`` written
+    last marks it complete; then one rename) and remove older generations (memory maps held
+    elsewhere stay valid); best effort: the final path, or None."""
+    final = Path(root) / f"g{generation}"
+    try:
+        if not (final / "state.json").exists():
+            state = {"generation": generation, "nbits": nbits, "n": n}
+            (tmp / "state.json").write_text(json.dumps(state))  # last: marks a complete dir
+            os.rename(tmp, final)
+    except OSError as exc:
+        log.debug("could not persist derived structures: %s", exc)
+        if not (final / "state.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+    shutil.rmtree(tmp, ignore_errors=True)  # (gone after the rename; left only if final existed)
+    for old in Path(root).glob("g*"):
+        if old.name != final.name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def load_or_scan(root: Path, generation: int, nbits: int, txn, tree) -> Derived:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 
 import numpy as np
@@ -361,25 +362,42 @@ def test_radix_key_order_and_mih_tables_equal_numpy_sorts(nbits):
         assert np.array_equal(np.diff(off), np.bincount(vals, minlength=1 << mih.sizes[t]))
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_large_build_is_exact_with_either_writer(tmp_path, parallel, monkeypatch):
-    """A build past PERSIST_MIN and RADIX_MIN (derived structures saved with it), the LMDB
-    append in the building thread or alongside it: searches equal brute force, ids map back."""
+@pytest.mark.parametrize("mode", ["after", "thread", "child", "child-fails"])
+def test_large_build_is_exact_with_either_writer(tmp_path, mode, monkeypatch, caplog):
+    """A build past PERSIST_MIN and RADIX_MIN (derived structures saved with it): the derived
+    structures built after the LMDB append, alongside it in a thread, in a child process (or,
+    when the child fails, by the parent after it): searches equal brute force, ids map back,
+    and the saved files are the same in every mode."""
     from cbir.indexer import build as build_mod
+    from cbir.indexer import derivejob
 
-    monkeypatch.setattr(build_mod, "PARALLEL", parallel)
+    monkeypatch.setattr(build_mod, "PARALLEL", mode == "thread")
+    monkeypatch.setattr(build_mod, "OVERLAP_MIN", 0 if mode.startswith("child") else None)
+    if mode == "child-fails":
+        monkeypatch.setattr(derivejob.sys, "executable", "/bin/false")
     rng = np.random.default_rng(7)
     n = 70_000
     codes = random_codes(rng, n, 64, "clustered")
     codes.packed[:500] = codes.packed[500:1000]
     ids = rng.permutation(n).astype(np.int64) * 3 + 1
-    with open_index(build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(64, class_bits=2))) as r:
+    with caplog.at_level(logging.DEBUG, logger="cbir.indexer.derivejob"):
+        out = build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(64, class_bits=2))
+    assert ("building in process" in caplog.text) == (mode == "child-fails")
+    with open_index(out) as r:
         assert r.derived().base.saved_dir is not None
         for q in queries_for(rng, codes, 64, 3):
             assert np.array_equal(r.search_lex(q, 50).ids, ref_ids(q, codes, ids, 50, "lex"))
             assert np.array_equal(r.search_hamming(q, k=20).ids, ref_ids(q, codes, ids, 20, "hamming"))
         for j in rng.integers(0, n, 5):
             assert np.array_equal(r.get(int(ids[j])).code.packed, codes.packed[j : j + 1])
+        saved = r.derived().base.saved_dir
+        names = sorted(f.name for f in saved.iterdir())
+        assert names == sorted(EXPECTED_SAVED), names
+        assert not [f for f in saved.parent.iterdir() if f.name.startswith(".")]  # no staging left
+
+
+EXPECTED_SAVED = ["codes.npy", "ids.npy", "head64.npy", "mih.json", "mihc_bases.npy", "mihc_offs.npy"]
+EXPECTED_SAVED += ["mihc_perm.npy", "mihc_codes.npy", "sid.npy", "spos.npy", "faiss.bin", "state.json"]
 
 
 def test_lex_on_a_closed_reader_raises(tmp_path):
