@@ -18,7 +18,8 @@ Where things run: with at least 2 usable cores the server is pinned to all but t
 this client and the hostile sender (``os.sched_setaffinity``) to the last one (``--client-cores``;
 ``none`` pins nothing), as a deployment has its clients on other machines; the sender's answered
 requests per second and the server's CPU seconds by thread (``cbir-loop``, ``cbir-search``,
-``cbir-bulk``, ``cbir-encoder``, gRPC's own) during the hostile windows are printed with the p99s.
+``cbir-bulk``, ``cbir-encoder``, gRPC's own; the encoder process's as ``child:...``) during the
+hostile windows are printed with the p99s.
 ``--server-args`` passes extra ``cbir serve`` flags (e.g. ``--bulk-nice 0`` for an A/B run).
 
 Timings on a shared machine are disturbed by other work; the counts and RSS figures are not.
@@ -123,18 +124,26 @@ def start_server(index_dir, model_path, args, log_path, cores=None, extra=()):
         subprocess.Popen = popen  # type: ignore[misc]
 
 
-def thread_cpu(pid: int) -> dict:
-    """CPU seconds (user + system) of each thread of process ``pid``, summed by thread name."""
+def thread_cpu(pid: int, _depth: int = 0) -> dict:
+    """CPU seconds (user + system) of each thread of process ``pid``, summed by thread name; the
+    threads of its child processes (the encoder process) are included, named ``child:<name>``."""
     tick = os.sysconf("SC_CLK_TCK")
     out: Counter = Counter()
+    children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
-        except OSError:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] += (int(fields[11]) + int(fields[12])) / tick
+        out[name if not _depth else f"child:{name}"] += (int(fields[11]) + int(fields[12])) / tick
+    for child in children if _depth < 2 else ():
+        try:
+            out.update(thread_cpu(child, _depth + 1))
+        except OSError:
+            continue
     return dict(out)
 
 

@@ -65,6 +65,7 @@ class ServerOptions:
     encoder_max_delay_s: float | None = None  # ... for at most this long (default 8 x encoder_max_wait_s)
     encoder_max_queue: int = 1024
     encoder_step_pixels: int = 8 << 20  # decoded pixels per encoder step (fairness between requests)
+    encoder_process: bool = False  # decode + forward pass in a child process (cbir.server.encoder_proc)
     token: str | None = None
     tls_cert: bytes | None = None  # PEM certificate chain
     tls_key: bytes | None = None  # PEM private key
@@ -221,8 +222,10 @@ class CbirServer:
             await self.health.set(svc, status)
 
     # lifecycle ------------------------------------------------------------------------------
-    def attach(self, backend: IndexBackend, hasher=None, *, owns_backend: bool = False) -> None:
-        """Install the loaded index (and model); health turns SERVING."""
+    def attach(self, backend: IndexBackend, hasher=None, *, owns_backend: bool = False, model_path=None) -> None:
+        """Install the loaded index (and model); health turns SERVING. ``model_path``: the
+        checkpoint ``hasher`` was loaded from, which an encoder process (``encoder_process``)
+        loads again (without it the hasher is saved to a temporary file for the child)."""
         if hasher is not None:
             nbits = hasher.layout.nbits
             if nbits != backend.nbits:
@@ -244,6 +247,8 @@ class CbirServer:
                 o.encoder_max_delay_s,
                 o.encoder_step_pixels,
                 nice=o.bulk_nice,
+                process=o.encoder_process,
+                model_path=model_path,
             )
             self.encoder.warmup(formats=self.servicer.limits.image_formats)  # before SERVING, not on the first query
         backend.warmup()
@@ -317,7 +322,8 @@ def create_server(
     backend, owns = None, False
     try:
         backend, owns = _as_backend(index, writable)
-        server.attach(backend, _as_hasher(hasher), owns_backend=owns)
+        path = hasher if isinstance(hasher, (str, os.PathLike)) else None
+        server.attach(backend, _as_hasher(hasher), owns_backend=owns, model_path=path)
     except BaseException:
         server.stop(grace=0)
         if owns and backend is not None and server.backend is None:

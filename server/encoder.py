@@ -40,6 +40,8 @@ import numpy as np
 
 from cbir.codes import Codes
 
+from .encoder_proc import EncoderProcess, decode_reason, run_step, transform_images
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MicroBatchEncoder", "EncoderBusy", "EncoderClosed", "ImageDecodeError"]
@@ -55,11 +57,6 @@ class EncoderClosed(RuntimeError):
 
 class ImageDecodeError(ValueError):
     """An image payload could not be decoded or was refused by a limit (the message says why)."""
-
-
-def _decode_reason(exc: Exception) -> str:
-    msg = str(exc) or type(exc).__name__
-    return msg if msg.startswith("cannot decode image") else f"cannot decode image: {msg}"
 
 
 @dataclass(eq=False)
@@ -108,6 +105,8 @@ class MicroBatchEncoder:
         max_delay_s: float | None = None,
         max_step_pixels: int = 8 << 20,
         nice: int = 0,
+        process: bool = False,
+        model_path=None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_step_pixels < 1:
             raise ValueError("max_batch, max_queue and max_step_pixels must be >= 1")
@@ -127,6 +126,8 @@ class MicroBatchEncoder:
         self._closed = False
         self._lock = threading.Lock()
         self._reset_counters()
+        # process=True: decode + forward pass in a child process (cbir.server.encoder_proc)
+        self._runner = EncoderProcess(hasher, model_path=model_path, nice=self.nice) if process else None
         self._thread = threading.Thread(target=self._run, name="cbir-encoder", daemon=True)
         self._thread.start()
 
@@ -139,13 +140,7 @@ class MicroBatchEncoder:
     # request side ---------------------------------------------------------------------------
     def transform(self, images) -> object:
         """Turn decoded PIL images into one float tensor batch with the model's eval transform."""
-        pre = getattr(self.hasher, "preprocess", None)
-        if pre is not None:
-            return pre(images)
-        import torch
-
-        tf = self.hasher.eval_transform
-        return torch.stack([tf(im) for im in images])
+        return transform_images(self.hasher, images)
 
     def submit(self, batch, deadline: float | None = None) -> Future:
         """Queue a transformed batch; the future resolves to ``(Codes, conf)``."""
@@ -223,6 +218,8 @@ class MicroBatchEncoder:
             self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._runner is not None:
+            self._runner.close()
 
     # worker: admission ----------------------------------------------------------------------
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
@@ -271,7 +268,7 @@ class MicroBatchEncoder:
                     raise ValueError("empty image payload")
                 w, h, _ = probe_image(data, formats=job.formats)
             except (ValueError, TypeError) as e:
-                reason = f"{job.where(i)}{_decode_reason(e)}"
+                reason = f"{job.where(i)}{decode_reason(e)}"
                 break
             if job.max_pixels is not None and w * h > job.max_pixels:
                 reason = (
@@ -330,81 +327,55 @@ class MicroBatchEncoder:
                 j.next += m
         return plan
 
-    def _inputs(self, plan):
-        """Decode + transform the payload rows of ``plan``; returns ``[(job, start, m, tensor)]``
-        for the rows that go to the forward pass (a job whose payload fails is failed)."""
-        from cbir.data.images import decode_image
-
-        decoded, spans, parts = [], [], []
+    def _step(self, plan) -> None:
+        inputs = []
         for j, start, m in plan:
             if j.batch is not None:
-                parts.append((j, start, m, j.batch[start : start + m]))
-                continue
-            imgs, reason = [], None
-            for i in range(start, start + m):
-                try:
-                    imgs.append(decode_image(j.payloads[i], max_pixels=j.max_pixels, formats=j.formats))
-                except ValueError as e:
-                    reason = f"{j.where(i)}{_decode_reason(e)}"
-                    break
-                j.payloads[i] = None  # free the bytes early
-            if reason is not None:
-                imgs = []
-                j.fail(ImageDecodeError(reason))
-                continue
-            spans.append((j, start, m, len(decoded)))
-            decoded.extend(imgs)
-        if spans:
-            try:
-                x = self.transform(decoded)
-            except Exception:  # noqa: BLE001 - isolate the job(s) the transform cannot handle
-                x = None
-            for j, start, m, at in spans:
-                try:
-                    rows = x[at : at + m] if x is not None else self.transform(decoded[at : at + m])
-                except Exception as e:  # noqa: BLE001
-                    j.fail(ImageDecodeError(f"cannot transform image: {e}"))
-                    continue
-                parts.append((j, start, m, rows))
-        decoded.clear()
-        return [p for p in parts if not p[0].gone]
-
-    def _step(self, plan) -> None:
-        import torch
-
-        parts = []
+                inputs.append(j.batch[start : start + m])
+            else:
+                inputs.append((j.payloads[start : start + m], j.max_pixels, j.formats))
+                j.payloads[start : start + m] = [None] * m  # free the bytes early (the step holds them)
         try:
-            parts = self._inputs(plan)
-            if not parts:
-                return
-            x = parts[0][3] if len(parts) == 1 else torch.cat([p[3] for p in parts])
-            encode_ensemble = getattr(self.hasher, "encode_ensemble", None)
-            decision = None
-            with torch.inference_mode():
-                if encode_ensemble is not None:  # an ensemble: the same codes, plus the class answer
-                    enc = encode_ensemble(x)
-                    codes, conf, decision = enc.codes, enc.conf, enc.decision
-                else:
-                    codes, conf = self.hasher.encode(x)
-            conf = np.asarray(conf, dtype=np.float32) if conf is not None else None
-            self.forward_passes += 1
-            self.images_encoded += len(x)
-            self.max_batch_seen = max(self.max_batch_seen, len(x))
-            row = 0
-            for j, start, m, _ in parts:
-                sl = slice(row, row + m)
-                row += m
-                rows = None if decision is None or not j.decisions else decision.take(sl)
-                j.parts.append((start, codes.packed[sl], None if conf is None else conf[sl], rows))
-                j.done += m
-                if j.done == j.n:
-                    self._finish(j, codes.nbits)
+            if self._runner is not None:
+                res = self._runner.run(inputs)
+            else:
+                res = run_step(self.hasher, inputs)
         except BaseException as exc:  # a real fault: report it to every caller, keep the worker
-            log.exception("encoder forward pass failed")
+            log.exception("encoder step failed")
             err = RuntimeError(f"encoder failed: {type(exc).__name__}: {exc}")
             for j, _, _ in plan:
                 if not j.gone:
                     j.fail(err)
+            return
+        if res.fault is not None:
+            log.error("encoder forward pass failed: %s", res.fault)
+            err = RuntimeError(f"encoder failed: {res.fault}")
+            for j, _, _ in plan:
+                if not j.gone:
+                    j.fail(err)
+            return
+        for (j, start, _), fail in zip(plan, res.failures):
+            if fail is not None and not j.gone:
+                at, reason = fail
+                j.fail(ImageDecodeError(reason if at < 0 else f"{j.where(start + at)}{reason}"))
+        if res.packed is None:
+            return
+        self.forward_passes += 1
+        self.images_encoded += len(res.packed)
+        self.max_batch_seen = max(self.max_batch_seen, len(res.packed))
+        row = 0
+        for (j, start, m), fail in zip(plan, res.failures):
+            if fail is not None:
+                continue
+            sl = slice(row, row + m)
+            row += m
+            if j.gone:
+                continue
+            rows = None if res.decision is None or not j.decisions else res.decision.take(sl)
+            j.parts.append((start, res.packed[sl], None if res.conf is None else res.conf[sl], rows))
+            j.done += m
+            if j.done == j.n:
+                self._finish(j, res.nbits)
 
     @staticmethod
     def _finish(j: _Job, nbits: int) -> None:

@@ -84,6 +84,14 @@ def register(subparsers) -> None:
         "per thread; 0..19): the kernel runs cheap requests first on a busy machine (default: %(default)s)",
     )
     lim.add_argument(
+        "--encoder-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode and encode query images in a child process at the --bulk-nice priority, so the "
+        "image work never holds the GIL the RPC event loop needs and a decoder crash cannot take the "
+        "server down; --no-encoder-process keeps it on a thread of the server (default: on)",
+    )
+    lim.add_argument(
         "--bulk-min-hits",
         type=int,
         default=1000,
@@ -242,6 +250,7 @@ def _options(args: argparse.Namespace, extra_grpc_options=()):
         max_images_per_call=args.max_images_per_call,
         image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()),
         encoder_step_pixels=args.encoder_step_pixels,
+        encoder_process=bool(args.encoder_process),
         encoder_max_batch=args.encoder_batch,
         encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
         encoder_max_delay_s=None if args.encoder_max_delay_ms is None else args.encoder_max_delay_ms / 1000.0,
@@ -294,7 +303,7 @@ def _serve(
             backend.read_only_reason = read_only_reason
         try:
             hasher = _load_hasher(args)
-            server.attach(backend, hasher, owns_backend=True)
+            server.attach(backend, hasher, owns_backend=True, model_path=args.model)
         except BaseException:
             backend.close()
             raise
