@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbir.codes import Codes
 from cbir.indexer.derived import View
+from cbir.indexer.hybrid import bucket_knn
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
 from cbir.indexer.readerbase import ReaderAttrs
@@ -27,6 +29,7 @@ from cbir.indexer.results import (
     hamming_to,
     make_result,
     order_candidates,
+    prefix_len_u64,
 )
 
 METHODS = ("auto", "mih", "faiss", "brute")
@@ -153,15 +156,25 @@ def _cut_k(pos: np.ndarray, dist: np.ndarray, k: int | None):
     return pos[m], dist[m]
 
 
-def _brute(q, codes: np.ndarray, mask, k, radius):
+def _brute(q, codes: np.ndarray, mask, k, radius, head64: np.ndarray | None = None):
     """(rows, distances) of the candidates among ``codes`` (rows where ``mask``) that can be in
-    the top-k within ``radius`` (all ties at the k-th distance included)."""
-    dist = hamming_to(q, np.asarray(codes))
-    sel = np.ones(len(dist), bool) if mask is None else mask.copy()
-    if radius is not None:
-        sel &= dist <= radius
-    rows = np.flatnonzero(sel)
-    return _cut_k(rows, dist[rows], k)
+    the top-k within ``radius`` (all ties at the k-th distance included). ``head64``: the same
+    rows as big-endian uint64 (codes of <= 64 bits: one XOR and popcount per row)."""
+    if head64 is not None:
+        q64 = np.uint64(int.from_bytes(q.tobytes().ljust(8, b"\0"), "big"))
+        dist = np.bitwise_count(np.asarray(head64) ^ q64)
+    else:
+        dist = hamming_to(q, np.asarray(codes))
+    if mask is None and radius is None:
+        rows = np.arange(len(dist))
+    else:
+        sel = np.ones(len(dist), bool) if mask is None else mask.copy()
+        if radius is not None:
+            sel &= dist <= radius
+        rows = np.flatnonzero(sel)
+        dist = dist[rows]
+    rows, dist = _cut_k(rows, dist, k)
+    return rows, dist.astype(np.int32, copy=False)
 
 
 class HammingModes(ReaderAttrs):
@@ -180,8 +193,9 @@ class HammingModes(ReaderAttrs):
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int32))
         if hi <= lo or (k is not None and k <= 0):
             return empty
+        h64 = d.head64[lo:hi] if self.nb <= 8 else None
         if method == "brute" or (flt.ranged and (method == "faiss" or hi - lo <= SLICE_SCAN_MAX)):
-            rows, dist = _brute(q, d.codes[lo:hi], flt.slice_mask(), k, radius)
+            rows, dist = _brute(q, d.codes[lo:hi], flt.slice_mask(), k, radius, h64)
             return rows + lo, dist
         if method in ("mih", "auto"):
             budget = None
@@ -200,7 +214,7 @@ class HammingModes(ReaderAttrs):
             if res is not None:
                 return _cut_k(res[0], res[1], k) if radius is not None else res
             if flt.ranged:  # hybrid over budget: scan the bucket
-                rows, dist = _brute(q, d.codes[lo:hi], flt.slice_mask(), k, radius)
+                rows, dist = _brute(q, d.codes[lo:hi], flt.slice_mask(), k, radius, h64)
                 return rows + lo, dist
         sel = flt.selector()
         if radius is not None:
@@ -340,8 +354,46 @@ class HammingModes(ReaderAttrs):
             return self._selected(q, allowed, k, None, cb)
         lo, hi = self._prefix_range(v.base, q, cb)
         flt = Filter(v, lo, hi, allowed)
-        pos, dist = self._base_hits(q, k, None, "auto", flt)
+        if self.nb <= 8 and allowed is None and not len(v.add_ids) and hi - lo > SLICE_SCAN_MAX:
+            got = self._hybrid_fast(q, k, cb, v, hi - lo)
+            if got is not None:
+                return got
+            pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
+        else:
+            pos, dist = self._base_hits(q, k, None, "auto", flt)
         return self._finish(q, flt, pos, dist, k, None, cb)
+
+    def _hybrid_fast(self, q, k: int, cb: int, v: View, bucket_n: int) -> SearchResult | None:
+        """Hybrid top-k through :func:`cbir.indexer.hybrid.bucket_knn` (<= 64-bit codes, no
+        label filter, no rows added since the base), or None when MIH is over its budget."""
+        b = v.base
+        mih = b.mih
+        comb = mih._combined()
+        if comb is None or comb[3] is None:
+            return None
+        chooser = self.hybrid_chooser
+        if not chooser.try_mih():
+            return None
+        q64 = int.from_bytes(q.tobytes(), "big") << (8 * (8 - self.nb))
+        got = bucket_knn(mih, q64, k, cb, bucket_n, v.alive_mask(), chooser.slice_budget(bucket_n))
+        chooser.record(got is None)
+        if got is None:
+            return None
+        pos, x, d = got
+        perm = np.lexsort((pos, x, d))[:k]  # (rows sorted by code then id: position = id order)
+        pos, x = pos[perm], x[perm]
+        n = len(pos)
+        packed = (x ^ np.uint64(q64)).astype(">u8").view(np.uint8).reshape(n, 8)
+        if self.nb < 8:
+            packed = np.ascontiguousarray(packed[:, : self.nb])
+        dist = d[perm].astype(np.int32)
+        return SearchResult(
+            np.asarray(b.ids[pos], dtype=np.int64),
+            Codes(packed, self.nbits),
+            dist,
+            prefix_len_u64(x, self.nbits),
+            "hamming",
+        )
 
     def _prefix_range(self, d, q: np.ndarray, p: int) -> tuple[int, int]:
         """Positions [lo, hi) of the sorted codes starting with the first ``p`` bits of q:

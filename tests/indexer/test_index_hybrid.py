@@ -1,0 +1,125 @@
+"""The hybrid fast path (:mod:`cbir.indexer.hybrid`: exact Hamming k-NN in the class bucket
+through the combined MIH tables, codes of <= 64 bits) equals brute force, ties included, on
+fresh indexes, after deletes and with rows added since the base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import queries_for, random_codes, ref_ids
+
+from cbir.codes import CodeLayout, Codes
+from cbir.indexer import IndexWriter, build_index, hamming, hybrid, open_index
+
+
+def _ref(q: Codes, codes: Codes, ids: np.ndarray, alive: np.ndarray, cb: int, k: int):
+    same = alive & (codes.to_bits()[:, :cb] == q.to_bits()[0, :cb]).all(axis=1)
+    sub = np.flatnonzero(same)
+    if not len(sub):
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    got = ref_ids(q, codes[sub], ids[sub], k, "hamming")
+    row = {int(i): j for j, i in enumerate(ids)}
+    dist = np.array([np.bitwise_count(codes.packed[row[int(i)]] ^ q.packed[0]).sum() for i in got], np.int32)
+    return got, dist
+
+
+@pytest.fixture
+def fast_calls(monkeypatch):
+    """Every bucket is searched by the fast path (no bucket is small enough to scan, no budget
+    is exceeded); counts the calls of ``bucket_knn`` that gave an answer."""
+    monkeypatch.setattr(hamming, "SLICE_SCAN_MAX", 0)
+    monkeypatch.setattr(hamming.MethodChooser, "slice_budget", lambda self, n: 10**15)
+    monkeypatch.setattr(hamming.MethodChooser, "try_mih", lambda self: True)
+    calls = {"answered": 0}
+    real = hybrid.bucket_knn
+
+    def counted(*a, **kw):
+        got = real(*a, **kw)
+        calls["answered"] += got is not None
+        return got
+
+    monkeypatch.setattr(hamming, "bucket_knn", counted)
+    return calls
+
+
+@pytest.mark.parametrize("nbits", [7, 12, 21, 40, 64])
+@pytest.mark.parametrize("kind", ["clustered", "dups", "uniform"])
+@pytest.mark.parametrize("cb", [1, 2, 5])
+def test_hybrid_fast_path_matches_brute_force(tmp_path, fast_calls, nbits, kind, cb):
+    rng = np.random.default_rng(nbits * 100 + cb)
+    n = 3000
+    codes = random_codes(rng, n, nbits, kind)
+    codes.packed[:300] = codes.packed[300:600]  # duplicate codes: ties broken by id
+    ids = rng.permutation(n).astype(np.int64) * 7 + 3
+    alive = np.ones(n, bool)
+    out = build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(nbits, class_bits=cb))
+    qs = queries_for(rng, codes, nbits, 6)
+    with open_index(out) as r:
+        for step in ("fresh", "deleted", "added"):
+            if step == "deleted":
+                gone = rng.choice(n, n // 10, replace=False)
+                with IndexWriter(out) as w:
+                    w.delete(ids[gone])
+                alive[gone] = False
+                r.refresh()
+            if step == "added":  # rows added since the base: the general path, same answers
+                extra = random_codes(rng, 50, nbits, kind)
+                new_ids = np.arange(50, dtype=np.int64) * 7 + 1
+                with IndexWriter(out) as w:
+                    w.add(new_ids, extra)
+                codes = Codes(np.concatenate([codes.packed, extra.packed]), nbits)
+                ids = np.concatenate([ids, new_ids])
+                alive = np.concatenate([alive, np.ones(50, bool)])
+                r.refresh()
+            before = fast_calls["answered"]
+            for q in qs:
+                for k in (1, 10, 100, n + 5):
+                    got = r.search_hybrid(q, k)
+                    ref, dist = _ref(q, codes, ids, alive, cb, k)
+                    assert np.array_equal(got.ids, ref), (step, k)
+                    assert np.array_equal(got.distances, dist), (step, k)
+                    row = {int(i): j for j, i in enumerate(ids)}
+                    want = codes.packed[[row[int(i)] for i in ref]] if len(ref) else np.zeros((0, codes.nbytes))
+                    assert np.array_equal(got.codes.packed, want)
+                    x = np.unpackbits(got.codes.packed ^ q.packed[0], axis=1, count=nbits)
+                    cpl = np.where(x.any(axis=1), np.argmax(x, axis=1), nbits) if len(x) else np.zeros(0)
+                    assert np.array_equal(got.prefix_lengths, cpl)
+            if step != "added" and kind != "uniform":
+                assert fast_calls["answered"] > before  # (the fast path answered)
+            if step == "added":
+                assert fast_calls["answered"] == before
+
+
+def test_bucket_knn_returns_every_row_within_the_kth_distance():
+    """The candidate set itself: all live bucket rows within the k-th distance, nothing else."""
+    from cbir.indexer.mih import MIH
+    from cbir.indexer.rows import head64
+
+    rng = np.random.default_rng(5)
+    n, nbits, cb = 20_000, 64, 3
+    codes = random_codes(rng, n, nbits, "clustered")
+    h = np.sort(head64(codes.packed))
+    packed = h.astype(">u8").view(np.uint8).reshape(n, 8).copy()
+    mih = MIH(packed, nbits, codes64=h)
+    alive = rng.random(n) > 0.2
+    answered = 0
+    for i in rng.integers(0, n, 12):
+        flips = rng.choice(np.arange(cb, nbits), int(i % 4), replace=False)  # (class bits kept)
+        q64 = int(h[i]) ^ sum(1 << (63 - int(b)) for b in flips)
+        same = (h >> np.uint64(64 - cb)) == np.uint64(q64 >> (64 - cb))
+        bucket = np.flatnonzero(same)
+        for k in (1, 50, 500):
+            for a in (None, alive):
+                got = hybrid.bucket_knn(mih, q64, k, cb, len(bucket), a, None)
+                if got is None:  # (a stage would cost more than a scan of the bucket)
+                    continue
+                answered += 1
+                pos, x, d = got
+                live = bucket if a is None else bucket[a[bucket]]
+                dist = np.bitwise_count(h[live] ^ np.uint64(q64))
+                dk = np.sort(dist)[min(k, len(dist)) - 1]
+                want = live[dist <= dk]
+                assert np.array_equal(np.sort(pos), want)
+                assert np.array_equal(x, h[pos] ^ np.uint64(q64))
+                assert np.array_equal(d, np.bitwise_count(x))
+    assert answered >= 36
