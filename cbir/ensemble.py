@@ -335,6 +335,52 @@ def train_ensemble(cfg, members: int, perturb: str = "seed", backbones: Sequence
     return ens.save(out / "model.pt")
 
 
+#: a small index is ranked whole by one lexicographic search instead of one search per class of
+#: the prediction set when it holds at most ``(set size + 1) x k`` items (the ranked hits the
+#: server's work limit charges a prediction-set search) plus this many: on the sorted-base fast
+#: path (codes <= 64 bits) a search costs ~25 us of its own, as much as ranking ~2,000 to 4,000
+#: more rows (measured, 2 cores, k = 1000, 4,660 to 8,000 items: class-only 4-bit and 16-bit
+#: codes), so the one search then costs about what the searches it replaces do, or less. The
+#: answer is the same either way.
+WHOLE_READ_EXTRA_ROWS = 2048
+
+
+def _index_codes(packed: np.ndarray, nbits: int) -> Codes:
+    """:class:`Codes` of contiguous rows read from an index (valid codes already), made without
+    repeating ``Codes``' checks (they cost about as much as the merge of a 1000-item answer)."""
+    out = object.__new__(Codes)
+    object.__setattr__(out, "packed", packed)
+    object.__setattr__(out, "nbits", int(nbits))
+    return out
+
+
+def _take_rows(packed: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``packed[idx]`` for (N, nb) uint8 rows, gathered as one nb-byte item per row (much
+    faster than numpy's row gather of a narrow 2-D array)."""
+    nb = packed.shape[1]
+    rows = np.ascontiguousarray(packed).view(np.dtype((np.void, nb))).ravel()
+    return rows[idx].view(np.uint8).reshape(-1, nb)
+
+
+def _path_xor_keys(packed: np.ndarray, q: np.ndarray, nbits: int, cb: int) -> np.ndarray:
+    """The big-endian XOR of the path bits of packed codes (N, nb) with those of ``q``, as
+    unsigned integers of the smallest width holding ``nbits - cb`` bits (codes <= 64 bits)."""
+    n, nb = packed.shape
+    w = 1 if nb == 1 else 2 if nb == 2 else 4 if nb <= 4 else 8
+    if w == nb:
+        u = np.ascontiguousarray(packed).view(f">u{w}").ravel()
+    else:
+        buf = np.zeros((n, w), np.uint8)
+        buf[:, :nb] = packed
+        u = buf.view(f">u{w}").ravel()
+    shift = 8 * w - nbits  # the pad bits (zero) and the bytes added on the right
+    path = (1 << (nbits - cb)) - 1
+    x = (u.astype(f"u{w}") >> shift) ^ (int.from_bytes(q.tobytes().ljust(w, b"\0"), "big") >> shift)
+    x &= path
+    pb = nbits - cb
+    return x.astype(np.uint8 if pb <= 8 else np.uint16 if pb <= 16 else np.uint32 if pb <= 32 else np.uint64)
+
+
 def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 10, fill: bool = True):
     """Search every class subtree of a query's prediction set and merge (issue: IDK queries).
 
@@ -350,6 +396,18 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     merge serves whole classes in set order, so class ``r`` is asked only for the slots the
     classes before it left, and the search stops once ``k`` are found.
 
+    **Searches made once.** In a lexicographic answer the items of one class form one block
+    (the class bits lead the code) in that class's own order (path XOR, then id), and the blocks
+    come in ascending ``class XOR aimed class``. So a block that ends before the answer does, or
+    any block of an answer shorter than asked (the whole index), is the class's whole subtree
+    (possibly empty), and a block of ``p`` items is the first ``p`` of its subtree. A class of
+    the set is searched only when no answer read before (the plain search, the searches of the
+    classes before it) holds the items asked of it. A small index (at most ``(set size + 1) x k
+    +`` :data:`WHOLE_READ_EXTRA_ROWS` items, codes of <= 64 bits) is ranked whole by one plain
+    search instead, which then serves every class and the fill. The classes' best items are
+    kept in their (path XOR, id) order, so the merge is one stable sort of the path XOR (codes
+    of <= 64 bits; longer codes: a lexsort of every byte).
+
     **Filling k** (``fill``, default on): when the set's subtrees hold fewer than ``k`` items
     (then every one of them was read whole), the remaining slots are filled with the other items
     in the plain lexicographic order of ``code`` (the set's classes dropped), so the answer has
@@ -360,7 +418,8 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
     set's items only. The plain search of ``code`` is the re-aimed search of ``code``'s own
     class (normally the set's first): it is made once and serves both.
 
-    Returns ``(ids int64, codes Codes)`` of the best ``k``.
+    Returns ``(ids int64, codes Codes)`` of the best ``k``. A class that does not fit the
+    index's class bits is a ValueError.
     """
     layout = reader.layout
     cb = int(layout.class_bits)
@@ -370,62 +429,106 @@ def search_prediction_set(reader, code: Codes, classes: Sequence[int], k: int = 
         raise ValueError(f"one query code expected, got {len(code)}")
     k, nbits = int(k), code.nbits
     q = code.packed[0]
+    nb = q.shape[0]
     nbc = (cb + 7) // 8  # bytes holding the class bits
     classes = [int(c) for c in classes]
-
-    def class_of(packed: np.ndarray) -> np.ndarray:  # the class number of packed codes (N, nb)
-        if nbc == 1:
-            return packed[:, 0] >> (8 - cb)
-        v = packed[:, 0].astype(np.int64)
-        for j in range(1, nbc):
-            v = (v << 8) | packed[:, j]
-        return v >> (8 * nbc - cb)
-
+    for c in classes:
+        if not 0 <= c < 1 << cb:
+            raise ValueError(f"class {c} of the prediction set does not fit the index's {cb} class bits")
     shift = 8 * nbc - cb  # path bits in the class bytes
     qb = q.tobytes()
+    tail = qb[nbc:]
     head = int.from_bytes(qb[:nbc], "big")
     own, low = head >> shift, head & ((1 << shift) - 1)  # the query's class; its path bits there
     class_only = nbits == cb
-    plain = None  # the plain lex search of the query code, once made
-    ids_all, codes_all, rank_all = [], [], []
+    uniq = list(dict.fromkeys(classes))  # the set's classes, once each
+    # every answer read: (the whole index?, ids, packed codes, {class of the set: (lo, hi) of
+    # its block in the answer})
+    answers: list[tuple[bool, np.ndarray, np.ndarray, dict]] = []
+
+    def read(c: int, need: int):
+        """The lexicographic search re-aimed at class ``c`` (``need`` items), its blocks found."""
+        aim = (c << shift) | low
+        res = reader.search_lex(aim.to_bytes(nbc, "big") + tail, need)
+        ids, packed = np.asarray(res.ids, dtype=np.int64), res.codes.packed
+        if nbc == 1:  # the lead byte XOR the aimed one: ascending, the class XOR in its top cb bits
+            lead = packed[:, 0] ^ np.uint8(aim)
+            xs = np.array([(u ^ c) << shift for u in uniq], np.uint8)
+            his = lead.searchsorted(xs | np.uint8((1 << shift) - 1), side="right").tolist()
+        else:
+            v = packed[:, 0].astype(np.int64)
+            for j in range(1, nbc):
+                v = (v << 8) | packed[:, j]
+            lead = (v >> shift) ^ c  # the class XOR c: ascending
+            xs = np.array([u ^ c for u in uniq], np.int64)
+            his = lead.searchsorted(xs, side="right").tolist()
+        got = (len(ids) < need, ids, packed, dict(zip(uniq, zip(lead.searchsorted(xs).tolist(), his))))
+        answers.append(got)
+        return got
+
+    def block(c: int, need: int):
+        """The first ``min(need, subtree size)`` items of ``c``'s subtree (ids, packed codes)."""
+        for whole, ids, packed, where in answers:
+            lo, hi = where[c]
+            if whole or hi < len(ids) or hi - lo >= need:  # the whole subtree, or enough of it
+                hi = min(hi, lo + need)
+                return ids[lo:hi], packed[lo:hi]
+        _, ids, packed, where = read(c, need)  # (always enough: the subtree comes first)
+        lo, hi = where[c]
+        hi = min(hi, lo + need)
+        return ids[lo:hi], packed[lo:hi]
+
+    plain = None  # the plain search of the query code (= the one re-aimed at its own class, k asked)
+    n_index = int(reader.count()) if nb <= 8 and len(uniq) > 1 and k > 0 and hasattr(reader, "count") else -1
+    if 0 <= n_index <= (len(uniq) + 1) * k + WHOLE_READ_EXTRA_ROWS:
+        plain = read(own, n_index + 1)  # a small index ranked whole, once; its first k: the plain answer
+    ids_all, codes_all = [], []
     taken = 0
-    for r, c in enumerate(classes):
+    for c in classes:
         need = k - taken if class_only else k
         if need <= 0:
             break
-        res = reader.search_lex(((c << shift) | low).to_bytes(nbc, "big") + qb[nbc:], need)
-        if need == k and c == own:
-            plain = res
-        cand = res.codes.packed
-        m = int((class_of(cand) == c).sum())  # the subtree comes first: its items are a prefix
-        ids_all.append(np.asarray(res.ids[:m], dtype=np.int64))
-        codes_all.append(cand[:m])
-        if not class_only:
-            rank_all.append(np.full(m, r))
-        taken += m
-    if taken:
+        if c == own and need == k and plain is None:
+            plain = read(c, k)
+        i, p = block(c, need)
+        ids_all.append(i)
+        codes_all.append(p)
+        taken += len(i)
+    if class_only or sum(len(i) > 0 for i in ids_all) <= 1:  # whole classes in set order / one chunk
+        parts_i, parts_c = ids_all, codes_all  # (a chunk holds at most k)
+    else:
         ids = np.concatenate(ids_all)
         packed = np.concatenate(codes_all)
-        if not class_only:  # class-only: already whole classes in set order, ids ascending
-            ranks = np.concatenate(rank_all)
+        if nb <= 8:  # every chunk is in (path XOR, id) order: a stable sort of the XOR keeps (rank, id)
+            order = np.argsort(_path_xor_keys(packed, q, nbits, cb), kind="stable")[:k]
+        else:  # longer codes: one key per byte column
             pmask = np.full_like(q, 0xFF)  # packed mask of the path bits
             pmask[:nbc] = np.frombuffer(((1 << shift) - 1).to_bytes(nbc, "big"), np.uint8)
             # big-endian XOR of the path bits = XOR of the whole codes with the class bits masked out
             x = (packed ^ q) & pmask
-            order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(x.shape[1] - 1, -1, -1)))[:k]
-            ids, packed = ids[order], packed[order]
-    else:
-        ids, packed = np.zeros(0, np.int64), np.zeros((0, q.shape[0]), np.uint8)
-    if fill and 0 < k and len(ids) < k:
+            ranks = np.repeat(np.arange(len(ids_all)), [len(i) for i in ids_all])
+            order = np.lexsort((ids, ranks) + tuple(x[:, j] for j in range(nb - 1, -1, -1)))[:k]
+        parts_i, parts_c = [ids[order]], [_take_rows(packed, order)]
+        taken = len(order)
+    if fill and 0 < k and taken < k:
         # fewer than k: every subtree of the set was read whole, so dropping the set's classes
         # drops exactly the items already taken, and the first k of the plain order hold at
-        # least k - len(ids) others
+        # least k - taken others: the rows of the plain answer outside the set's blocks
         if plain is None:
-            plain = reader.search_lex(qb, k)
-        cand = plain.codes.packed
-        in_set = np.zeros(1 << cb, bool)
-        in_set[[c for c in classes if 0 <= c < 1 << cb]] = True
-        more = np.flatnonzero(~in_set[class_of(cand)])[: k - len(ids)]
-        ids = np.concatenate([ids, np.asarray(plain.ids, dtype=np.int64)[more]])
-        packed = np.concatenate([packed, cand[more]])
-    return ids, Codes(np.ascontiguousarray(packed), nbits)
+            plain = read(own, k)
+        _, pids, cand, where = plain
+        rem, at = k - taken, 0
+        for lo, hi in sorted(where.values()) + [(len(pids), len(pids))]:
+            if lo > at:
+                e = min(lo, at + rem)
+                parts_i.append(pids[at:e])
+                parts_c.append(cand[at:e])
+                rem -= e - at
+                if rem <= 0:
+                    break
+            at = max(at, hi)
+    if not parts_i:
+        return np.zeros(0, np.int64), _index_codes(np.zeros((0, nb), np.uint8), nbits)
+    if len(parts_i) == 1:
+        return parts_i[0], _index_codes(np.ascontiguousarray(parts_c[0]), nbits)
+    return np.concatenate(parts_i), _index_codes(np.concatenate(parts_c), nbits)

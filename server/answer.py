@@ -75,7 +75,9 @@ def probes_prediction_set(r: pb.SearchRequest, decision) -> bool:
 def check_prediction_set_work(lim: Limits, reqs: Sequence[pb.SearchRequest], ks: Sequence[int], decisions) -> None:
     """Refuse before any search a call whose prediction-set searches ((set size + 1) x k each:
     k per class of the set, plus the plain search that fills the answer) and plain searches
-    (k + offset) exceed the per-call hit limit (RESOURCE_EXHAUSTED)."""
+    (k + offset) exceed the per-call hit limit (RESOURCE_EXHAUSTED). (An index of at most that
+    many items plus :data:`cbir.ensemble.WHOLE_READ_EXTRA_ROWS` is ranked whole by one search
+    instead, which costs about what the searches charged do.)"""
     hits = 0
     for r, k, d in zip(reqs, ks, decisions):
         hits += (int(d.prediction_set[0].sum()) + 1) * k if probes_prediction_set(r, d) else int(r.offset) + k

@@ -195,6 +195,85 @@ def test_prediction_set_search_equals_brute_force_union(tmp_path, seed, cb, dept
             assert np.array_equal(got_ids, ids[want[:kf]]) and got_codes == codes[want[:kf]]
 
 
+class _CountingReader:
+    """A reader that counts its lexicographic searches."""
+
+    def __init__(self, reader):
+        self.reader, self.layout, self.searches = reader, reader.layout, 0
+
+    def count(self):
+        return self.reader.count()
+
+    def search_lex(self, *args, **kwargs):
+        self.searches += 1
+        return self.reader.search_lex(*args, **kwargs)
+
+
+def _brute_prediction_set(bits, ids, cls, qbits, classes, k, cb, fill=True):
+    """Rows of the prediction-set answer by brute force: the set's items by (path XOR bits,
+    class rank, id), then (filled) the others by (XOR bits of the whole code, id)."""
+    sel = np.flatnonzero(np.isin(cls, classes))
+    crank = np.array([classes.index(c) for c in cls[sel]], dtype=np.int64)
+    xs = bits[sel, cb:] ^ qbits[cb:]
+    top = sel[np.lexsort((ids[sel], crank) + tuple(xs[:, j] for j in range(xs.shape[1] - 1, -1, -1)))][:k]
+    if not fill:
+        return top
+    rest = np.flatnonzero(~np.isin(cls, classes))
+    xr = bits[rest] ^ qbits
+    rest = rest[np.lexsort((ids[rest],) + tuple(xr[:, j] for j in range(xr.shape[1] - 1, -1, -1)))]
+    return np.concatenate([top, rest])[:k]
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("cb, depth", [(4, 0), (2, 6), (4, 12), (4, 20), (5, 30), (3, 61), (10, 6), (9, 60), (6, 70)])
+def test_prediction_set_search_paths_equal_brute_force(tmp_path, monkeypatch, cb, depth, whole):
+    """Every path of the search (one search of a small index ranked whole, or the searches per
+    class re-using the blocks of earlier answers; the merge by one uint key for codes of <= 64
+    bits of 1 to 8 bytes, by a lexsort of every byte beyond; 1 and 2 class bytes) gives the
+    brute-force answer, and a whole read is one search."""
+    import cbir.ensemble as ens
+    from cbir.codes import CodeLayout, Codes
+    from cbir.indexer import build_index, open_index
+
+    monkeypatch.setattr(ens, "WHOLE_READ_EXTRA_ROWS", 10**9 if whole else -(10**9))
+    rng = np.random.default_rng(cb * 100 + depth)
+    n, nbits = 300, cb + depth
+    pool = rng.choice(1 << cb, min(6, 1 << cb), replace=False)  # the classes holding items
+    cls = pool[rng.integers(0, len(pool), n)]
+    bits = np.zeros((n, nbits), bool)
+    bits[:, :cb] = (cls[:, None] >> np.arange(cb - 1, -1, -1)) & 1
+    bits[:, cb:] = rng.integers(0, 2, (n, depth))
+    bits[: n // 3, cb:] = bits[0, cb:]  # many identical path codes: ties
+    codes = Codes.from_bits(bits)
+    ids = rng.permutation(10_000)[:n]
+    layout = CodeLayout(nbits=nbits, class_bits=cb, depth=depth)
+    with open_index(build_index(tmp_path / "ix", ids, codes, layout=layout)) as r:
+        cr = _CountingReader(r)
+        for t in range(24):
+            qbits = rng.integers(0, 2, nbits).astype(bool)
+            own = int(rng.choice(pool))
+            qbits[:cb] = (own >> np.arange(cb - 1, -1, -1)) & 1
+            empty = (int(pool.max()) + 1) % (1 << cb)  # (an empty class when the pool leaves one)
+            others = [int(c) for c in rng.permutation(np.unique(np.append(pool, empty))) if c != own]
+            classes = ([own] if t % 4 else []) + others[: int(rng.integers(1, 4))]  # (some sets lack the own class)
+            k = int(rng.choice([1, 7, int(rng.integers(1, n)), n // len(pool), n + 5]))
+            q = Codes.from_bits(qbits[None, :])
+            for fill in (True, False):
+                cr.searches = 0
+                got_ids, got_codes = ens.search_prediction_set(cr, q, classes, k, fill=fill)
+                want = _brute_prediction_set(bits, ids, cls, qbits, classes, k, cb, fill)
+                assert got_ids.dtype == np.int64 and np.array_equal(got_ids, ids[want]), (t, fill)
+                assert got_codes == codes[want] and got_codes.nbits == nbits
+                if whole and nbits <= 64 and len(set(classes)) > 1:
+                    assert cr.searches == 1
+                elif k > n:  # the first answer holds the whole index: no other search but the fill's
+                    assert cr.searches == (2 if fill and own not in classes else 1)
+                else:
+                    assert cr.searches <= len(set(classes)) + 1
+        with pytest.raises(ValueError, match="does not fit"):
+            ens.search_prediction_set(r, codes[:1], [int(cls[0]), 1 << cb], 5)
+
+
 def _shared(members):
     """Members with member 0's backbone weights (heads-only members of one frozen backbone)."""
     sd = members[0].method.backbone.state_dict()
