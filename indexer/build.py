@@ -150,8 +150,11 @@ def build_index(
         lmdb_done: list[float] = []
         writer = None
         job: _derivejob.Job | None = None
+        early = None  # the child process of the derived structures, before it has its work
         try:
             dbs = {name.decode(): env.open_db(name) for name in DBS}
+            if delta and not PARALLEL and OVERLAP_MIN is not None and n >= OVERLAP_MIN:
+                early = _derivejob.spawn()  # (its start-up runs while this process sorts)
             order, sorted_codes, sorted_ids, sorted_head = _sort_keys(codes.packed, ids, ids_sorted, byid)
             write = functools.partial(
                 _write_lmdb, env, dbs, n, sorted_codes, sorted_ids, ids, byid, None if delta else codes.packed,
@@ -162,8 +165,7 @@ def build_index(
                 writer.start()
             elif delta:  # MIH + FAISS in a child process (large builds) while the append runs here
                 head = sorted_head if sorted_head is not None else head64(sorted_codes)
-                spawn = OVERLAP_MIN is not None and n >= OVERLAP_MIN
-                job = _derivejob.start(tmp / DERIVED_DIR, 1, layout.nbits, sorted_codes, sorted_ids, head, spawn)
+                job, early = _derivejob.start(tmp / DERIVED_DIR, 1, layout.nbits, sorted_codes, head, early), None
                 write()
             else:
                 write()
@@ -186,6 +188,7 @@ def build_index(
                 writer.join()  # (never close the environment under a running writer)
             if job is not None:  # (the build failed: stop the child before its directory goes)
                 job.kill()
+            _derivejob.stop(early)
             env.close()
         t_lmdb = lmdb_done[0]
         man = new_manifest(layout, model_hash, build_params)

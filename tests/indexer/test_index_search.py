@@ -408,3 +408,30 @@ def test_lex_on_a_closed_reader_raises(tmp_path):
     r.close()
     with pytest.raises(ValueError, match="closed"):
         r.search_lex(codes[:1], 5)
+
+
+def test_failed_large_build_stops_its_child(tmp_path, monkeypatch):
+    """A build that fails after starting the derived-structure child stops it and leaves no
+    partial directory."""
+    from cbir.indexer import build as build_mod
+    from cbir.indexer import derivejob
+
+    monkeypatch.setattr(build_mod, "OVERLAP_MIN", 0)
+    procs = []
+    real = derivejob.spawn
+
+    def spawn():
+        procs.append(real())
+        return procs[-1]
+
+    def boom(*a, **kw):
+        raise RuntimeError("sort failed")
+
+    monkeypatch.setattr(derivejob, "spawn", spawn)
+    monkeypatch.setattr(build_mod, "_sort_keys", boom)
+    rng = np.random.default_rng(1)
+    codes = random_codes(rng, 60_000, 64, "clustered")
+    with pytest.raises(RuntimeError, match="sort failed"):
+        build_index(tmp_path / "ix", np.arange(60_000), codes)
+    assert len(procs) == 1 and procs[0] is not None and procs[0].poll() is not None
+    assert not (tmp_path / "ix").exists() and not list(tmp_path.iterdir())
