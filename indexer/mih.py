@@ -122,7 +122,7 @@ class MIH:
                     return perm, offsets, None
                 lims, perm64 = faiss.bucket_sort(vals.view(np.int64), 1 << s, 0)  # (< 2^24: no copy)
                 self._perm64[i] = perm64  # (the int64 positions gather the codes in _combined)
-                return perm64.astype(idx), lims.astype(idx), None
+                return perm64, lims.astype(idx), None  # (cast once, into the combined CSR)
             perm = np.argsort(vals, kind="stable").astype(idx)
             counts = np.bincount(vals.astype(np.int64), minlength=1 << s)
             offsets = np.zeros((1 << s) + 1, dtype=idx)
@@ -202,12 +202,14 @@ class MIH:
             if any(offs is None for _p, offs, _v in self.tables):
                 self._comb = False
                 self._perm64.clear()
+                idx = np.int32 if self.n < 2**31 else np.int64  # (fresh counting-sort perms are int64)
+                self.tables = [(p_.astype(idx, copy=False), o_, v_) for p_, o_, v_ in self.tables]
             else:
                 n, m = self.n, self.m
                 small = (m + 1) * max(n, 1) < 2**31
                 tabs = self.tables
                 offs_all = np.empty(sum(len(off) for _p, off, _v in tabs), dtype=np.int32 if small else np.int64)
-                perm_all = np.empty(m * n, dtype=np.result_type(*[p_.dtype for p_, _o, _v in tabs]))
+                perm_all = np.empty(m * n, dtype=np.int32 if n < 2**31 else np.int64)
                 # codes stored again in bucket order: candidates of a bucket are then read
                 # sequentially instead of gathered at random (<= 64-bit codes)
                 codes_all = np.empty(m * n, dtype=np.uint64) if self.codes64 is not None else None
