@@ -6,9 +6,12 @@ index with :func:`cbir.indexer.build_index` and prints:
 
 * **ingest**: codes/s of the whole ``build_index`` (sort + LMDB + MIH + FAISS + manifest), of
   its LMDB part alone (``manifest["build"]["lmdb_seconds"]``: from the start of the build until
-  the sorted ``tree`` append is synced, i.e. validation + the one sort + the append; the derived
-  structures are built after it), and of a bare py-lmdb sorted append of the same tree keys
-  (one sub-db, already sorted and joined: the physical limit of a sorted append);
+  the sorted ``tree`` append is synced, i.e. validation + the one sort + the append; from
+  ``build.OVERLAP_MIN`` = 2^21 items on, the MIH tables are built in a child process during the
+  append and the other derived files after it, below that all derived structures after it), and
+  of a bare py-lmdb sorted append of the same tree keys (one sub-db, already sorted and joined:
+  the physical limit of a sorted append); on a 2-core machine the child and the append share
+  the cores, so the build's figure depends on the machine's other load;
 * **first Hamming query after open**: a fresh process opens the index and runs one exact
   Hamming top-k (derived structures are memory-mapped, nothing is scanned; the files are in
   the page cache, as after a build);

@@ -45,7 +45,8 @@ class Job:
         self.proc = proc
 
     def kill(self) -> None:
-        """Stop the child (the build failed); the staging directory goes with the build's."""
+        """Stop the child (the build failed); the staging directory goes with the build's
+        temporary directory."""
         stop(self.proc)
 
     def finish(self, codes, ids, head64, by_id) -> Path | None:
@@ -72,10 +73,11 @@ class Job:
                 if not ok:
                     err = getattr(self.proc, "err", None)
                     msg = b""
-                    if err is not None:
+                    if err is not None and not err.closed:
                         err.seek(0)
                         msg = err.read()[-2000:]
                     log.debug("derived job exited with %s; building in process: %s", rc, msg.decode(errors="replace"))
+                stop(self.proc)  # (closes its error file)
             (st / DONE).unlink(missing_ok=True)
             if not ok:  # the MIH tables here (the same files)
                 write_mih(d.mih, st)
@@ -125,10 +127,15 @@ def spawn():
 
 
 def stop(proc) -> None:
-    """Stop a child that :func:`start` never got to (the build failed before)."""
-    if proc is not None and proc.poll() is None:
+    """Stop the child (if it still runs) and close its error file."""
+    if proc is None:
+        return
+    if proc.poll() is None:
         proc.kill()
         proc.wait()
+    err = getattr(proc, "err", None)
+    if err is not None:
+        err.close()
 
 
 def start(root: Path, generation: int, nbits: int, codes, head64, proc=None) -> Job:
@@ -147,7 +154,8 @@ def start(root: Path, generation: int, nbits: int, codes, head64, proc=None) -> 
             proc.stdin.close()
         except OSError as exc:  # (the child died: Job.finish finds its exit status)
             log.debug("could not hand the derived job its directory: %s", exc)
-            stop(proc)
+            if proc.poll() is None:
+                proc.kill()
     return Job(root, staging, generation, nbits, proc)
 
 
