@@ -35,6 +35,8 @@ from cbir.indexer.results import (
 METHODS = ("auto", "mih", "faiss", "brute")
 #: hybrid buckets of at most this many rows are scanned (cheaper than any index)
 SLICE_SCAN_MAX = 4096
+#: class prefixes of at most this many bits: the bounds of every bucket are found once per base
+CLASS_BOUNDS_MAX_BITS = 12
 
 
 @dataclass(frozen=True)
@@ -397,8 +399,18 @@ class HammingModes(ReaderAttrs):
 
     def _prefix_range(self, d, q: np.ndarray, p: int) -> tuple[int, int]:
         """Positions [lo, hi) of the sorted codes starting with the first ``p`` bits of q:
-        binary searches on ``head64`` (and on the bytes beyond for p > 64), O(log N)."""
+        binary searches on ``head64`` (and on the bytes beyond for p > 64), O(log N); class
+        prefixes of <= :data:`CLASS_BOUNDS_MAX_BITS` bits read the bounds of every bucket,
+        found once per base."""
         h = int.from_bytes(q[:8].tobytes().ljust(8, b"\0"), "big")
+        if 1 <= p <= CLASS_BOUNDS_MAX_BITS:  # the bounds of all 2^p buckets, found once per base
+            cache = d.__dict__.setdefault("_class_bounds", {})
+            bounds = cache.get(p)
+            if bounds is None:
+                starts = np.arange(1 << p, dtype=np.uint64) << np.uint64(64 - p)
+                bounds = cache[p] = np.searchsorted(d.head64, starts).tolist() + [d.n]
+            c = h >> (64 - p)
+            return bounds[c], bounds[c + 1]
         p8 = min(p, 64)
         lo_v = (h >> (64 - p8)) << (64 - p8)
         hi_v = lo_v + (1 << (64 - p8)) - 1

@@ -67,7 +67,7 @@ def _plan(mih: MIH, si: int, stage, cb: int):
             tab.append(np.full(len(f), t, dtype=np.int64))
             rad.append(np.full(len(f), r, dtype=np.uint8))
         fm_a, tab_a, rad_a = np.concatenate(fm), np.concatenate(tab), np.concatenate(rad)
-        thr = [(rad_a + (tab_a > t)).astype(np.uint8) for t in range(mih.m)]
+        thr = np.stack([(rad_a + (tab_a > t)).astype(np.uint8) for t in range(mih.m)])  # (m, probes)
         cost = MIH.STEP_COST + MIH.PROBE_COST * len(fm_a)
         r, t = stage[-1]  # unseen rows: distance > r in tables <= t, >= r in the others
         bound = min(mih.m * r + t, 64)
@@ -75,11 +75,12 @@ def _plan(mih: MIH, si: int, stage, cb: int):
     return got
 
 
-def _masks(mih: MIH) -> list:
+def _masks(mih: MIH) -> np.ndarray:
+    """(m, 1) uint64: the bits of each substring in the left-aligned uint64 codes."""
     got = mih.__dict__.get("_bucket_masks")
     if got is None:
-        got = [np.uint64(((1 << s) - 1) << (64 - st - s)) for s, st in zip(mih.sizes, mih.starts)]
-        mih.__dict__["_bucket_masks"] = got
+        got = np.array([((1 << s) - 1) << (64 - st - s) for s, st in zip(mih.sizes, mih.starts)], np.uint64)
+        got = mih.__dict__["_bucket_masks"] = got[:, None]
     return got
 
 
@@ -121,9 +122,8 @@ def bucket_knn(
             idx = np.repeat(lo - (cs - ln), ln) + np.arange(tot)
             x = codes_all[idx] ^ qn
             keep = x < top
-            if m > 1:
-                for t in range(m):
-                    keep &= np.bitwise_count(x & masks[t]) >= np.repeat(thr[t][hit], ln)
+            if m > 1:  # substring distances of every table at once: (m, candidates)
+                keep &= (np.bitwise_count(masks & x) >= np.repeat(thr[:, hit], ln, axis=1)).all(axis=0)
             if alive is not None:
                 keep &= alive[perm[idx]]
             d = np.where(keep, np.bitwise_count(x), np.uint8(_FAR))  # (no compaction: the few

@@ -126,3 +126,20 @@ def test_bucket_knn_returns_every_row_within_the_kth_distance(m, cb):
                 assert np.array_equal(x, h[pos] ^ np.uint64(q64))
                 assert np.array_equal(d, np.bitwise_count(x))
     assert answered >= 48, answered
+
+
+def test_class_bucket_bounds(tmp_path):
+    """The bucket of a class prefix (cached bounds for <= CLASS_BOUNDS_MAX_BITS bits, binary
+    searches beyond) is exactly the rows carrying the prefix."""
+    rng = np.random.default_rng(9)
+    codes = random_codes(rng, 5000, 21, "clustered")
+    with open_index(build_index(tmp_path / "ix", np.arange(5000), codes)) as r:
+        b = r.derived().base
+        bits = np.unpackbits(np.asarray(b.codes), axis=1, count=21)
+        for q in queries_for(rng, codes, 21, 5):
+            qbits = q.to_bits()[0]
+            for p in (1, 2, 5, hamming.CLASS_BOUNDS_MAX_BITS, hamming.CLASS_BOUNDS_MAX_BITS + 1, 21):
+                lo, hi = r._prefix_range(b, q.packed[0], p)
+                rows = np.flatnonzero((bits[:, :p] == qbits[:p]).all(axis=1))
+                assert (lo, hi) == ((int(rows[0]), int(rows[-1]) + 1) if len(rows) else (lo, lo)), p
+                assert hi - lo == len(rows)
