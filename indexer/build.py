@@ -220,7 +220,10 @@ def _sort_keys(packed: np.ndarray, ids: np.ndarray, ids_sorted: bool, byid: np.n
     order = stable_argsort_u64(hv, 8 * nb, order=None if ids_sorted else byid)
     hs = h[order]
     sc = hs.astype(">u8").view(np.uint8).reshape(n, 8)
-    return order, (sc if nb == 8 else np.ascontiguousarray(sc[:, :nb])), ids[order], hs
+    # ids 0..n-1 (sorted, unique, first 0, last n-1): the sorted ids are the order itself
+    arange = ids_sorted and n and int(ids[0]) == 0 and int(ids[-1]) == n - 1
+    sids = order.astype(np.int64, copy=False) if arange else ids[order]
+    return order, (sc if nb == 8 else np.ascontiguousarray(sc[:, :nb])), sids, hs
 
 
 class _Writer(threading.Thread):

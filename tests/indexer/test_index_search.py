@@ -380,6 +380,8 @@ def test_large_build_is_exact_with_either_writer(tmp_path, mode, monkeypatch, ca
     codes = random_codes(rng, n, 64, "clustered")
     codes.packed[:500] = codes.packed[500:1000]
     ids = rng.permutation(n).astype(np.int64) * 3 + 1
+    if mode == "after":  # (ids 0..n-1 in order: the sorted ids are the sort's permutation)
+        ids = np.arange(n, dtype=np.int64)
     with caplog.at_level(logging.DEBUG, logger="cbir.indexer.derivejob"):
         out = build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(64, class_bits=2))
     assert ("building in process" in caplog.text) == (mode == "child-fails")
