@@ -177,6 +177,12 @@ def _child(staging: Path, nbits: int) -> int:
 
 def _main(argv: list[str]) -> int:
     if len(argv) < 2:  # started early: the staging directory comes on stdin (EOF: not needed)
+        import cbir.indexer.mih  # noqa: F401  (imported while the parent sorts)
+
+        try:
+            import faiss  # noqa: F401  (its counting sort builds the tables)
+        except ImportError:  # pragma: no cover
+            pass
         argv = sys.stdin.read().split("\n")[:2]
         if len(argv) < 2 or not argv[0]:
             return 0
