@@ -340,7 +340,8 @@ class HammingModes(ReaderAttrs):
         then id. Only same-prefix items are returned (fewer than ``k`` if the bucket is small).
         With no class bits this is :meth:`search_hamming`. Sub-linear: the bucket is a
         contiguous run of the sorted base, searched through the MIH tables restricted to it
-        (a scan of the bucket only when MIH would cost more)."""
+        (codes of <= 64 bits: :func:`cbir.indexer.hybrid.bucket_knn`; a scan of the bucket only
+        when MIH would cost more)."""
         q = self._query(code)
         cb = self.layout.class_bits if class_bits is None else int(class_bits)
         if not 0 <= cb <= self.nbits:
@@ -357,22 +358,22 @@ class HammingModes(ReaderAttrs):
         lo, hi = self._prefix_range(v.base, q, cb)
         flt = Filter(v, lo, hi, allowed)
         if self.nb <= 8 and allowed is None and not len(v.add_ids) and hi - lo > SLICE_SCAN_MAX:
-            got = self._hybrid_fast(q, k, cb, v, hi - lo)
-            if got is not None:
-                return got
-            pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
-        else:
-            pos, dist = self._base_hits(q, k, None, "auto", flt)
+            comb = v.base.mih._combined()
+            if comb is not None and comb[3] is not None:  # (direct tables, codes in bucket order)
+                got = self._hybrid_fast(q, k, cb, v, hi - lo)
+                if got is not None:
+                    return got
+                pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
+                return self._finish(q, flt, pos, dist, k, None, cb)
+        pos, dist = self._base_hits(q, k, None, "auto", flt)
         return self._finish(q, flt, pos, dist, k, None, cb)
 
     def _hybrid_fast(self, q, k: int, cb: int, v: View, bucket_n: int) -> SearchResult | None:
         """Hybrid top-k through :func:`cbir.indexer.hybrid.bucket_knn` (<= 64-bit codes, no
-        label filter, no rows added since the base), or None when MIH is over its budget."""
+        label filter, no rows added since the base, combined MIH tables), or None when MIH is
+        over its budget (or the chooser says it keeps being)."""
         b = v.base
         mih = b.mih
-        comb = mih._combined()
-        if comb is None or comb[3] is None:
-            return None
         chooser = self.hybrid_chooser
         if not chooser.try_mih():
             return None
