@@ -143,3 +143,23 @@ def test_class_bucket_bounds(tmp_path):
                 rows = np.flatnonzero((bits[:, :p] == qbits[:p]).all(axis=1))
                 assert (lo, hi) == ((int(rows[0]), int(rows[-1]) + 1) if len(rows) else (lo, lo)), p
                 assert hi - lo == len(rows)
+
+
+def test_hybrid_without_combined_tables(tmp_path, monkeypatch):
+    """MIH tables too wide to address directly (not combined): the restricted MIH search of
+    the general path, the same answers."""
+    from cbir.indexer import mih as mih_mod
+
+    monkeypatch.setattr(hamming, "SLICE_SCAN_MAX", 0)
+    monkeypatch.setattr(mih_mod, "DIRECT_MAX_BITS", 4)
+    rng = np.random.default_rng(11)
+    n, nbits, cb = 3000, 21, 2
+    codes = random_codes(rng, n, nbits, "clustered")
+    ids = np.arange(n, dtype=np.int64)
+    with open_index(build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(nbits, class_bits=cb))) as r:
+        assert r.derived().base.mih._combined() is None
+        for q in queries_for(rng, codes, nbits, 6):
+            for k in (1, 10, 100):
+                ref, dist = _ref(q, codes, ids, np.ones(n, bool), cb, k)
+                got = r.search_hybrid(q, k)
+                assert np.array_equal(got.ids, ref) and np.array_equal(got.distances, dist)
