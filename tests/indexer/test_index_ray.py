@@ -38,6 +38,15 @@ def _images(root, n_per_class=11):
     (root / "dog" / "zz.jpg").write_bytes(b"")
 
 
+def test_work_units_cover_the_chunks_in_equal_shares():
+    from cbir.distributed.ray_encode import work_units
+
+    assert work_units(64, 2, max_chunks=64) == [(0, 32), (32, 32)]  # one task per worker
+    assert work_units(200, 2, max_chunks=64) == [(0, 50), (50, 50), (100, 50), (150, 50)]  # a multiple of 2
+    assert work_units(5, 2) == [(0, 3), (3, 2)] and work_units(1, 4) == [(0, 1)] and work_units(0, 2) == []
+    assert work_units(7, 2, chunks_per_task=3) == [(0, 3), (3, 3), (6, 1)]
+
+
 def test_ray_encode_equals_single_process(tmp_path, model_path, local_ray, capsys, caplog):
     from cbir.cli.index_cmd import _image_folder
     from cbir.data import SkipLog
@@ -55,6 +64,11 @@ def test_ray_encode_equals_single_process(tmp_path, model_path, local_ray, capsy
     assert c2.packed.tobytes() == c1.packed.tobytes() and c2.nbits == c1.nbits  # byte for byte
     assert np.array_equal(i2, i1) and np.allclose(f2, f1, atol=1e-6)
     assert s2.items == s1.items  # unreadable images reported (path, reason) and skipped
+    # one batch per task (5 tasks, 2 at once, results arriving out of order): the same codes
+    c3, f3, i3 = encode_with_ray(model_path, iset, batch_size=5, chunks_per_task=1)
+    assert c3.packed.tobytes() == c1.packed.tobytes() and np.array_equal(i3, i1) and np.allclose(f3, f1, atol=1e-6)
+    c4, _, i4 = encode_with_ray(model_path, iset.subset([]), batch_size=5)  # nothing to encode
+    assert len(c4) == 0 and len(i4) == 0 and c4.nbits == c1.nbits
     # the CLI: --engine ray (sharded too) builds the index of the local engine
     base = [
         "index",
