@@ -7,8 +7,9 @@ index with :func:`cbir.indexer.build_index` and prints:
 * **ingest**: codes/s of the whole ``build_index`` (sort + LMDB + MIH + FAISS + manifest), of
   its LMDB part alone (``manifest["build"]["lmdb_seconds"]``: from the start of the build until
   the sorted ``tree`` append is synced, i.e. validation + the one sort + the append; from
-  ``build.OVERLAP_MIN`` = 2^21 items on, the MIH tables are built in a child process during the
-  append and the other derived files after it, below that all derived structures after it), and
+  ``build.OVERLAP_MIN`` = 2^21 items on, when the load average leaves a core free
+  (``build._spare_cpu``), the MIH tables are built in a child process during the append and the
+  other derived files after it, otherwise all derived structures after it), and
   of a bare py-lmdb sorted append of the same tree keys (one sub-db, already sorted and joined:
   the physical limit of a sorted append); on a 2-core machine the child and the append share
   the cores, so the build's figure depends on the machine's other load;

@@ -62,10 +62,26 @@ INITIAL_MAP = 64 << 20  # map size of a temporary build environment (it grows as
 PUT_CHUNK = 1 << 18
 #: write LMDB in a thread while the derived structures are built (False: see OVERLAP_MIN)
 PARALLEL = False
-#: builds of at least this many items build the MIH tables and the FAISS index in a child
-#: process while this one appends the LMDB tree (:mod:`cbir.indexer.derivejob`; None: never,
-#: they are built after the append)
+#: builds of at least this many items build the MIH tables in a child process while this one
+#: appends the LMDB tree (:mod:`cbir.indexer.derivejob`), when a core is free for it
+#: (:func:`_spare_cpu`); None: never, they are built after the append
 OVERLAP_MIN: int | None = 1 << 21
+
+
+def _spare_cpu() -> bool:
+    """A core is free for the derived-structure child: at least 2 usable cores and a 1-minute
+    load average (this build included) below their number less one half. On a saturated
+    machine the child only takes time from the append (measured: slower than one after the
+    other at load 3-4 on 2 cores)."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        ncpu = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = 0.0
+    return ncpu >= 2 and load < ncpu - 0.5
 
 
 def _pid_alive(pid: int) -> bool:
@@ -153,7 +169,7 @@ def build_index(
         early = None  # the child process of the derived structures, before it has its work
         try:
             dbs = {name.decode(): env.open_db(name) for name in DBS}
-            if delta and not PARALLEL and OVERLAP_MIN is not None and n >= OVERLAP_MIN:
+            if delta and not PARALLEL and OVERLAP_MIN is not None and n >= OVERLAP_MIN and _spare_cpu():
                 early = _derivejob.spawn()  # (its start-up runs while this process sorts)
             order, sorted_codes, sorted_ids, sorted_head = _sort_keys(codes.packed, ids, ids_sorted, byid)
             write = functools.partial(

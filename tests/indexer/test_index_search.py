@@ -373,6 +373,7 @@ def test_large_build_is_exact_with_either_writer(tmp_path, mode, monkeypatch, ca
 
     monkeypatch.setattr(build_mod, "PARALLEL", mode == "thread")
     monkeypatch.setattr(build_mod, "OVERLAP_MIN", 0 if mode.startswith("child") else None)
+    monkeypatch.setattr(build_mod, "_spare_cpu", lambda: True)
     if mode == "child-fails":
         monkeypatch.setattr(derivejob.sys, "executable", "/bin/false")
     rng = np.random.default_rng(7)
@@ -419,6 +420,7 @@ def test_failed_large_build_stops_its_child(tmp_path, monkeypatch):
     from cbir.indexer import derivejob
 
     monkeypatch.setattr(build_mod, "OVERLAP_MIN", 0)
+    monkeypatch.setattr(build_mod, "_spare_cpu", lambda: True)
     procs = []
     real = derivejob.spawn
 
@@ -437,3 +439,16 @@ def test_failed_large_build_stops_its_child(tmp_path, monkeypatch):
         build_index(tmp_path / "ix", np.arange(60_000), codes)
     assert len(procs) == 1 and procs[0] is not None and procs[0].poll() is not None
     assert not (tmp_path / "ix").exists() and not list(tmp_path.iterdir())
+
+
+def test_derived_child_only_with_a_spare_core(monkeypatch):
+    from cbir.indexer import build as build_mod
+
+    monkeypatch.setattr(build_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(build_mod.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert build_mod._spare_cpu()
+    monkeypatch.setattr(build_mod.os, "getloadavg", lambda: (3.5, 3.0, 3.0))
+    assert not build_mod._spare_cpu()
+    monkeypatch.setattr(build_mod.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(build_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not build_mod._spare_cpu()
