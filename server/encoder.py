@@ -328,6 +328,7 @@ class MicroBatchEncoder:
         return plan
 
     def _step(self, plan) -> None:
+        plan = [p for p in plan if not p[0].gone]  # a caller gave up since the plan was made
         inputs = []
         for j, start, m in plan:
             if j.batch is not None:
@@ -335,21 +336,17 @@ class MicroBatchEncoder:
             else:
                 inputs.append((j.payloads[start : start + m], j.max_pixels, j.formats))
                 j.payloads[start : start + m] = [None] * m  # free the bytes early (the step holds them)
+        if not plan:
+            return
         try:
-            if self._runner is not None:
-                res = self._runner.run(inputs)
-            else:
-                res = run_step(self.hasher, inputs)
+            res = self._runner.run(inputs) if self._runner is not None else run_step(self.hasher, inputs)
+            fault = res.fault
         except BaseException as exc:  # a real fault: report it to every caller, keep the worker
             log.exception("encoder step failed")
-            err = RuntimeError(f"encoder failed: {type(exc).__name__}: {exc}")
-            for j, _, _ in plan:
-                if not j.gone:
-                    j.fail(err)
-            return
-        if res.fault is not None:
-            log.error("encoder forward pass failed: %s", res.fault)
-            err = RuntimeError(f"encoder failed: {res.fault}")
+            fault = f"{type(exc).__name__}: {exc}"
+        if fault is not None:
+            log.error("encoder forward pass failed: %s", fault)
+            err = RuntimeError(f"encoder failed: {fault}")
             for j, _, _ in plan:
                 if not j.gone:
                     j.fail(err)
