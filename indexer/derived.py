@@ -118,6 +118,20 @@ class Derived:
         found = sid[i] == ids
         return found, np.asarray(self.codes[spos[i[found]]])
 
+    def preload(self) -> int:
+        """Fault in every page of this base's arrays (codes, ids, head64, id index, MIH tables)
+        and load its FAISS index, so that no later query reads a page from disk or grows the
+        process's resident memory (a server's start-up). Returns the bytes touched."""
+        mih = self.mih
+        comb = mih._combined()
+        parts = [self.codes, self.ids, self.head64, *self.by_id()]
+        if comb is not None:
+            parts += [a for a in comb if a is not None]
+        elif mih.tables is not None:
+            parts += [a for tab in mih.tables for a in tab if a is not None]
+        _ = self.faiss
+        return sum(_touch(a) for a in parts)
+
     # small JSON side files (e.g. the coverage statistics of this generation) ----------------
     def load_json(self, name: str) -> dict | None:
         if self.saved_dir is None:
@@ -280,6 +294,20 @@ class CodeLookup:
         ok = np.array([g is not None for g in got], dtype=bool)
         buf = b"".join(g for g in got if g is not None)
         return ok, np.frombuffer(buf, dtype=np.uint8).reshape(-1, self.nb).copy()
+
+
+#: bytes between two reads of :func:`_touch` (a page)
+PAGE = 4096
+
+
+def _touch(a) -> int:
+    """Read one byte of every page of array ``a`` (faults a memory map's pages in); its bytes."""
+    b = np.asarray(a)
+    if b.size == 0:
+        return 0
+    b = b.reshape(-1).view(np.uint8) if b.flags.c_contiguous else np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    int(b[::PAGE].max())
+    return int(b.nbytes)
 
 
 def _mmap(p: Path) -> np.ndarray:

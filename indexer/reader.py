@@ -237,6 +237,23 @@ class IndexReader(LexModes, HammingModes):
                     self._derived = new
             return new
 
+    def preload(self) -> int:
+        """Everything the first queries would otherwise load or build, now: the derived
+        structures of the current snapshot with every page of the base's arrays faulted in
+        (:meth:`Derived.preload`), and the compiled hybrid loop (codes of <= 64 bits with class
+        bits). Returns the bytes touched. The server calls it before it reports SERVING."""
+        v = self.derived()
+        b = v.base
+        got = b.preload()
+        cb = self.layout.class_bits
+        if 1 <= cb <= 64 and self.nb <= 8 and b.n:
+            comb = b.mih._combined()
+            if comb is not None and comb[3] is not None:
+                from cbir.indexer.hybrid import bucket_knn
+
+                bucket_knn(b.mih, int(b.head64[0]), 1, cb, b.n)  # (numba: compiled or loaded from its cache)
+        return got
+
     def _lex_view(self) -> View | None:
         """The current view for a lexicographic search from the sorted base (codes <= 64 bits),
         or None (answer from the LMDB tree): made here only when that is cheap (a memory-mapped

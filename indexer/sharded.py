@@ -308,6 +308,10 @@ class ShardedReader:
         """Bring every shard's derived structures up to date (the server's warm-up)."""
         return [r.derived() for r in self.shards]
 
+    def preload(self) -> int:
+        """:meth:`IndexReader.preload` of every shard; the bytes touched."""
+        return sum(r.preload() for r in self.shards)
+
     # helpers ---------------------------------------------------------------------------------
     def _query(self, code) -> np.ndarray:
         return self.shards[0]._query(code)

@@ -28,6 +28,7 @@ from cbir.v1 import search_pb2_grpc as pb_grpc
 
 from .backend import IndexBackend, open_backend
 from .encoder import MicroBatchEncoder
+from .guard import FaultPacer
 from .sched import name_thread
 from .security import BearerTokenClientInterceptor, TokenAuthInterceptor, check_bind_policy, split_address
 from .service import Limits, SearchServicer
@@ -60,6 +61,9 @@ class ServerOptions:
     switch_interval_s: float | None = None  # sys.setswitchinterval (process-wide) when set
     inline_modes: tuple[str, ...] = ("lex", "prefix")  # search modes served on the event loop itself
     max_concurrent_rpcs: int | None = None
+    fault_rate: float = 100.0  # answers per second to one host's failed calls past fault_burst (0: no pacing)
+    fault_burst: int = 20
+    preload: bool = True  # fault in the index's pages before SERVING (IndexReader.preload)
     encoder_max_batch: int = 64
     encoder_max_wait_s: float = 0.002  # a batch keeps filling while requests arrive this close together
     encoder_max_delay_s: float | None = None  # ... for at most this long (default 8 x encoder_max_wait_s)
@@ -114,6 +118,8 @@ class CbirServer:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if opts.max_workers < 1:
             raise ValueError(f"max_workers (offload threads) must be >= 1, got {opts.max_workers}")
+        if opts.fault_rate < 0:
+            raise ValueError(f"fault_rate must be >= 0 answers per second (0: no pacing), got {opts.fault_rate}")
         if opts.switch_interval_s is not None and not opts.switch_interval_s > 0:
             raise ValueError(f"switch_interval_s must be > 0, got {opts.switch_interval_s}")
         check_bind_policy(address, opts.tls, opts.token, opts.insecure)
@@ -125,6 +131,7 @@ class CbirServer:
             bulk_workers=opts.bulk_workers,
             bulk_nice=opts.bulk_nice,
             bulk_min_hits=opts.bulk_min_hits,
+            pacer=FaultPacer(opts.fault_rate, opts.fault_burst) if opts.fault_rate > 0 else None,
         )
         if opts.switch_interval_s is not None:
             sys.setswitchinterval(opts.switch_interval_s)
@@ -251,7 +258,7 @@ class CbirServer:
                 model_path=model_path,
             )
             self.encoder.warmup(formats=self.servicer.limits.image_formats)  # before SERVING, not on the first query
-        backend.warmup()
+        backend.warmup(preload=self.options.preload)
         self.backend = backend
         self._owns_backend = owns_backend
         self.servicer.attach(backend, self.encoder)

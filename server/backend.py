@@ -200,11 +200,15 @@ class IndexBackend:
         raise ValueError(f"unknown mode {mode!r}")
 
     # writes ---------------------------------------------------------------------------------
-    def warmup(self) -> None:
-        """Build the index's derived search structures now (not on the first query)."""
-        derived = getattr(self.reader, "derived", None)
-        if callable(derived):
-            derived()
+    def warmup(self, preload: bool = True) -> None:
+        """Build the index's derived search structures now (not on the first query); with
+        ``preload`` also fault in their pages (``IndexReader.preload``), so that queries read
+        no page from disk and the resident memory does not grow with the first scans."""
+        fn = getattr(self.reader, "preload" if preload else "derived", None)
+        if not callable(fn):
+            fn = getattr(self.reader, "derived", None)
+        if callable(fn):
+            fn()
 
     def add(
         self,

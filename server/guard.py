@@ -9,17 +9,20 @@
   cannot be cancelled: it notices at its next check);
 * :func:`response_bytes_bound`: an upper bound of a ``SearchResponse``'s size, known before any
   search runs, so an oversized answer is refused up front instead of after the work;
-* :func:`log_level`: which statuses are the client's fault (WARNING) and which are ours.
+* :func:`log_level`: which statuses are the client's fault (WARNING) and which are ours;
+* :class:`FaultPacer`: the answers to a peer's failed calls paced to a rate, so a client that
+  keeps sending bad requests cannot make the server parse them as fast as it sends them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 import grpc
 
-__all__ = ["RpcError", "invalid", "Budget", "parse_request", "response_bytes_bound", "log_level"]
+__all__ = ["RpcError", "invalid", "Budget", "FaultPacer", "parse_request", "response_bytes_bound", "log_level"]
 
 CLIENT_FAULTS = frozenset(
     {
@@ -124,3 +127,57 @@ def response_bytes_bound(r, k: int, nbits: int) -> int:
         hit += 2
     hit += 1 + _varint_len(hit)  # the Hit's own tag and length
     return 8 + code + 2 + len(r.cursor) + 64 + k * hit
+
+
+#: the statuses whose answers :class:`FaultPacer` paces: the request itself is at fault
+#: (malformed, bad fields, over a per-call limit); not NOT_FOUND / ALREADY_EXISTS /
+#: FAILED_PRECONDITION, which well-formed calls get in normal use
+PACED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``, ``ipv6:[::1]:5``
+    -> ``ipv6:[::1]``; anything else unchanged): one client, whatever its connection."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        head, sep, port = peer.rpartition(":")
+        if sep and port.isdigit() and head not in ("ipv4", "ipv6"):
+            return head
+    return peer
+
+
+class FaultPacer:
+    """Paces the answers to each peer host's failed calls (:data:`PACED` statuses): a burst of
+    ``burst`` is answered at once, beyond it at most ``rate`` per second (the generic cell rate
+    algorithm); a failing answer that comes early waits its turn on the event loop
+    (``asyncio.sleep``: no thread, no CPU), at most ``max_delay_s``. A client that keeps its bad
+    requests in flight is then answered, and so can send again, only ``rate`` times a second,
+    which bounds what parsing and rejecting them costs the server; well-formed calls are never
+    delayed. ``max_peers`` hosts are remembered (least recently faulted forgotten first)."""
+
+    def __init__(self, rate: float = 100.0, burst: int = 20, max_delay_s: float = 1.0, max_peers: int = 4096):
+        if not rate > 0:
+            raise ValueError(f"fault rate must be > 0 answers per second (0 turns pacing off upstream), got {rate}")
+        if burst < 1:
+            raise ValueError(f"fault burst must be >= 1, got {burst}")
+        if not max_delay_s > 0:
+            raise ValueError(f"max_delay_s must be > 0, got {max_delay_s}")
+        self.interval = 1.0 / float(rate)
+        self.tolerance = (burst - 1) * self.interval  # (burst faults at one instant: none waits)
+        self.max_delay_s = float(max_delay_s)
+        self.max_peers = int(max_peers)
+        self._tat: OrderedDict[str, float] = OrderedDict()  # host -> theoretical arrival time
+        self.paced = 0  # answers delayed so far
+
+    def delay(self, peer: str, now: float | None = None) -> float:
+        """Seconds the answer to a failed call of ``peer`` should wait (0: answer now); records
+        the fault. Called on the event loop only (no lock)."""
+        now = time.monotonic() if now is None else now
+        host = peer_host(peer)
+        tat = max(self._tat.pop(host, now), now)
+        wait = min(max(0.0, tat - self.tolerance - now), self.max_delay_s)
+        self._tat[host] = min(tat, now + self.tolerance + self.max_delay_s) + self.interval
+        if len(self._tat) > self.max_peers:
+            self._tat.popitem(last=False)
+        if wait > 0:
+            self.paced += 1
+        return wait

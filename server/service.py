@@ -53,7 +53,7 @@ from .answer import (
 from .backend import AlreadyExists, IndexBackend, NotFound
 from .convert import code_to_pb, codes_to_pb, from_struct, json_safe, layout_to_pb, pb_to_codes, to_struct
 from .encoder import EncoderBusy, EncoderClosed, ImageDecodeError, MicroBatchEncoder
-from .guard import Budget, RpcError, log_level, parse_request
+from .guard import PACED, Budget, FaultPacer, RpcError, log_level, parse_request
 from .guard import invalid as _invalid
 from .sched import thread_setup
 from .search import search_one
@@ -101,6 +101,11 @@ def _rpc(request_cls):
                         extra={"rpc_method": name, "rpc_status": status.name, "rpc_latency_ms": ms},
                     )
             request = None
+            pacer = self.pacer
+            if pacer is not None and status in PACED:
+                wait = pacer.delay(context.peer())
+                if wait > 0:
+                    await asyncio.sleep(wait)
             await context.abort(status, detail)
 
         wrapper.request_cls = request_cls
@@ -120,7 +125,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         bulk_workers: int = 2,
         bulk_nice: int = 10,
         bulk_min_hits: int = 1000,
+        pacer: FaultPacer | None = None,
     ) -> None:
+        self.pacer = pacer  # paces the answers to a peer's failed calls (None: never)
         if offload_workers < 0:
             raise ValueError(
                 f"offload_workers must be >= 0 (0 runs everything on the event loop), got {offload_workers}"

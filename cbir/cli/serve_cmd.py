@@ -84,6 +84,29 @@ def register(subparsers) -> None:
         "per thread; 0..19): the kernel runs cheap requests first on a busy machine (default: %(default)s)",
     )
     lim.add_argument(
+        "--fault-rate",
+        type=float,
+        default=100.0,
+        help="answers per second to one client host's failed calls (INVALID_ARGUMENT, OUT_OF_RANGE, "
+        "RESOURCE_EXHAUSTED) once it has had --fault-burst of them: a faster client's error answers wait "
+        "their turn (at most 1 s, no CPU), so a stream of bad requests cannot keep the server busy "
+        "rejecting them; well-formed calls are never delayed; 0 turns it off (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--fault-burst",
+        type=int,
+        default=20,
+        help="failed calls of one host answered at once before --fault-rate applies (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read every page of the index's search structures into memory before reporting SERVING, so "
+        "queries never wait on the disk and the server's memory does not grow with its first scans "
+        "(default: on)",
+    )
+    lim.add_argument(
         "--encoder-process",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -251,6 +274,9 @@ def _options(args: argparse.Namespace, extra_grpc_options=()):
         image_formats=tuple(f.strip().upper() for f in args.image_formats.split(",") if f.strip()),
         encoder_step_pixels=args.encoder_step_pixels,
         encoder_process=bool(args.encoder_process),
+        fault_rate=args.fault_rate,
+        fault_burst=args.fault_burst,
+        preload=bool(args.preload),
         encoder_max_batch=args.encoder_batch,
         encoder_max_wait_s=args.encoder_wait_ms / 1000.0,
         encoder_max_delay_s=None if args.encoder_max_delay_ms is None else args.encoder_max_delay_ms / 1000.0,

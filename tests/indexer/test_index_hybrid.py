@@ -163,3 +163,24 @@ def test_hybrid_without_combined_tables(tmp_path, monkeypatch):
                 ref, dist = _ref(q, codes, ids, np.ones(n, bool), cb, k)
                 got = r.search_hybrid(q, k)
                 assert np.array_equal(got.ids, ref) and np.array_equal(got.distances, dist)
+
+
+def test_preload_touches_the_base_and_loads_the_kernel(tmp_path, monkeypatch):
+    """``IndexReader.preload`` reads every array of the base (its bytes are returned) and loads
+    the compiled hybrid loop; answers are unchanged after it."""
+    monkeypatch.setattr(hybrid, "_KERNEL", None)
+    rng = np.random.default_rng(2)
+    codes = random_codes(rng, 4000, 24, "clustered")
+    ids = np.arange(4000, dtype=np.int64) * 3
+    out = build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(24, class_bits=2))
+    with open_index(out) as r:
+        q = queries_for(rng, codes, 24, 1)[0]
+        before = r.search_hybrid(q, 20)
+        got = r.preload()
+        b = r.derived().base
+        comb = b.mih._combined()
+        want = sum(np.asarray(a).nbytes for a in (b.codes, b.ids, b.head64, *b.by_id(), *comb) if a is not None)
+        assert got == want
+        assert hybrid._KERNEL is not None
+        after = r.search_hybrid(q, 20)
+        assert np.array_equal(before.ids, after.ids) and np.array_equal(before.distances, after.distances)

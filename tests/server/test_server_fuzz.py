@@ -394,3 +394,43 @@ def test_model_is_warm_before_serving(index, slow_hasher_factory, server_factory
     t0 = time.perf_counter()
     assert len(stub.Search(pb.SearchRequest(image=make_png(4), k=3), timeout=30).hits) == 3
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_fault_pacer_schedule_by_hand():
+    """The generic cell rate algorithm of :class:`FaultPacer`, hand-computed: rate 10/s, burst 3:
+    three faults at one instant go at once, then one every 0.1 s; waits are capped at
+    max_delay_s; hosts are paced apart, ports of one host together."""
+    from cbir.server.guard import FaultPacer, peer_host
+
+    p = FaultPacer(rate=10, burst=3, max_delay_s=0.25)
+    waits = [p.delay("ipv4:10.0.0.1:5000", now=0.0) for _ in range(7)]
+    assert waits == pytest.approx([0, 0, 0, 0.1, 0.2, 0.25, 0.25])
+    assert p.delay("ipv4:10.0.0.2:1", now=0.0) == 0  # another host: its own budget
+    assert p.delay("ipv4:10.0.0.1:6000", now=0.0) == pytest.approx(0.25)  # same host, other port
+    assert p.delay("ipv4:10.0.0.1:5000", now=10.0) == 0  # long after: the budget is back
+    assert p.paced == 5
+    assert peer_host("ipv4:127.0.0.1:54321") == "ipv4:127.0.0.1"
+    assert peer_host("ipv6:[::1]:80") == "ipv6:[::1]"
+    assert peer_host("unix:/tmp/s") == "unix:/tmp/s"
+    with pytest.raises(ValueError, match="burst"):
+        FaultPacer(rate=1, burst=0)
+
+
+def test_failed_calls_are_paced(index, hasher, server_factory, client_factory, dataset):
+    """Past the burst, a host's failed calls are answered at the pacing rate (still
+    INVALID_ARGUMENT, one WARNING each), while its well-formed calls are answered at once."""
+    server = server_factory(index, hasher, fault_rate=20.0, fault_burst=5)
+    stub = client_factory(server.address)
+    ok = pb.SearchRequest(code=_code(dataset[1]), k=5)
+    with grpc.insecure_channel(server.address) as ch:
+        bad = raw_caller(ch, "Search")
+        t0 = time.perf_counter()
+        for _ in range(5 + 10):
+            assert _status(bad, b"\xff\xff\xff")[0] == "INVALID_ARGUMENT"
+        paced_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        assert len(stub.Search(ok, timeout=10).hits) == 5
+        ok_s = time.perf_counter() - t1
+    assert paced_s >= 0.45, paced_s  # 10 answers past the burst at 20/s: >= 0.5 s
+    assert ok_s < 0.2, ok_s
+    assert server.servicer.pacer.paced >= 9
