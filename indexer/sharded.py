@@ -320,7 +320,17 @@ class ShardedReader:
         return self.shards[0]._queries(codes)
 
     def _lead(self, row: np.ndarray) -> int:
-        return int(shard_of(row[None, :], self.shard_bits)[0])
+        """The shard of one packed code row (its leading ``shard_bits`` bits; Python ints: a
+        numpy call per query costs more)."""
+        return int.from_bytes(row[:8].tobytes().ljust(8, b"\0"), "big") >> (64 - self.shard_bits)
+
+    def _plan(self, lead: int) -> list[int]:
+        """The shards in the lexicographic order of a query in shard ``lead``: ``j XOR lead``."""
+        plans = self.__dict__.setdefault("_plans", {})
+        got = plans.get(lead)
+        if got is None:
+            got = plans[lead] = sorted(range(len(self.shards)), key=lambda j: j ^ lead)
+        return got
 
     def _cursor_shard(self, cursor) -> tuple[bytes | None, int | None]:
         key = self.shards[0]._cursor_key(cursor)
@@ -358,11 +368,11 @@ class ShardedReader:
             res = _merge(q, parts, self.nbits, "lex", need, lambda c, i: uncertain_order(q, c, i, flips))
             return _skip(res, offset)
         ckey, cshard = self._cursor_shard(cursor)
-        lead = self._lead(q)
-        plan = sorted(range(len(shards)), key=lambda j: j ^ lead)
+        plan = self._plan(self._lead(q))
         if cshard is not None:
             plan = plan[plan.index(cshard) :]
         parts, off, rem = [], offset, k
+        qb = q.tobytes()
         for j in plan:
             if rem == 0:
                 break
@@ -375,16 +385,18 @@ class ShardedReader:
                 if n <= off:
                     off -= n
                     continue
-                got = r.search_lex(q.tobytes(), rem, off)
+                got = r.search_lex(qb, rem, off)
                 off = 0
             else:
-                got = r.search_lex(q.tobytes(), off + rem, cursor=ck, labels=labels)
+                got = r.search_lex(qb, off + rem, cursor=ck, labels=labels)
                 taken = len(got)
                 got = _skip(got, off)
                 off = max(0, off - taken)
             parts.append(got)
             rem -= len(got)
         res = _concat(q, parts, self.nbits, "lex")
+        if cursor is None and res.next_cursor is None:
+            return res  # (one shard's page as it is: no cursor asked for, none to give)
         nxt = (
             _key_hex(res.codes.packed, res.ids, len(res) - 1)
             if cursor is not None and len(res) and len(res) >= k
