@@ -1,10 +1,15 @@
-"""The compiled loop of :func:`cbir.indexer.hybrid.bucket_knn` (numba; imported on first use).
-Read :mod:`cbir.indexer.hybrid` for the algorithm; this module only holds the kernel."""
+"""The compiled loops of :mod:`cbir.indexer.hybrid` (numba; imported on first use). Read
+:mod:`cbir.indexer.hybrid` for the algorithm; this module only holds the kernels."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+#: estimated cost of the probe loop (ns on one core): per probe (two random reads of the CSR
+#: offsets) and per candidate (a sequential read, the first-discovery test)
+PROBE_NS = 8
+CANDIDATE_NS = 3
 
 
 @njit(inline="always")
@@ -16,17 +21,50 @@ def _popcount(v):
     return (v * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
+@njit(inline="always")
+def _bit_length(v):
+    n = 0
+    if v >> np.uint64(32):
+        v >>= np.uint64(32)
+        n += 32
+    if v >> np.uint64(16):
+        v >>= np.uint64(16)
+        n += 16
+    if v >> np.uint64(8):
+        v >>= np.uint64(8)
+        n += 8
+    if v >> np.uint64(4):
+        v >>= np.uint64(4)
+        n += 4
+    if v >> np.uint64(2):
+        v >>= np.uint64(2)
+        n += 2
+    if v >> np.uint64(1):
+        v >>= np.uint64(1)
+        n += 1
+    return n + (1 if v else 0)
+
+
+@njit(inline="always")
+def _bswap(v):
+    out = np.uint64(0)
+    for _ in range(8):
+        out = (out << np.uint64(8)) | (v & np.uint64(0xFF))
+        v >>= np.uint64(8)
+    return out
+
+
 @njit(cache=True, nogil=True)
-def bucket_knn_kernel(
-    offs, perm, codes_all, fm, start, tab, rad, base, bound, shifts, smask,
-    q, top, k, alive, use_alive, limit, probe_ns, candidate_ns,
-):  # fmt: skip
+def bucket_knn_kernel(offs, perm, codes_all, fm, plan, sub, q, top, k, alive, use_alive, limit):
     """(count, positions, x, distances) of the kept rows within the k-th distance, or count
-    -1 when the charged cost passed ``limit`` (>= 0)."""
-    m = len(shifts)
+    -1 when the charged cost passed ``limit`` (>= 0). ``plan`` rows: group start in ``fm`` (G + 1
+    entries), table, radius, CSR base, distance bound after the group; ``sub`` rows: shift and
+    mask of each table's substring."""
+    m = sub.shape[1]
+    ng = plan.shape[1] - 1
     qs = np.empty(m, np.uint64)
     for t in range(m):
-        qs[t] = (q >> shifts[t]) & smask[t]
+        qs[t] = (q >> sub[0, t]) & sub[1, t]
     hist = np.zeros(66, np.int64)
     cap = 1024
     kj = np.empty(cap, np.int64)  # kept candidates: CSR index, x, distance
@@ -36,19 +74,19 @@ def bucket_knn_kernel(
     cost = 0
     dk = 64
     done = False
-    for g in range(len(tab)):
-        t = tab[g]
-        r = rad[g]
-        b = base[g]
+    for g in range(ng):
+        t = plan[1, g]
+        r = plan[2, g]
+        b = plan[3, g]
         qt = qs[t]
-        g0 = start[g]
-        g1 = start[g + 1]
-        cost += probe_ns * (g1 - g0)
+        g0 = plan[0, g]
+        g1 = plan[0, g + 1]
+        cost += PROBE_NS * (g1 - g0)
         for p in range(g0, g1):
             v = np.int64(qt ^ fm[p]) + b
             lo = offs[v]
             hi = offs[v + 1]
-            cost += candidate_ns * (hi - lo)
+            cost += CANDIDATE_NS * (hi - lo)
             if limit >= 0 and cost > limit:
                 return -1, kj, kx, kd
             for j in range(lo, hi):
@@ -58,7 +96,7 @@ def bucket_knn_kernel(
                 ok = True
                 for tt in range(m):  # first discovery: > r before table t, >= r after it
                     if tt != t:
-                        dt = _popcount((x >> shifts[tt]) & smask[tt])
+                        dt = _popcount((x >> sub[0, tt]) & sub[1, tt])
                         if dt < r + (1 if tt < t else 0):
                             ok = False
                             break
@@ -82,7 +120,7 @@ def bucket_knn_kernel(
                 nk += 1
                 hist[dd] += 1
         c = 0
-        for dist in range(bound[g] + 1):  # every row within bound[g] has been seen
+        for dist in range(plan[4, g] + 1):  # every row within the bound has been seen
             c += hist[dist]
             if c >= k:
                 dk = dist
@@ -108,3 +146,51 @@ def bucket_knn_kernel(
             out_d[n] = kd[i]
             n += 1
     return n, out_p, out_x, out_d
+
+
+@njit(cache=True, nogil=True)
+def rank_kernel(pos, x, d, n, k, ids, q, nbits):
+    """The first ``k`` of ``n`` candidates in the Hamming order (distance, then ``x`` = the
+    lexicographic order, then position = id order): (ids, codes as byte-swapped uint64 = the
+    big-endian bytes, distances int32, common-prefix lengths int32)."""
+    k = min(k, n)
+    # counting sort by distance (stable), then each distance's run by (x, position): equal x
+    # are copies of one code, whose positions are in id order
+    cnt = np.zeros(66, np.int64)
+    for i in range(n):
+        cnt[d[i] + 1] += 1
+    for i in range(1, 66):
+        cnt[i] += cnt[i - 1]
+    o = np.empty(n, np.int64)
+    fill = cnt.copy()
+    for i in range(n):
+        o[fill[d[i]]] = i
+        fill[d[i]] += 1
+    for dist in range(65):
+        a, z = cnt[dist], cnt[dist + 1]
+        if a >= k:
+            break
+        if z - a > 16:  # a long run: by position, then stably by x
+            run = o[a:z]
+            run = run[np.argsort(pos[run])]
+            o[a:z] = run[np.argsort(x[run], kind="mergesort")]
+            continue
+        for i in range(a + 1, z):  # a short run: insertion sort by (x, position)
+            j = o[i]
+            xj, pj = x[j], pos[j]
+            h = i - 1
+            while h >= a and (x[o[h]] > xj or (x[o[h]] == xj and pos[o[h]] > pj)):
+                o[h + 1] = o[h]
+                h -= 1
+            o[h + 1] = j
+    out_id = np.empty(k, np.int64)
+    out_c = np.empty(k, np.uint64)
+    out_d = np.empty(k, np.int32)
+    out_l = np.empty(k, np.int32)
+    for i in range(k):
+        j = o[i]
+        out_id[i] = ids[pos[j]]
+        out_c[i] = _bswap(x[j] ^ q)
+        out_d[i] = d[j]
+        out_l[i] = min(nbits, 64 - _bit_length(x[j]))
+    return out_id, out_c, out_d, out_l

@@ -11,6 +11,7 @@ All paths return exactly :func:`cbir.codes.rank`'s order (distance, then ``q XOR
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from cbir.codes import Codes
 from cbir.indexer.derived import View
-from cbir.indexer.hybrid import bucket_knn
+from cbir.indexer.hybrid import bucket_topk
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
 from cbir.indexer.readerbase import ReaderAttrs
@@ -29,7 +30,6 @@ from cbir.indexer.results import (
     hamming_to,
     make_result,
     order_candidates,
-    prefix_len_u64,
 )
 
 METHODS = ("auto", "mih", "faiss", "brute")
@@ -340,7 +340,7 @@ class HammingModes(ReaderAttrs):
         then id. Only same-prefix items are returned (fewer than ``k`` if the bucket is small).
         With no class bits this is :meth:`search_hamming`. Sub-linear: the bucket is a
         contiguous run of the sorted base, searched through the MIH tables restricted to it
-        (codes of <= 64 bits: :func:`cbir.indexer.hybrid.bucket_knn`; a scan of the bucket only
+        (codes of <= 64 bits: :func:`cbir.indexer.hybrid.bucket_topk`; a scan of the bucket only
         when MIH would cost more)."""
         q = self._query(code)
         cb = self.layout.class_bits if class_bits is None else int(class_bits)
@@ -369,7 +369,7 @@ class HammingModes(ReaderAttrs):
         return self._finish(q, flt, pos, dist, k, None, cb)
 
     def _hybrid_fast(self, q, k: int, cb: int, v: View, bucket_n: int) -> SearchResult | None:
-        """Hybrid top-k through :func:`cbir.indexer.hybrid.bucket_knn` (<= 64-bit codes, no
+        """Hybrid top-k through :func:`cbir.indexer.hybrid.bucket_topk` (<= 64-bit codes, no
         label filter, no rows added since the base, combined MIH tables), or None when MIH is
         over its budget (or the chooser says it keeps being)."""
         b = v.base
@@ -378,25 +378,17 @@ class HammingModes(ReaderAttrs):
         if not chooser.try_mih():
             return None
         q64 = int.from_bytes(q.tobytes(), "big") << (8 * (8 - self.nb))
-        got = bucket_knn(mih, q64, k, cb, bucket_n, v.alive_mask(), chooser.slice_budget(bucket_n))
+        got = bucket_topk(mih, q64, k, cb, bucket_n, b.ids, self.nbits, v.alive_mask(), chooser.slice_budget(bucket_n))
         chooser.record(got is None)
         if got is None:
             return None
-        pos, x, d = got
-        perm = np.lexsort((pos, x, d))[:k]  # (rows sorted by code then id: position = id order)
-        pos, x = pos[perm], x[perm]
-        n = len(pos)
-        packed = (x ^ np.uint64(q64)).astype(">u8").view(np.uint8).reshape(n, 8)
+        ids, c_be, dist, cpl = got
+        if sys.byteorder != "little":  # (the kernel byte-swaps: the bytes of a little-endian uint64)
+            c_be = c_be.byteswap()
+        packed = c_be.view(np.uint8).reshape(len(ids), 8)
         if self.nb < 8:
             packed = np.ascontiguousarray(packed[:, : self.nb])
-        dist = d[perm].astype(np.int32)
-        return SearchResult(
-            np.asarray(b.ids[pos], dtype=np.int64),
-            Codes(packed, self.nbits),
-            dist,
-            prefix_len_u64(x, self.nbits),
-            "hamming",
-        )
+        return SearchResult(ids, Codes(packed, self.nbits), dist, cpl, "hamming")
 
     def _prefix_range(self, d, q: np.ndarray, p: int) -> tuple[int, int]:
         """Positions [lo, hi) of the sorted codes starting with the first ``p`` bits of q:

@@ -14,11 +14,13 @@ candidates' ``x``. A candidate is kept iff this is its first discovery (substrin
 ``> r`` in the tables before ``t``, ``>= r`` in those after it), it is in the bucket and alive.
 After group (r, t) every row within ``m r + t`` has been seen (pigeonhole), so once ``k`` kept
 rows lie within that bound the answer is every kept row within the k-th distance (ties
-complete). The work is charged at :data:`PROBE_NS` per probe and :data:`CANDIDATE_NS` per
-candidate; over ``budget`` (or over a scan of the bucket at ``scan_ns`` per row) the search
-stops and returns ``None`` (the caller scans the bucket).
+complete). The work is charged at ``PROBE_NS`` per probe and ``CANDIDATE_NS`` per candidate
+(:mod:`cbir.indexer._hybrid_kernel`); over ``budget`` the search stops and returns ``None``
+(the caller scans the bucket). :func:`bucket_topk` then ranks the rows within the k-th
+distance in a second compiled loop and returns the answer's arrays (ids, big-endian codes,
+distances, prefix lengths), so the caller builds the result without a numpy call per field.
 
-The kernel is compiled on first use and cached on disk (``numba`` ``cache=True``: in the
+The kernels are compiled on first use and cached on disk (``numba`` ``cache=True``: in the
 package's ``__pycache__``, or ``NUMBA_CACHE_DIR``); numba is imported only then.
 """
 
@@ -28,23 +30,18 @@ import numpy as np
 
 from cbir.indexer.mih import MIH, flip_masks
 
-#: estimated cost of the compiled loop (ns on one core): per probe (two random reads of the
-#: CSR offsets) and per candidate (a sequential read, the first-discovery test)
-PROBE_NS = 8
-CANDIDATE_NS = 3
-
-_KERNEL = None
+_KERNELS = None
 
 
-def _kernel():
-    """The compiled loop (numba imported and the kernel compiled, or loaded from its cache,
-    on first use)."""
-    global _KERNEL
-    if _KERNEL is None:
-        from cbir.indexer import _hybrid_kernel
+def _kernels():
+    """The compiled loops (numba imported and the kernels compiled, or loaded from their cache,
+    on first use): (probe loop, ranking)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from cbir.indexer import _hybrid_kernel as hk
 
-        _KERNEL = _hybrid_kernel.bucket_knn_kernel
-    return _KERNEL
+        _KERNELS = (hk.bucket_knn_kernel, hk.rank_kernel)
+    return _KERNELS
 
 
 def _plan(mih: MIH, cb: int):
@@ -73,19 +70,34 @@ def _plan(mih: MIH, cb: int):
                 rad.append(r)
                 base.append(bases[t])
                 bound.append(min(mih.m * r + t, 64))
-        shifts = np.array([64 - st - s for s, st in zip(mih.sizes, mih.starts)], np.uint64)
-        smask = np.array([(1 << s) - 1 for s in mih.sizes], np.uint64)
-        got = cache[cb] = (
-            np.concatenate(fm).astype(np.uint64),
-            np.array(start, np.int64),
-            np.array(tab, np.int64),
-            np.array(rad, np.int64),
-            np.array(base, np.int64),
-            np.array(bound, np.int64),
-            shifts,
-            smask,
-        )
+        shifts = [64 - st - s for s, st in zip(mih.sizes, mih.starts)]
+        smask = [(1 << s) - 1 for s in mih.sizes]
+        g = len(tab)
+        plan = np.zeros((5, g + 1), np.int64)
+        plan[0] = start
+        plan[1, :g], plan[2, :g], plan[3, :g], plan[4, :g] = tab, rad, base, bound
+        got = cache[cb] = (np.concatenate(fm).astype(np.uint64), plan, np.array([shifts, smask], np.uint64))
     return got
+
+
+def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
+    """The probe loop: (count, positions, x, distances) of the rows within the k-th distance
+    (the first ``count`` entries), or None when over ``budget``."""
+    comb = mih._combined()
+    assert comb is not None and comb[3] is not None and 1 <= cb <= 64
+    _bases, offs, perm, codes_all = comb
+    k = min(k, bucket_n)
+    if k <= 0:
+        return 0, np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint8)
+    fm, plan, sub = _plan(mih, cb)
+    top = (1 << (64 - cb)) - 1 if cb < 64 else 0  # x <= top: the same class bits
+    limit = -1 if budget is None else int(budget)
+    use_alive = alive is not None
+    al = alive if alive is not None else _NO_ALIVE
+    got = _kernels()[0](
+        offs, perm, codes_all, fm, plan, sub, np.uint64(q64), np.uint64(top), int(k), al, use_alive, limit
+    )
+    return None if got[0] < 0 else got
 
 
 def bucket_knn(
@@ -94,21 +106,33 @@ def bucket_knn(
     """(positions, x, distances) of every live row of the class bucket of ``q64`` (the query's
     first 8 bytes as a big-endian int) within the k-th smallest distance, ties included; at
     most ``bucket_n`` rows are in the bucket. None when the estimated cost exceeds ``budget``."""
-    comb = mih._combined()
-    assert comb is not None and comb[3] is not None and 1 <= cb <= 64
-    _bases, offs, perm, codes_all = comb
-    k = min(k, bucket_n)
-    if k <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint8)
-    fm, start, tab, rad, base, bound, shifts, smask = _plan(mih, cb)
-    top = (1 << (64 - cb)) - 1 if cb < 64 else 0  # x <= top: the same class bits
-    limit = -1 if budget is None else int(budget)
-    use_alive = alive is not None
-    al = alive if alive is not None else np.ones(1, np.bool_)
-    n, pos, x, d = _kernel()(
-        offs, perm, codes_all, fm, start, tab, rad, base, bound, shifts, smask,
-        np.uint64(q64), np.uint64(top), int(k), al, use_alive, limit, PROBE_NS, CANDIDATE_NS,
-    )  # fmt: skip
-    if n < 0:
+    got = _probe(mih, q64, k, cb, bucket_n, alive, budget)
+    if got is None:
         return None
+    n, pos, x, d = got
     return pos[:n], x[:n], d[:n]
+
+
+def bucket_topk(
+    mih: MIH,
+    q64: int,
+    k: int,
+    cb: int,
+    bucket_n: int,
+    ids: np.ndarray,
+    nbits: int,
+    alive: np.ndarray | None = None,
+    budget: int | None = None,
+):
+    """The hybrid answer itself: the first ``k`` live rows of the bucket in the Hamming order
+    (distance, then lexicographic, then id) as (ids, codes as uint64 whose bytes are the
+    big-endian code, distances int32, common-prefix lengths int32); ``ids`` are the base's ids
+    by position. None when over ``budget``."""
+    got = _probe(mih, q64, k, cb, bucket_n, alive, budget)
+    if got is None:
+        return None
+    n, pos, x, d = got
+    return _kernels()[1](pos, x, d, n, int(k), ids, np.uint64(q64), int(nbits))
+
+
+_NO_ALIVE = np.ones(1, np.bool_)

@@ -249,9 +249,10 @@ class IndexReader(LexModes, HammingModes):
         if 1 <= cb <= 64 and self.nb <= 8 and b.n:
             comb = b.mih._combined()
             if comb is not None and comb[3] is not None:
-                from cbir.indexer.hybrid import bucket_knn
+                from cbir.indexer.hybrid import bucket_topk
 
-                bucket_knn(b.mih, int(b.head64[0]), 1, cb, b.n)  # (numba: compiled or loaded from its cache)
+                # (numba: the kernels compiled, or loaded from their cache, for these arrays' types)
+                bucket_topk(b.mih, int(b.head64[0]), 1, cb, b.n, b.ids, self.nbits, v.alive_mask())
         return got
 
     def _lex_view(self) -> View | None:

@@ -26,19 +26,19 @@ def _ref(q: Codes, codes: Codes, ids: np.ndarray, alive: np.ndarray, cb: int, k:
 @pytest.fixture
 def fast_calls(monkeypatch):
     """Every bucket is searched by the fast path (no bucket is small enough to scan, no budget
-    is exceeded); counts the calls of ``bucket_knn`` that gave an answer."""
+    is exceeded); counts the calls of ``bucket_topk`` that gave an answer."""
     monkeypatch.setattr(hamming, "SLICE_SCAN_MAX", 0)
     monkeypatch.setattr(hamming.MethodChooser, "slice_budget", lambda self, n: 10**15)
     monkeypatch.setattr(hamming.MethodChooser, "try_mih", lambda self: True)
     calls = {"answered": 0}
-    real = hybrid.bucket_knn
+    real = hybrid.bucket_topk
 
     def counted(*a, **kw):
         got = real(*a, **kw)
         calls["answered"] += got is not None
         return got
 
-    monkeypatch.setattr(hamming, "bucket_knn", counted)
+    monkeypatch.setattr(hamming, "bucket_topk", counted)
     return calls
 
 
@@ -168,7 +168,7 @@ def test_hybrid_without_combined_tables(tmp_path, monkeypatch):
 def test_preload_touches_the_base_and_loads_the_kernel(tmp_path, monkeypatch):
     """``IndexReader.preload`` reads every array of the base (its bytes are returned) and loads
     the compiled hybrid loop; answers are unchanged after it."""
-    monkeypatch.setattr(hybrid, "_KERNEL", None)
+    monkeypatch.setattr(hybrid, "_KERNELS", None)
     rng = np.random.default_rng(2)
     codes = random_codes(rng, 4000, 24, "clustered")
     ids = np.arange(4000, dtype=np.int64) * 3
@@ -181,6 +181,6 @@ def test_preload_touches_the_base_and_loads_the_kernel(tmp_path, monkeypatch):
         comb = b.mih._combined()
         want = sum(np.asarray(a).nbytes for a in (b.codes, b.ids, b.head64, *b.by_id(), *comb) if a is not None)
         assert got == want
-        assert hybrid._KERNEL is not None
+        assert hybrid._KERNELS is not None
         after = r.search_hybrid(q, 20)
         assert np.array_equal(before.ids, after.ids) and np.array_equal(before.distances, after.distances)
