@@ -15,7 +15,7 @@ candidates' ``x``. A candidate is kept iff this is its first discovery (substrin
 After group (r, t) every row within ``m r + t`` has been seen (pigeonhole), so once ``k`` kept
 rows lie within that bound the answer is every kept row within the k-th distance (ties
 complete). The work is charged at ``PROBE_NS`` per probe and ``CANDIDATE_NS`` per candidate
-(:mod:`cbir.indexer._kernels`); over ``budget`` the search stops and returns ``None``
+(:mod:`cbir.indexer._hybrid_kernel`); over ``budget`` the search stops and returns ``None``
 (the caller scans the bucket). :func:`bucket_topk` then ranks the rows within the k-th
 distance in a second compiled loop and returns the answer's arrays (ids, big-endian codes,
 distances, prefix lengths), so the caller builds the result without a numpy call per field.
@@ -38,7 +38,7 @@ def _kernels():
     on first use): (probe loop, ranking)."""
     global _KERNELS
     if _KERNELS is None:
-        from cbir.indexer import _kernels as hk
+        from cbir.indexer import _hybrid_kernel as hk
 
         _KERNELS = (hk.bucket_knn_kernel, hk.rank_kernel)
     return _KERNELS

@@ -22,9 +22,6 @@ by the same procedure with the query's bit flipped, for the rows still needed.
 
 Deleted rows (``alive`` mask) are skipped; a run whose live rows are fewer than k goes on to
 the next rings.
-
-:func:`window_answer` is the fast path alone, compiled (numba), returning the answer's arrays;
-the reader tries it first and falls back to :func:`topk`.
 """
 
 from __future__ import annotations
@@ -143,30 +140,6 @@ def topk(
             parts_x.append(sx | np.uint64(bit))
             need -= len(sp)
     return np.concatenate(parts_p), np.concatenate(parts_x)
-
-
-_WINDOW_KERNEL = None
-
-
-def window_answer(h: np.ndarray, ids: np.ndarray, q: int, k: int, alive: np.ndarray | None, nbits: int):
-    """The common case of :func:`topk` over the whole of ``h`` as the answer's arrays, in one
-    compiled loop (:func:`cbir.indexer._kernels.lex_window_kernel`: the same window, the same
-    test): (ids, codes as uint64 whose bytes are the big-endian codes, distances int32,
-    common-prefix lengths int32), or None when the top-k is not inside the window (then
-    :func:`topk` has the general path)."""
-    global _WINDOW_KERNEL
-    if _WINDOW_KERNEL is None:
-        from cbir.indexer._kernels import lex_window_kernel
-
-        _WINDOW_KERNEL = lex_window_kernel
-    ok, out_id, out_c, out_d, out_l = _WINDOW_KERNEL(
-        h, ids, np.uint64(q), int(k), _NO_ALIVE if alive is None else alive, alive is not None,
-        WINDOW * int(k) + WINDOW_EXTRA, int(nbits),
-    )  # fmt: skip
-    return (out_id, out_c, out_d, out_l) if ok else None
-
-
-_NO_ALIVE = np.ones(1, np.bool_)
 
 
 def merge(ids_a, x_a, ids_b, x_b, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ walks the ranking page by page and keeps the matching ids.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from itertools import islice
 
@@ -191,22 +190,6 @@ class LexModes(ReaderAttrs):
         b = v.base
         nb = self.nb
         q64 = int.from_bytes(q.tobytes(), "big") << (8 * (8 - nb))
-        if not len(v.add_ids):  # the common case, compiled: the answer's arrays at once
-            got = lexarray.window_answer(b.head64, b.ids, q64, need, v.alive_mask(), self.nbits)
-            if got is not None:
-                ids, c_be, dist, cpl = got
-                if offset:
-                    ids, c_be, dist, cpl = ids[offset:], c_be[offset:], dist[offset:], cpl[offset:]
-                if sys.byteorder != "little":  # (the kernel byte-swaps: little-endian uint64 bytes)
-                    c_be = c_be.byteswap()
-                n = len(ids)
-                packed = c_be.view(np.uint8).reshape(n, 8)
-                if nb < 8:
-                    packed = np.ascontiguousarray(packed[:, :nb])
-                nxt = None
-                if paged and n and n >= k:
-                    nxt = (packed[-1].tobytes() + int(ids[-1]).to_bytes(8, "big")).hex()
-                return SearchResult(ids, Codes(packed, self.nbits), dist, cpl, "lex", nxt)
         pos, x = lexarray.topk(b.head64, q64, need, 0, b.n, v.alive_mask())
         if len(v.add_ids):
             ah, aid = v.sorted_adds()

@@ -240,15 +240,11 @@ class IndexReader(LexModes, HammingModes):
     def preload(self) -> int:
         """Everything the first queries would otherwise load or build, now: the derived
         structures of the current snapshot with every page of the base's arrays faulted in
-        (:meth:`Derived.preload`), and the compiled loops of lexicographic and hybrid search
-        (codes of <= 64 bits; hybrid: with class bits). Returns the bytes touched. The server calls it before it reports SERVING."""
+        (:meth:`Derived.preload`), and the compiled hybrid loop (codes of <= 64 bits with class
+        bits). Returns the bytes touched. The server calls it before it reports SERVING."""
         v = self.derived()
         b = v.base
         got = b.preload()
-        if self.nb <= 8 and b.n:  # (numba: the lexicographic window kernel loaded)
-            from cbir.indexer.lexarray import window_answer
-
-            window_answer(b.head64, b.ids, int(b.head64[0]), 1, v.alive_mask(), self.nbits)
         cb = self.layout.class_bits
         if 1 <= cb <= 64 and self.nb <= 8 and b.n:
             comb = b.mih._combined()

@@ -129,8 +129,6 @@ def test_lexarray_topk_matches_brute_force(n, kind, seed, dele, direct, window):
     saved = (lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN, lexarray.WINDOW)
     lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN = direct
     lexarray.WINDOW = window
-    ids = np.arange(n, dtype=np.int64) * 3 + 1
-    windowed = 0
     try:
         qs = [int(v) for v in rng.integers(0, 2**64, 3, dtype=np.uint64)] + [
             int(h[i]) for i in rng.integers(0, max(n, 1), 3) if n
@@ -142,21 +140,8 @@ def test_lexarray_topk_matches_brute_force(n, kind, seed, dele, direct, window):
                 assert np.array_equal(pos, rp), (q, k)
                 assert np.array_equal(x, rx)
                 assert pos.dtype == np.int64 and x.dtype == np.uint64
-                got = lexarray.window_answer(h, ids, q, k, alive, 64)  # the compiled fast path
-                if got is not None:
-                    gid, gc, gd, gl = got
-                    assert np.array_equal(gid, ids[rp]), (q, k)
-                    assert np.array_equal(
-                        gc.view(np.uint8).reshape(-1, 8), h[rp].astype(">u8").view(np.uint8).reshape(-1, 8)
-                    )
-                    assert np.array_equal(gd, np.bitwise_count(rx).astype(np.int32))
-                    want_l = np.array([64 - int(v).bit_length() for v in rx], np.int32)
-                    assert np.array_equal(gl, want_l)
-                    windowed += 1
     finally:
         lexarray.DIRECT_EXTRA, lexarray.DIRECT_MIN, lexarray.WINDOW = saved
-    if n <= window + lexarray.WINDOW_EXTRA:  # (a window over every row always answers)
-        assert windowed > 0
 
 
 @SETTINGS

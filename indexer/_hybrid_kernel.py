@@ -1,7 +1,5 @@
-"""The compiled loops of the index (numba, ``nogil``, cached on disk; imported on first use):
-the class-bucket MIH search and its ranking (:mod:`cbir.indexer.hybrid`) and the window fast
-path of the lexicographic top-k (:mod:`cbir.indexer.lexarray`). Those modules describe the
-algorithms; this one only holds the kernels and their bit helpers."""
+"""The compiled loops of :mod:`cbir.indexer.hybrid` (numba; imported on first use). Read
+:mod:`cbir.indexer.hybrid` for the algorithm; this module only holds the kernels."""
 
 from __future__ import annotations
 
@@ -196,59 +194,3 @@ def rank_kernel(pos, x, d, n, k, ids, q, nbits):
         out_d[i] = d[j]
         out_l[i] = min(nbits, 64 - _bit_length(x[j]))
     return out_id, out_c, out_d, out_l
-
-
-@njit(cache=True, nogil=True)
-def lex_window_kernel(h, ids, q, k, alive, use_alive, half, nbits):
-    """The fast path of :func:`cbir.indexer.lexarray.topk` over the whole sorted ``h``: the
-    live rows of the window of ``half`` rows on each side of ``q``'s position sorted by
-    (x = q XOR h, position); when the run ``{x < 2^bit_length(x_k)}`` holding the top-k lies
-    inside the window (neither edge row is in it) its first ``k`` rows are the answer. Returns
-    (ok, ids, codes as byte-swapped uint64, distances int32, common-prefix lengths int32);
-    ``ok`` False: the caller takes the general path."""
-    n = len(h)
-    a, z = 0, n
-    while a < z:  # the first row >= q
-        mid = (a + z) >> 1
-        if h[mid] < q:
-            a = mid + 1
-        else:
-            z = mid
-    a0 = max(0, a - half)
-    z0 = min(n, a + half)
-    xs = np.empty(z0 - a0, np.uint64)
-    ps = np.empty(z0 - a0, np.int64)
-    c = 0
-    for i in range(a0, z0):
-        if use_alive and not alive[i]:
-            continue
-        xs[c] = h[i] ^ q
-        ps[c] = i
-        c += 1
-    whole = a0 == 0 and z0 == n
-    empty = np.empty(0, np.int64)
-    if c < k and not whole:
-        return False, empty, np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int32)
-    order = np.argsort(xs[:c], kind="mergesort")  # (stable: equal x = one code, in id order)
-    take = min(k, c)
-    if c >= k and not whole:
-        bl = _bit_length(xs[order[k - 1]])
-        if bl == 64:
-            ok = False
-        else:
-            b = np.uint64(1) << np.uint64(bl)
-            ok = (a0 == 0 or (h[a0] ^ q) >= b) and (z0 == n or (h[z0 - 1] ^ q) >= b)
-        if not ok:
-            return False, empty, np.empty(0, np.uint64), np.empty(0, np.int32), np.empty(0, np.int32)
-    out_id = np.empty(take, np.int64)
-    out_c = np.empty(take, np.uint64)
-    out_d = np.empty(take, np.int32)
-    out_l = np.empty(take, np.int32)
-    for i in range(take):
-        j = order[i]
-        x = xs[j]
-        out_id[i] = ids[ps[j]]
-        out_c[i] = _bswap(x ^ q)
-        out_d[i] = _popcount(x)
-        out_l[i] = min(nbits, 64 - _bit_length(x))
-    return True, out_id, out_c, out_d, out_l
