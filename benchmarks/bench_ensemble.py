@@ -39,6 +39,14 @@ fixed beforehand); prediction-set search filled to k; 832 s in all)::
     bootstrap/arch 0.105 (0.059); shared-backbone encode = 0.21x (seed) / 0.10x (bootstrap) of
     the per-member path.
 
+Re-measured 2026-12-03 14:11-14:21 UTC (nothing else running, 2 threads, the same command, 568 s)
+with a *retrained* warm start (the same ``cbir train --method ce ... --epochs 15`` command; the
+old checkpoint was gone): seed hard 9.9 %, easy - hard +0.1624, IDK gain +0.0997 at 1.95x,
+t-test 1.36 %; bootstrap 9.1 %, +0.1929, +0.0952 at 2.21x, 1.14 %; arch 42.6 %, +0.1589,
++0.0133 at 1.86x, 0.43 %; Jaccard seed/bootstrap 0.288 (chance 0.050), seed/arch 0.138 (0.088),
+bootstrap/arch 0.112 (0.081). So the split and the gain move by ~0.05 / ~0.01 with the warm
+start alone: neither target (>= 0.2, >= 0.1) is met with this one.
+
 Why the IDK gain is what it is (seed; the same picture for bootstrap): the heads on one frozen
 backbone barely disagree (member spread S ~ 0.19 against |mean one-vs-rest logit| ~ 5), so an
 IDK query is one where no class is more likely than not and two or three classes lie within
