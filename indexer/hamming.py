@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir.codes import Codes
+from cbir.indexer import hybrid
 from cbir.indexer.derived import View
-from cbir.indexer.hybrid import bucket_topk
 from cbir.indexer.lexmodes import FILTER_BRUTE_MAX, _isin_sorted, _prefix_mask
 from cbir.indexer.mih import MIH
 from cbir.indexer.readerbase import ReaderAttrs
@@ -274,6 +274,18 @@ class HammingModes(ReaderAttrs):
             return empty_result(q, self.nbits, "hamming")
         if allowed is not None and len(allowed) <= FILTER_BRUTE_MAX:
             return self._selected(q, allowed, k, radius)
+        if radius is None and allowed is None and method in ("auto", "mih") and self.nb <= 8 and not len(v.add_ids):
+            comb = v.base.mih._combined()
+            if comb is not None and comb[3] is not None:  # (direct tables, codes in bucket order)
+                got = self._topk_fast(q, k, 0, v, v.base.n, self.chooser, method == "auto")
+                if got is not None:
+                    return got
+                if (
+                    got is None
+                    and method == "auto"
+                    and hybrid.ready(v.base.mih, v.base.ids, self.nbits, v.alive_mask())
+                ):
+                    method = "faiss"  # (over MIH's budget: the compiled loop said so)
         flt = Filter(v, allowed=allowed)
         pos, dist = self._base_hits(q, k, radius, method, flt)
         return self._finish(q, flt, pos, dist, k, radius)
@@ -360,7 +372,7 @@ class HammingModes(ReaderAttrs):
         if self.nb <= 8 and allowed is None and not len(v.add_ids) and hi - lo > SLICE_SCAN_MAX:
             comb = v.base.mih._combined()
             if comb is not None and comb[3] is not None:  # (direct tables, codes in bucket order)
-                got = self._hybrid_fast(q, k, cb, v, hi - lo)
+                got = self._topk_fast(q, k, cb, v, hi - lo, self.hybrid_chooser, wait=True)
                 if got is not None:
                     return got
                 pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
@@ -368,18 +380,29 @@ class HammingModes(ReaderAttrs):
         pos, dist = self._base_hits(q, k, None, "auto", flt)
         return self._finish(q, flt, pos, dist, k, None, cb)
 
-    def _hybrid_fast(self, q, k: int, cb: int, v: View, bucket_n: int) -> SearchResult | None:
-        """Hybrid top-k through :func:`cbir.indexer.hybrid.bucket_topk` (<= 64-bit codes, no
-        label filter, no rows added since the base, combined MIH tables), or None when MIH is
-        over its budget (or the chooser says it keeps being)."""
+    def _topk_fast(
+        self, q, k: int, cb: int, v: View, bucket_n: int, chooser, budgeted: bool = True, wait: bool = False
+    ):
+        """Top-k of the class bucket of width ``cb`` (``cb = 0``: the whole base) through the
+        compiled :func:`cbir.indexer.hybrid.bucket_topk` (<= 64-bit codes, no label filter, no
+        rows added since the base, combined MIH tables). None when its kernels are still loading
+        (:func:`cbir.indexer.hybrid.ready`; ``wait``: wait for them), when MIH is over its budget (``budgeted``: the
+        chooser's flat budget for ``cb = 0``, its slice budget for a bucket) or the chooser says
+        it keeps being."""
         b = v.base
         mih = b.mih
-        chooser = self.hybrid_chooser
-        if not chooser.try_mih():
+        alive = v.alive_mask()
+        if not hybrid.ready(mih, b.ids, self.nbits, alive, wait):
             return None
+        budget = None
+        if budgeted:
+            if not chooser.try_mih():
+                return None
+            budget = chooser.flat_budget(b.n) if cb == 0 else chooser.slice_budget(bucket_n)
         q64 = int.from_bytes(q.tobytes(), "big") << (8 * (8 - self.nb))
-        got = bucket_topk(mih, q64, k, cb, bucket_n, b.ids, self.nbits, v.alive_mask(), chooser.slice_budget(bucket_n))
-        chooser.record(got is None)
+        got = hybrid.bucket_topk(mih, q64, k, cb, bucket_n, b.ids, self.nbits, alive, budget)
+        if budgeted:
+            chooser.record(got is None)
         if got is None:
             return None
         ids, c_be, dist, cpl = got

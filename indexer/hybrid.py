@@ -20,17 +20,30 @@ complete). The work is charged at ``PROBE_NS`` per probe and ``CANDIDATE_NS`` pe
 distance in a second compiled loop and returns the answer's arrays (ids, big-endian codes,
 distances, prefix lengths), so the caller builds the result without a numpy call per field.
 
+With ``cb = 0`` the bucket is the whole base: the plain exact Hamming k-NN (the reader's
+``search_hamming`` fast path).
+
 The kernels are compiled on first use and cached on disk (``numba`` ``cache=True``: in the
-package's ``__pycache__``, or ``NUMBA_CACHE_DIR``); numba is imported only then.
+package's ``__pycache__``, or ``NUMBA_CACHE_DIR``); numba is imported only then (~1 s from the
+cache). A reader's first Hamming queries do not wait for that: :func:`ready` loads the kernels
+in a background thread while the numpy MIH search answers; hybrid search loads them at once
+(its numpy fallback is a scan of the bucket); :func:`warm` is the server's preload.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
 from cbir.indexer.mih import MIH, flip_masks
 
 _KERNELS = None
+_LOCK = threading.Lock()
+#: load the kernels of a MIH in a background thread on its first query (its queries take the
+#: numpy paths meanwhile; numba's import and the cache load take ~1 s); False: load them in the
+#: calling thread
+BACKGROUND = True
 
 
 def _kernels():
@@ -42,6 +55,44 @@ def _kernels():
 
         _KERNELS = (hk.bucket_knn_kernel, hk.rank_kernel)
     return _KERNELS
+
+
+def warm(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None) -> None:
+    """Compile (or load from the cache) both kernels for the array types of this MIH, ``ids``
+    and ``alive`` (numba specialises on them), with one tiny query; then :func:`ready` is True."""
+    comb = mih._combined()
+    if comb is not None and comb[3] is not None and mih.n:
+        bucket_topk(mih, int(comb[3][0]), 1, 0, mih.n, ids, nbits, alive)
+    mih.__dict__["_kernels_ready"] = True
+
+
+def ready(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None, wait: bool = False) -> bool:
+    """Whether the kernels are loaded for this MIH. ``wait`` (hybrid search, whose numpy
+    fallback is a scan of the bucket): load them now, or wait for the thread loading them.
+    Otherwise (plain Hamming search, whose numpy MIH search is a full-speed fallback), with
+    :data:`BACKGROUND` a thread starts loading them (once per MIH) and this returns False."""
+    if mih.__dict__.get("_kernels_ready"):
+        return True
+    with _LOCK:
+        t = mih.__dict__.get("_kernels_loading")
+        if t is None and (wait or not BACKGROUND):
+            mih.__dict__["_kernels_loading"] = t = threading.current_thread()
+            mine = True
+        else:
+            mine = False
+            if t is None:
+                t = threading.Thread(target=warm, args=(mih, ids, nbits, alive), name="cbir-kernel-load", daemon=True)
+                mih.__dict__["_kernels_loading"] = t
+                t.start()
+    if mine:
+        warm(mih, ids, nbits, alive)
+        return True
+    if wait or not BACKGROUND:
+        t.join()
+        if not mih.__dict__.get("_kernels_ready"):  # (the loading thread failed: load here)
+            warm(mih, ids, nbits, alive)
+        return True
+    return False
 
 
 def _plan(mih: MIH, cb: int):
@@ -84,13 +135,13 @@ def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
     """The probe loop: (count, positions, x, distances) of the rows within the k-th distance
     (the first ``count`` entries), or None when over ``budget``."""
     comb = mih._combined()
-    assert comb is not None and comb[3] is not None and 1 <= cb <= 64
+    assert comb is not None and comb[3] is not None and 0 <= cb <= 64
     _bases, offs, perm, codes_all = comb
     k = min(k, bucket_n)
     if k <= 0:
         return 0, np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint8)
     fm, plan, sub = _plan(mih, cb)
-    top = (1 << (64 - cb)) - 1 if cb < 64 else 0  # x <= top: the same class bits
+    top = (1 << (64 - cb)) - 1 if cb < 64 else 0  # x <= top: the same class bits (cb = 0: all rows)
     limit = -1 if budget is None else int(budget)
     use_alive = alive is not None
     al = alive if alive is not None else _NO_ALIVE

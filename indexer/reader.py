@@ -240,19 +240,17 @@ class IndexReader(LexModes, HammingModes):
     def preload(self) -> int:
         """Everything the first queries would otherwise load or build, now: the derived
         structures of the current snapshot with every page of the base's arrays faulted in
-        (:meth:`Derived.preload`), and the compiled hybrid loop (codes of <= 64 bits with class
+        (:meth:`Derived.preload`), and the compiled Hamming / hybrid loops (codes of <= 64
         bits). Returns the bytes touched. The server calls it before it reports SERVING."""
         v = self.derived()
         b = v.base
         got = b.preload()
-        cb = self.layout.class_bits
-        if 1 <= cb <= 64 and self.nb <= 8 and b.n:
+        if self.nb <= 8 and b.n:
             comb = b.mih._combined()
             if comb is not None and comb[3] is not None:
-                from cbir.indexer.hybrid import bucket_topk
+                from cbir.indexer import hybrid
 
-                # (numba: the kernels compiled, or loaded from their cache, for these arrays' types)
-                bucket_topk(b.mih, int(b.head64[0]), 1, cb, b.n, b.ids, self.nbits, v.alive_mask())
+                hybrid.warm(b.mih, b.ids, self.nbits, v.alive_mask())  # (numba: compiled or loaded from its cache)
         return got
 
     def _lex_view(self) -> View | None:

@@ -4,6 +4,8 @@ fresh indexes, after deletes and with rows added since the base."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from _helpers import queries_for, random_codes, ref_ids
@@ -38,7 +40,7 @@ def fast_calls(monkeypatch):
         calls["answered"] += got is not None
         return got
 
-    monkeypatch.setattr(hamming, "bucket_topk", counted)
+    monkeypatch.setattr(hybrid, "bucket_topk", counted)
     return calls
 
 
@@ -184,3 +186,49 @@ def test_preload_touches_the_base_and_loads_the_kernel(tmp_path, monkeypatch):
         assert hybrid._KERNELS is not None
         after = r.search_hybrid(q, 20)
         assert np.array_equal(before.ids, after.ids) and np.array_equal(before.distances, after.distances)
+
+
+def test_kernels_load_in_the_background(tmp_path, monkeypatch):
+    """A reader's first Hamming queries do not wait for numba: the numpy MIH search answers while
+    a thread loads the kernels (a hybrid query waits for them), then the compiled loops do;
+    every answer equals brute force, and deleted rows stay out of both paths."""
+    monkeypatch.setattr(hybrid, "BACKGROUND", True)
+    monkeypatch.setattr(hamming, "SLICE_SCAN_MAX", 0)
+    rng = np.random.default_rng(4)
+    n, nbits = 5000, 32
+    codes = random_codes(rng, n, nbits, "clustered")
+    ids = np.arange(n, dtype=np.int64) * 5 + 2
+    out = build_index(tmp_path / "ix", ids, codes, layout=CodeLayout(nbits, class_bits=2))
+    gone = rng.choice(n, 200, replace=False)
+    with IndexWriter(out) as w:
+        w.delete(ids[gone])
+    alive = np.ones(n, bool)
+    alive[gone] = False
+    qs = queries_for(rng, codes, nbits, 4)
+    with open_index(out) as r:
+        mih = r.derived().base.mih
+
+        def check(hybrid_too=True):
+            for q in qs:
+                got = r.search_hamming(q, k=25)
+                want = ref_ids(q, codes[np.flatnonzero(alive)], ids[alive], 25, "hamming")
+                assert np.array_equal(got.ids, want)
+                if hybrid_too:
+                    got = r.search_hybrid(q, 25)
+                    assert np.array_equal(got.ids, _ref(q, codes, ids, alive, 2, 25)[0])
+
+        check(hybrid_too=False)  # (the first query started the loading thread)
+        loader = mih.__dict__["_kernels_loading"]
+        assert loader is not threading.current_thread()
+        check()  # (the hybrid queries wait for it)
+        assert mih.__dict__.get("_kernels_ready") is True
+        calls = {"n": 0}
+        real = hybrid.bucket_topk
+
+        def counted(*a, **kw):
+            calls["n"] += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(hybrid, "bucket_topk", counted)
+        check()
+        assert calls["n"] >= 2 * len(qs)
