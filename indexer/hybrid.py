@@ -33,6 +33,7 @@ in a background thread while the numpy MIH search answers; hybrid search loads t
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -44,6 +45,9 @@ _LOCK = threading.Lock()
 #: numpy paths meanwhile; numba's import and the cache load take ~1 s); False: load them in the
 #: calling thread
 BACKGROUND = True
+#: the background thread waits this long before it loads (the queries right after opening an
+#: index then do not share the GIL with numba's import)
+LOAD_DELAY_S = 0.25
 
 
 def _kernels():
@@ -66,6 +70,11 @@ def warm(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None) -> Non
     mih.__dict__["_kernels_ready"] = True
 
 
+def _warm_later(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None) -> None:
+    time.sleep(LOAD_DELAY_S)
+    warm(mih, ids, nbits, alive)
+
+
 def ready(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None, wait: bool = False) -> bool:
     """Whether the kernels are loaded for this MIH. ``wait`` (hybrid search, whose numpy
     fallback is a scan of the bucket): load them now, or wait for the thread loading them.
@@ -81,7 +90,9 @@ def ready(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None, wait:
         else:
             mine = False
             if t is None:
-                t = threading.Thread(target=warm, args=(mih, ids, nbits, alive), name="cbir-kernel-load", daemon=True)
+                t = threading.Thread(
+                    target=_warm_later, args=(mih, ids, nbits, alive), name="cbir-kernel-load", daemon=True
+                )
                 mih.__dict__["_kernels_loading"] = t
                 t.start()
     if mine:
