@@ -24,24 +24,12 @@ def _popcount(v):
 @njit(inline="always")
 def _bit_length(v):
     n = 0
-    if v >> np.uint64(32):
-        v >>= np.uint64(32)
-        n += 32
-    if v >> np.uint64(16):
-        v >>= np.uint64(16)
-        n += 16
-    if v >> np.uint64(8):
-        v >>= np.uint64(8)
-        n += 8
-    if v >> np.uint64(4):
-        v >>= np.uint64(4)
-        n += 4
-    if v >> np.uint64(2):
-        v >>= np.uint64(2)
-        n += 2
-    if v >> np.uint64(1):
-        v >>= np.uint64(1)
-        n += 1
+    s = 32
+    while s:  # binary search for the highest set bit
+        if v >> np.uint64(s):
+            v >>= np.uint64(s)
+            n += s
+        s >>= 1
     return n + (1 if v else 0)
 
 
