@@ -302,10 +302,9 @@ PAGE = 4096
 
 def _touch(a) -> int:
     """Read one byte of every page of array ``a`` (faults a memory map's pages in); its bytes."""
-    b = np.asarray(a)
+    b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # (no copy: the base's arrays are contiguous)
     if b.size == 0:
         return 0
-    b = b.reshape(-1).view(np.uint8) if b.flags.c_contiguous else np.ascontiguousarray(b).reshape(-1).view(np.uint8)
     int(b[::PAGE].max())
     return int(b.nbytes)
 

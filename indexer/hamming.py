@@ -274,18 +274,19 @@ class HammingModes(ReaderAttrs):
             return empty_result(q, self.nbits, "hamming")
         if allowed is not None and len(allowed) <= FILTER_BRUTE_MAX:
             return self._selected(q, allowed, k, radius)
-        if radius is None and allowed is None and method in ("auto", "mih") and self.nb <= 8 and not len(v.add_ids):
-            comb = v.base.mih._combined()
-            if comb is not None and comb[3] is not None:  # (direct tables, codes in bucket order)
-                got = self._topk_fast(q, k, 0, v, v.base.n, self.chooser, method == "auto")
-                if got is not None:
-                    return got
-                if (
-                    got is None
-                    and method == "auto"
-                    and hybrid.ready(v.base.mih, v.base.ids, self.nbits, v.alive_mask())
-                ):
-                    method = "faiss"  # (over MIH's budget: the compiled loop said so)
+        if (
+            radius is None
+            and allowed is None
+            and method in ("auto", "mih")
+            and self.nb <= 8
+            and not len(v.add_ids)
+            and hybrid.applies(v.base.mih)
+        ):
+            got = self._topk_fast(q, k, 0, v, v.base.n, self.chooser, method == "auto")
+            if got is not None:
+                return got
+            if method == "auto" and hybrid.ready(v.base.mih, v.base.ids, self.nbits, v.alive_mask()):
+                method = "faiss"  # (over MIH's budget: the compiled loop said so)
         flt = Filter(v, allowed=allowed)
         pos, dist = self._base_hits(q, k, radius, method, flt)
         return self._finish(q, flt, pos, dist, k, radius)
@@ -369,14 +370,18 @@ class HammingModes(ReaderAttrs):
             return self._selected(q, allowed, k, None, cb)
         lo, hi = self._prefix_range(v.base, q, cb)
         flt = Filter(v, lo, hi, allowed)
-        if self.nb <= 8 and allowed is None and not len(v.add_ids) and hi - lo > SLICE_SCAN_MAX:
-            comb = v.base.mih._combined()
-            if comb is not None and comb[3] is not None:  # (direct tables, codes in bucket order)
-                got = self._topk_fast(q, k, cb, v, hi - lo, self.hybrid_chooser, wait=True)
-                if got is not None:
-                    return got
-                pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
-                return self._finish(q, flt, pos, dist, k, None, cb)
+        if (
+            self.nb <= 8
+            and allowed is None
+            and not len(v.add_ids)
+            and hi - lo > SLICE_SCAN_MAX
+            and hybrid.applies(v.base.mih)
+        ):
+            got = self._topk_fast(q, k, cb, v, hi - lo, self.hybrid_chooser, wait=True)
+            if got is not None:
+                return got
+            pos, dist = self._base_hits(q, k, None, "brute", flt)  # over budget: scan the bucket
+            return self._finish(q, flt, pos, dist, k, None, cb)
         pos, dist = self._base_hits(q, k, None, "auto", flt)
         return self._finish(q, flt, pos, dist, k, None, cb)
 
@@ -385,10 +390,10 @@ class HammingModes(ReaderAttrs):
     ):
         """Top-k of the class bucket of width ``cb`` (``cb = 0``: the whole base) through the
         compiled :func:`cbir.indexer.hybrid.bucket_topk` (<= 64-bit codes, no label filter, no
-        rows added since the base, combined MIH tables). None when its kernels are still loading
-        (:func:`cbir.indexer.hybrid.ready`; ``wait``: wait for them), when MIH is over its budget (``budgeted``: the
-        chooser's flat budget for ``cb = 0``, its slice budget for a bucket) or the chooser says
-        it keeps being."""
+        rows added since the base, :func:`cbir.indexer.hybrid.applies`). None when its kernels
+        are still loading (:func:`cbir.indexer.hybrid.ready`; ``wait``: wait for them), when MIH
+        is over its budget (``budgeted``: the chooser's flat budget for ``cb = 0``, its slice
+        budget for a bucket) or the chooser says it keeps being."""
         b = v.base
         mih = b.mih
         alive = v.alive_mask()

@@ -61,12 +61,18 @@ def _kernels():
     return _KERNELS
 
 
+def applies(mih: MIH) -> bool:
+    """Whether the kernels can search this MIH: its tables are combined into one CSR with the
+    codes stored again in bucket order (direct tables of <= 64-bit codes)."""
+    comb = mih._combined()
+    return comb is not None and comb[3] is not None
+
+
 def warm(mih: MIH, ids: np.ndarray, nbits: int, alive: np.ndarray | None) -> None:
     """Compile (or load from the cache) both kernels for the array types of this MIH, ``ids``
     and ``alive`` (numba specialises on them), with one tiny query; then :func:`ready` is True."""
-    comb = mih._combined()
-    if comb is not None and comb[3] is not None and mih.n:
-        bucket_topk(mih, int(comb[3][0]), 1, 0, mih.n, ids, nbits, alive)
+    if applies(mih) and mih.n:
+        bucket_topk(mih, int(mih._combined()[3][0]), 1, 0, mih.n, ids, nbits, alive)
     mih.__dict__["_kernels_ready"] = True
 
 
@@ -143,11 +149,12 @@ def _plan(mih: MIH, cb: int):
 
 
 def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
-    """The probe loop: (count, positions, x, distances) of the rows within the k-th distance
-    (the first ``count`` entries), or None when over ``budget``."""
-    comb = mih._combined()
-    assert comb is not None and comb[3] is not None and 0 <= cb <= 64
-    _bases, offs, perm, codes_all = comb
+    """The probe loop: (count, positions, x, distances) of every live row of the class bucket
+    of ``q64`` (the query's first 8 bytes as a big-endian int) within the k-th smallest
+    distance, ties included (the first ``count`` entries; at most ``bucket_n`` rows are in the
+    bucket), or None when the estimated cost exceeds ``budget``."""
+    assert applies(mih) and 0 <= cb <= 64
+    _bases, offs, perm, codes_all = mih._combined()
     k = min(k, bucket_n)
     if k <= 0:
         return 0, np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint8)
@@ -160,19 +167,6 @@ def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
         offs, perm, codes_all, fm, plan, sub, np.uint64(q64), np.uint64(top), int(k), al, use_alive, limit
     )
     return None if got[0] < 0 else got
-
-
-def bucket_knn(
-    mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive: np.ndarray | None = None, budget: int | None = None
-):
-    """(positions, x, distances) of every live row of the class bucket of ``q64`` (the query's
-    first 8 bytes as a big-endian int) within the k-th smallest distance, ties included; at
-    most ``bucket_n`` rows are in the bucket. None when the estimated cost exceeds ``budget``."""
-    got = _probe(mih, q64, k, cb, bucket_n, alive, budget)
-    if got is None:
-        return None
-    n, pos, x, d = got
-    return pos[:n], x[:n], d[:n]
 
 
 def bucket_topk(

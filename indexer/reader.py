@@ -246,11 +246,10 @@ class IndexReader(LexModes, HammingModes):
         b = v.base
         got = b.preload()
         if self.nb <= 8 and b.n:
-            comb = b.mih._combined()
-            if comb is not None and comb[3] is not None:
-                from cbir.indexer import hybrid
+            from cbir.indexer import hybrid
 
-                hybrid.warm(b.mih, b.ids, self.nbits, v.alive_mask())  # (numba: compiled or loaded from its cache)
+            if hybrid.applies(b.mih):  # (numba: the kernels compiled or loaded from their cache)
+                hybrid.warm(b.mih, b.ids, self.nbits, v.alive_mask())
         return got
 
     def _lex_view(self) -> View | None:

@@ -93,7 +93,7 @@ def test_hybrid_fast_path_matches_brute_force(tmp_path, fast_calls, nbits, kind,
 
 
 @pytest.mark.parametrize(("m", "cb"), [(None, 3), (16, 9), (8, 1)])
-def test_bucket_knn_returns_every_row_within_the_kth_distance(m, cb):
+def test_bucket_probe_returns_every_row_within_the_kth_distance(m, cb):
     """The candidate set itself: all live bucket rows within the k-th distance, nothing else
     (class bits inside the first table, or spanning several: 16 tables of 4 bits, cb = 9)."""
     from cbir.indexer.mih import MIH
@@ -115,11 +115,12 @@ def test_bucket_knn_returns_every_row_within_the_kth_distance(m, cb):
         bucket = np.flatnonzero(same)
         for k in (1, 50, 500):
             for a in (None, alive):
-                got = hybrid.bucket_knn(mih, q64, k, cb, len(bucket), a, None)
+                got = hybrid._probe(mih, q64, k, cb, len(bucket), a, None)
                 if got is None:  # (a stage would cost more than a scan of the bucket)
                     continue
                 answered += 1
-                pos, x, d = got
+                n_, pos, x, d = got
+                pos, x, d = pos[:n_], x[:n_], d[:n_]
                 live = bucket if a is None else bucket[a[bucket]]
                 dist = np.bitwise_count(h[live] ^ np.uint64(q64))
                 dk = np.sort(dist)[min(k, len(dist)) - 1]
