@@ -47,7 +47,7 @@ t-test 1.36 %; bootstrap 9.1 %, +0.1929, +0.0952 at 2.21x, 1.14 %; arch 42.6 %, 
 bootstrap/arch 0.112 (0.081). So the split and the gain move by ~0.05 / ~0.01 with the warm
 start alone: neither target (>= 0.2, >= 0.1) is met with this one.
 
-Re-measured 2026-12-03 ~20:05 UTC (nothing else running, 2 threads, ``--perturbs seed,bootstrap``,
+Re-measured 2026-12-03 20:12-20:14 UTC (nothing else running, 2 threads, ``--perturbs seed,bootstrap``,
 114 s) with a third warm start (the same ``cbir train --method ce ... --epochs 15`` command, 177 s,
 final loss 1.140): seed hard 8.4 %, easy - hard 0.4436 - 0.2375 = +0.2061, IDK gain +0.1458 at
 1.99x (top-2 +0.1375), t-test 1.62 %; bootstrap hard 9.7 %, +0.2152, +0.1152 at 1.90x, 1.83 %;
