@@ -110,6 +110,16 @@ class Codes:
 
     # construction ---------------------------------------------------------------------------
     @classmethod
+    def _trusted(cls, packed: np.ndarray, nbits: int) -> "Codes":
+        """A ``Codes`` of rows the index itself produced (C-contiguous uint8 of the right width,
+        pad bits zero), without re-validating them: the per-query result paths, where the
+        checks of ``__post_init__`` cost more than the search."""
+        c = object.__new__(cls)
+        object.__setattr__(c, "packed", packed)
+        object.__setattr__(c, "nbits", nbits)
+        return c
+
+    @classmethod
     def from_bits(cls, bits: np.ndarray) -> "Codes":
         bits = np.asarray(bits)
         if bits.ndim != 2:

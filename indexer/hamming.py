@@ -416,7 +416,7 @@ class HammingModes(ReaderAttrs):
         packed = c_be.view(np.uint8).reshape(len(ids), 8)
         if self.nb < 8:
             packed = np.ascontiguousarray(packed[:, : self.nb])
-        return SearchResult(ids, Codes(packed, self.nbits), dist, cpl, "hamming")
+        return SearchResult(ids, Codes._trusted(packed, self.nbits), dist, cpl, "hamming")
 
     def _prefix_range(self, d, q: np.ndarray, p: int) -> tuple[int, int]:
         """Positions [lo, hi) of the sorted codes starting with the first ``p`` bits of q:

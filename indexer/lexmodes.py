@@ -208,7 +208,7 @@ class LexModes(ReaderAttrs):
         if paged and n and n >= k:
             nxt = (packed[-1].tobytes() + int(ids[-1]).to_bytes(8, "big")).hex()
         dist = np.bitwise_count(x).astype(np.int32)
-        return SearchResult(ids, Codes(packed, self.nbits), dist, prefix_len_u64(x, self.nbits), "lex", nxt)
+        return SearchResult(ids, Codes._trusted(packed, self.nbits), dist, prefix_len_u64(x, self.nbits), "lex", nxt)
 
     def _search_lex_labels(self, q, k, offset, ckey, paged, labels) -> SearchResult:
         allowed = self.ids_with_labels(labels)

@@ -112,7 +112,7 @@ def hamming_result_u64(
     x = x[perm]
     return SearchResult(
         np.asarray(ids[perm], dtype=np.int64),
-        Codes(np.ascontiguousarray(packed[perm]), nbits),
+        Codes._trusted(np.ascontiguousarray(packed[perm]), nbits),
         np.asarray(dist[perm], dtype=np.int32),
         prefix_len_u64(x, nbits),
         "hamming",
