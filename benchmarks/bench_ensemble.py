@@ -46,9 +46,9 @@ beforehand; ``arch`` for s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 
             seed/arch           0.130    0.086    0.117                    (chance 0.057-0.072)
             boot/arch           0.133    0.108    0.123                    (chance 0.068-0.081)
 
-The IDK latency ratio (prediction set vs plain search, the IDK queries) was 1.83-2.17x and the
-t-test + confidence 1.55-2.56 % of the ensemble forward in every run; the shared-backbone encode
-0.19-0.21x the per-member path. The IDK sets hold 55-85 queries, so one run's gain has a
+The IDK latency ratio (prediction set vs plain search, the IDK queries) was 1.83-2.17x in every
+run; the t-test + confidence 1.55-2.56 % of the ensemble forward (seed, bootstrap; arch
+0.39-0.57 %); the shared-backbone encode 0.19-0.22x the per-member path. The IDK sets hold 55-85 queries, so one run's gain has a
 sampling error of ~0.03: the spread across warm starts is of that size, and the means are the
 figures to read. Two earlier warm starts made by the same command (single runs, 2026-12-02
 and 2026-12-03 14:11; the seed / bootstrap figures are step-based, so the machine's load does not
