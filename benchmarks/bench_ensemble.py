@@ -47,16 +47,17 @@ beforehand; ``arch`` for s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 
             boot/arch           0.133    0.108    0.123                    (chance 0.068-0.081)
 
 The IDK latency ratio (prediction set vs plain search, the IDK queries) was 1.83-2.17x in every
-run; the t-test + confidence 1.55-2.56 % of the ensemble forward (seed, bootstrap; arch
-0.39-0.57 %); the shared-backbone encode 0.19-0.22x the per-member path. The IDK sets hold 55-85 queries, so one run's gain has a
-sampling error of ~0.03: the spread across warm starts is of that size, and the means are the
-figures to read. Two earlier warm starts made by the same command (single runs, 2026-12-02
-and 2026-12-03 14:11; the seed / bootstrap figures are step-based, so the machine's load does not
-move them) gave seed +0.220 / +0.108 and +0.162 / +0.100 (+0.0997), bootstrap +0.157 / +0.076
-and +0.193 / +0.095. Over all seven warm starts: seed split +0.214 (met 6/7), gain +0.097 (met
-2/7: not met on average); bootstrap split +0.208 (met 3/7), gain +0.103 (met 4/7); both
-bootstrap targets met together in 2 of 7 runs. So on this protocol the targets sit at the
-method's expected value, not below it with a margin.
+run; the t-test + confidence 1.55-2.56 % of the ensemble forward (seed, bootstrap; arch 0.39-0.57
+%); the shared-backbone encode 0.19-0.22x the per-member path. The IDK sets hold 55-85 queries, so
+one run's gain has a sampling error of ~0.03 (an estimate: ~15 % of the IDK queries gain ~0.6
+recall each), the size of the measured spread across warm starts (sd 0.034 / 0.014): the means are
+the figures to read. Two earlier warm starts made by the same command (single runs, 2026-12-02 and
+2026-12-03 14:11; the seed / bootstrap figures are step-based, so the machine's load does not move
+them) gave seed +0.220 / +0.108 and +0.162 / +0.100 (+0.0997), bootstrap +0.157 / +0.076 and +0.193
+/ +0.095. Over all seven warm starts: seed split +0.214 (met 6/7), gain +0.097 (met 2/7: not met on
+average); bootstrap split +0.208 (met 3/7), gain +0.103 (met 4/7); both bootstrap targets met
+together in 2 of 7 runs. So on this protocol the method's expected figures sit at the targets,
+not above them with a margin.
 
 Why the IDK gain is what it is (seed; the same picture for bootstrap): the heads on one frozen
 backbone barely disagree (member spread S ~ 0.19 against |mean one-vs-rest logit| ~ 5), so an
