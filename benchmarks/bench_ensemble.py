@@ -25,17 +25,18 @@ each, the cosine schedule following the budget): only one backbone was trained b
 the architecture members are weaker; the figure says what they give. Model selection never looks
 at the query set (the model after the last step is used).
 
-Measured over five warm starts (2026-12-03 22:58 - 2026-12-04 00:28 UTC, nothing else running,
-2 threads, the usage command below with ``--ce-from runs/dev_ce_c10_s<s>/model.pt``; warm start
-``s`` = ``cbir train --method ce --dataset cifar10-subset --backbone resnet20 --epochs 15
---batch-size 128 --lr 2e-3 --threads 2 --seed s`` (s = 0: the default seed; ~3 min each); E = 5;
-300 head steps per member, 1 cached view; tau = -log 0.05, margin 1, the defaults fixed
-beforehand; ``arch`` for s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 4)::
+Measured over five warm starts (2026-12-03 22:58 - 2026-12-04 00:28 UTC, nothing else running, 2
+threads, the usage command below with ``--ce-from runs/dev_ce_c10_s<s>/model.pt``, s = 0:
+``runs/dev_ce_c10``; warm start ``s`` = ``cbir train --method ce --dataset cifar10-subset
+--backbone resnet20 --epochs 15 --batch-size 128 --lr 2e-3 --threads 2 --seed s`` (s = 0: the
+default seed; ~3 min each); E = 5; 300 head steps per member, 1 cached view; tau = -log 0.05,
+margin 1, the defaults fixed beforehand; ``arch`` for s = 0-2 only, ``--perturbs seed,bootstrap``
+for s = 3, 4)::
 
     warm start s                  0        1        2        3        4      mean (sd)
     seed  hard (idk) %           8.4      6.5      7.9      8.5      8.5     8.0 (0.9)
           easy - hard mAP@1000  +0.206   +0.234   +0.227   +0.228   +0.222  +0.223 (0.011)  >= 0.2: met 5/5
-          IDK recall@1000 gain  +0.146   +0.057   +0.098   +0.100   +0.071  +0.094 (0.034)  >= 0.1: met 1/5
+          IDK recall@1000 gain  +0.1458  +0.0570  +0.0975  +0.0999  +0.0712 +0.094 (0.034)  >= 0.1: met 1/5
     boot  hard (idk) %           9.7      8.0      8.4     10.0      9.8     9.2 (0.9)
           easy - hard mAP@1000  +0.215   +0.259   +0.194   +0.193   +0.244  +0.221 (0.029)  >= 0.2: met 3/5
           IDK recall@1000 gain  +0.115   +0.089   +0.126   +0.106   +0.112  +0.109 (0.014)  >= 0.1: met 4/5
@@ -47,17 +48,19 @@ beforehand; ``arch`` for s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 
             boot/arch           0.133    0.108    0.123                    (chance 0.068-0.081)
 
 The IDK latency ratio (prediction set vs plain search, the IDK queries) was 1.83-2.17x in every
-run; the t-test + confidence 1.55-2.56 % of the ensemble forward (seed, bootstrap; arch 0.39-0.57
-%); the shared-backbone encode 0.19-0.22x the per-member path. The IDK sets hold 55-85 queries, so
-one run's gain has a sampling error of ~0.03 (an estimate: ~15 % of the IDK queries gain ~0.6
-recall each), the size of the measured spread across warm starts (sd 0.034 / 0.014): the means are
-the figures to read. Two earlier warm starts made by the same command (single runs, 2026-12-02 and
-2026-12-03 14:11; the seed / bootstrap figures are step-based, so the machine's load does not move
-them) gave seed +0.220 / +0.108 and +0.162 / +0.100 (+0.0997), bootstrap +0.157 / +0.076 and +0.193
-/ +0.095. Over all seven warm starts: seed split +0.214 (met 6/7), gain +0.097 (met 2/7: not met on
-average); bootstrap split +0.208 (met 3/7), gain +0.103 (met 4/7); both bootstrap targets met
-together in 2 of 7 runs. So on this protocol the method's expected figures sit at the targets,
-not above them with a margin.
+run; the t-test + confidence 1.55-2.56 % of the ensemble forward (seed, bootstrap; arch
+0.39-0.57 %); the shared-backbone encode 0.19-0.22x the per-member path. The IDK sets hold
+55-85 queries, so one run's gain has a sampling error of ~0.03 (an estimate: ~15 % of the IDK
+queries gain ~0.6 recall each), the size of the measured spread across warm starts (sd 0.034 /
+0.014): the means are the figures to read.
+
+Two earlier warm starts made by the same command (single runs, 2026-12-02 and 2026-12-03 14:11;
+the seed / bootstrap figures are step-based, so the machine's load does not move them) gave seed
++0.220 / +0.108 and +0.162 / +0.0997, bootstrap +0.157 / +0.076 and +0.193 / +0.095. Over all
+seven warm starts: seed split +0.214 (met 6/7), gain +0.097 (met 2/7: not met on average);
+bootstrap split +0.208 (met 3/7), gain +0.103 (met 4/7); both bootstrap targets met together in
+2 of 7 runs. So on this protocol the method's expected figures sit at the targets, not above them
+with a margin.
 
 Why the IDK gain is what it is (seed; the same picture for bootstrap): the heads on one frozen
 backbone barely disagree (member spread S ~ 0.19 against |mean one-vs-rest logit| ~ 5), so an
