@@ -152,7 +152,8 @@ def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
     """The probe loop: (count, positions, x, distances) of every live row of the class bucket
     of ``q64`` (the query's first 8 bytes as a big-endian int) within the k-th smallest
     distance, ties included (the first ``count`` entries; at most ``bucket_n`` rows are in the
-    bucket), or None when the estimated cost exceeds ``budget``."""
+    bucket), or None when the estimated cost exceeds ``budget``. The arrays are this thread's
+    scratch buffers (:func:`_scratch`): valid until its next probe."""
     assert applies(mih) and 0 <= cb <= 64
     _bases, offs, perm, codes_all = mih._combined()
     k = min(k, bucket_n)
@@ -163,10 +164,36 @@ def _probe(mih: MIH, q64: int, k: int, cb: int, bucket_n: int, alive, budget):
     limit = -1 if budget is None else int(budget)
     use_alive = alive is not None
     al = alive if alive is not None else _NO_ALIVE
-    got = _kernels()[0](
-        offs, perm, codes_all, fm, plan, sub, np.uint64(q64), np.uint64(top), int(k), al, use_alive, limit
-    )
-    return None if got[0] < 0 else got
+    kernel = _kernels()[0]
+    args = (offs, perm, codes_all, fm, plan, sub, np.uint64(q64), np.uint64(top), int(k), al, use_alive, limit)
+    buf = _scratch(0)
+    while True:
+        n, need = kernel(*args, *buf)
+        if n != -2:
+            break
+        buf = _scratch(need)
+    return None if n < 0 else (n, *buf)
+
+
+_TLS = threading.local()
+#: entries of the largest scratch buffers a thread keeps (17 B each); a probe that needs more
+#: gets buffers of its own, freed with its answer
+SCRATCH_KEEP = 1 << 20
+
+
+def _scratch(need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buffers for the probe loop's kept rows (positions, x, distances) of at least ``need``
+    entries: this thread's (search threads run the kernel in parallel, so each has its own; a
+    probe's answer lives in them until the thread's next probe), or for a need above
+    :data:`SCRATCH_KEEP` new ones."""
+    buf = getattr(_TLS, "buf", None)
+    if buf is not None and len(buf[0]) >= need:
+        return buf
+    cap = max(4096, need + need // 2)
+    new = (np.empty(cap, np.int64), np.empty(cap, np.uint64), np.empty(cap, np.uint8))
+    if cap <= SCRATCH_KEEP:
+        _TLS.buf = new
+    return new
 
 
 def bucket_topk(

@@ -92,12 +92,22 @@ def test_hybrid_fast_path_matches_brute_force(tmp_path, fast_calls, nbits, kind,
                 assert fast_calls["answered"] == before
 
 
+@pytest.mark.parametrize("start", ["fresh", "tiny"])
 @pytest.mark.parametrize(("m", "cb"), [(None, 3), (16, 9), (8, 1)])
-def test_bucket_probe_returns_every_row_within_the_kth_distance(m, cb):
+def test_bucket_probe_returns_every_row_within_the_kth_distance(m, cb, start, monkeypatch):
     """The candidate set itself: all live bucket rows within the k-th distance, nothing else
-    (class bits inside the first table, or spanning several: 16 tables of 4 bits, cb = 9)."""
+    (class bits inside the first table, or spanning several: 16 tables of 4 bits, cb = 9).
+    ``tiny``: the thread's scratch buffers start at 2 entries, so the kernel stops for more
+    room (and is called again) on every probe that keeps rows."""
     from cbir.indexer.mih import MIH
     from cbir.indexer.rows import head64
+
+    if start == "tiny":
+        monkeypatch.setattr(hybrid, "_TLS", threading.local())
+        hybrid._TLS.buf = (np.empty(2, np.int64), np.empty(2, np.uint64), np.empty(2, np.uint8))
+        grown = []
+        real = hybrid._scratch
+        monkeypatch.setattr(hybrid, "_scratch", lambda need: grown.append(need) or real(need))
 
     rng = np.random.default_rng(5)
     n, nbits = 20_000, 64
@@ -129,6 +139,8 @@ def test_bucket_probe_returns_every_row_within_the_kth_distance(m, cb):
                 assert np.array_equal(x, h[pos] ^ np.uint64(q64))
                 assert np.array_equal(d, np.bitwise_count(x))
     assert answered >= 48, answered
+    if start == "tiny":
+        assert any(g > 2 for g in grown)  # (the kernel asked for more room)
 
 
 def test_class_bucket_bounds(tmp_path):
