@@ -36,17 +36,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_index import gen_codes  # (this directory: the script's own)
 
 HERE = Path(__file__).resolve()
 
 
 def gen(seed: int, n: int, nbits: int) -> np.ndarray:
-    """``n`` clustered codes (packed uint8) of ``nbits`` bits from ``seed``."""
+    """``n`` clustered codes (packed uint8) of ``nbits`` bits from ``seed`` (bench_index's
+    generator: n / 50 centres, each bit flipped with probability 0.06)."""
     rng = np.random.default_rng(seed)
-    centres = rng.integers(0, 2, (max(1, n // 50), nbits), dtype=np.uint8)
-    bits = centres[rng.integers(0, len(centres), n)]
-    bits ^= (rng.random((n, nbits)) < 0.06).astype(np.uint8)
-    return np.packbits(bits, axis=1)
+    return gen_codes(rng, n, nbits, rng.integers(0, 2, (max(1, n // 50), nbits), dtype=np.uint8), 0.06)
+
+
+def as_model(packed: np.ndarray, ids=None) -> dict[int, bytes]:
+    """id -> code bytes of the rows of ``packed`` (ids 0..n-1 unless given)."""
+    ids = range(len(packed)) if ids is None else ids.tolist()
+    return dict(zip(ids, (r.tobytes() for r in packed)))
 
 
 def batches(seed: int, n0: int, nbits: int, count: int, size: int):
@@ -75,7 +80,7 @@ def batches(seed: int, n0: int, nbits: int, count: int, size: int):
 
 def state_after(seed: int, n0: int, nbits: int, count: int, size: int, upto: int) -> dict[int, bytes]:
     """id -> code bytes after the first ``upto`` batches."""
-    model = dict(zip(range(n0), (r.tobytes() for r in gen(seed, n0, nbits))))
+    model = as_model(gen(seed, n0, nbits))
     for b, (op, ids, packed) in enumerate(batches(seed, n0, nbits, count, size)):
         if b >= upto:
             break
@@ -83,7 +88,7 @@ def state_after(seed: int, n0: int, nbits: int, count: int, size: int, upto: int
             for i in ids.tolist():
                 model.pop(i, None)
         else:
-            model.update(zip(ids.tolist(), (r.tobytes() for r in packed)))
+            model.update(as_model(packed, ids))
     return model
 
 
@@ -164,8 +169,8 @@ def run_builds(args, work: Path, rng) -> list[tuple[bool, str | None]]:
         f"builds: an uninterrupted build of {n:,} x {nbits}-bit codes (child start-up included) takes {t_build:.2f} s"
     )
     old_n, new_seed, old_seed = n // 4, 1, 2
-    new_model = dict(zip(range(n), (r.tobytes() for r in gen(new_seed, n, nbits))))
-    old_model = dict(zip(range(old_n), (r.tobytes() for r in gen(old_seed, old_n, nbits))))
+    old_packed, next_packed = gen(old_seed, old_n, nbits), gen(3, 10, nbits)
+    new_model, old_model, next_model = as_model(gen(new_seed, n, nbits)), as_model(old_packed), as_model(next_packed)
     out = []
     for i in range(args.builds):
         parent = work / f"b{i}"
@@ -173,7 +178,7 @@ def run_builds(args, work: Path, rng) -> list[tuple[bool, str | None]]:
         ix = parent / "ix"
         with_old = i % 2 == 1
         if with_old:
-            build_index(ix, np.arange(old_n), Codes(gen(old_seed, old_n, nbits), nbits), model_hash="old")
+            build_index(ix, np.arange(old_n), Codes(old_packed, nbits), model_hash="old")
         delay = float(rng.uniform(0.0, 1.2 * t_build))
         proc = _spawn("--_child", "build", str(ix), str(new_seed), str(n), str(nbits), "new")
         time.sleep(delay)
@@ -187,13 +192,9 @@ def run_builds(args, work: Path, rng) -> list[tuple[bool, str | None]]:
             model = {"old": old_model, "new": new_model}.get(tag)
             err = f"unknown model hash {tag!r}" if model is None else check(ix, model, nbits, tag, rng)
         if err is None:  # the next build cleans up and succeeds
-            build_index(ix, np.arange(10), Codes(gen(3, 10, nbits), nbits), model_hash="next")
+            build_index(ix, np.arange(10), Codes(next_packed, nbits), model_hash="next")
             left = _stale(parent)
-            err = (
-                f"left behind after the next build: {left}"
-                if left
-                else check(ix, dict(zip(range(10), (r.tobytes() for r in gen(3, 10, nbits)))), nbits, "next", rng)
-            )
+            err = f"left behind after the next build: {left}" if left else check(ix, next_model, nbits, "next", rng)
         print(
             f"  build {i + 1:2d}: {'old index present, ' if with_old else ''}killed after {delay:.2f} s"
             f" ({'mid-build' if mid else 'after it finished'}): {'consistent' if err is None else 'INCONSISTENT: ' + err}",

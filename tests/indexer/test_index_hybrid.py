@@ -98,7 +98,7 @@ def test_bucket_probe_returns_every_row_within_the_kth_distance(m, cb, start, mo
     """The candidate set itself: all live bucket rows within the k-th distance, nothing else
     (class bits inside the first table, or spanning several: 16 tables of 4 bits, cb = 9).
     ``tiny``: the thread's scratch buffers start at 2 entries, so the kernel stops for more
-    room (and is called again) on every probe that keeps rows."""
+    room and is called again (the grow-and-retry path, checked against brute force too)."""
     from cbir.indexer.mih import MIH
     from cbir.indexer.rows import head64
 
