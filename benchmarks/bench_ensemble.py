@@ -25,12 +25,14 @@ each, the cosine schedule following the budget): only one backbone was trained b
 the architecture members are weaker; the figure says what they give. Model selection never looks
 at the query set (the model after the last step is used).
 
-Measured over five warm starts (2026-12-04 18:29 - 19:35 UTC, nothing else running, 2 threads,
-the usage command below with ``--ce-from runs/ce40_s<s>/model.pt``; warm start ``s`` =
-``cbir train --method ce --dataset cifar10-subset --backbone resnet20 --epochs 40 --batch-size
-128 --lr 2e-3 --threads 2 --seed s`` (1,440 steps, ~9.5 min each); E = 5; 300 head steps per
-member, 1 cached view; tau = -log 0.05, margin 1, the defaults fixed beforehand; ``arch`` for
-s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 4)::
+Measured over five warm starts (2026-12-04 18:29 - 19:35 UTC; seed and bootstrap again with
+this script, 19:39 - 19:52, which printed the same recall and mAP figures and the intervals and
+latency / t-test figures below; nothing else running, 2 threads, the usage command below with
+``--ce-from runs/ce40_s<s>/model.pt``; warm start ``s`` = ``cbir train --method ce --dataset
+cifar10-subset --backbone resnet20 --epochs 40 --batch-size 128 --lr 2e-3 --threads 2 --seed s``
+(1,440 steps, ~9.5 min each); E = 5; 300 head steps per member, 1 cached view; tau = -log 0.05,
+margin 1, the defaults fixed beforehand; ``arch`` for s = 0-2 only, ``--perturbs
+seed,bootstrap`` for s = 3, 4)::
 
     warm start s                  0        1        2        3        4      mean (sd)
     class accuracy query / db   0.70/0.83 0.70/0.82 0.69/0.82 0.71/0.83 0.70/0.84   (seed)
@@ -38,12 +40,16 @@ s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 4)::
           IDK queries             27       27       34       33       30     151 in all
           easy - hard mAP@1000  +0.337   +0.300   +0.419   +0.392   +0.291  +0.348 (0.050)  >= 0.2: met 5/5
           IDK recall@1000 gain  +0.163   +0.077   +0.209   +0.144   +0.238  +0.166 (0.056)  >= 0.1: met 4/5
-          latency ratio         2.09x    1.99x    1.91x    1.75x    2.44x                   <= 3x: met 5/5
+            95 % bootstrap      -0.01    -0.07    +0.06    +0.02    +0.09   (lower end)
+                                +0.31    +0.23    +0.35    +0.27    +0.39   (upper end)
+          latency ratio         1.96x    1.97x    1.93x    1.90x    1.62x                   <= 3x: met 5/5
     boot  hard (idk) %           2.8      3.3      3.5      4.4      2.8     3.4 (0.6)
           IDK queries             24       28       30       37       24     143 in all
           easy - hard mAP@1000  +0.273   +0.313   +0.318   +0.333   +0.398  +0.327 (0.041)  >= 0.2: met 5/5
           IDK recall@1000 gain  +0.298   +0.261   +0.086   +0.199   +0.186  +0.206 (0.073)  >= 0.1: met 4/5
-          latency ratio         1.76x    2.04x    2.19x    1.98x    1.67x                   <= 3x: met 5/5
+            95 % bootstrap      +0.16    +0.12    -0.04    +0.09    +0.05   (lower end)
+                                +0.44    +0.40    +0.21    +0.31    +0.33   (upper end)
+          latency ratio         1.78x    2.07x    1.91x    1.97x    1.80x                   <= 3x: met 5/5
     arch  hard (idk) %          34.4     32.3     34.3
           easy - hard           +0.248   +0.288   +0.296
           IDK gain              +0.036   +0.031   +0.030   (latency 2.27-2.30x)
@@ -53,14 +59,21 @@ s = 0-2 only, ``--perturbs seed,bootstrap`` for s = 3, 4)::
 
 Every target was met together in one run by seed in runs 0, 2, 3, 4 and by bootstrap in runs 0,
 1, 3, 4; pooled over the runs' IDK queries (each run's gain weighted by its IDK count) the gain
-is seed +0.169 (151 queries), bootstrap +0.202 (143). The t-test + confidence cost 1.05-1.35 %
-(seed) and 1.11-1.63 % (bootstrap) of the ensemble forward (arch 0.31-0.39 %); the
-shared-backbone encode 0.18-0.22x the per-member path. A run's IDK set holds 24-37 queries, so
-one run's gain has a sampling error of ~0.06 (an estimate: ~25 % of the IDK queries gain ~0.7
-recall each), about the measured spread (sd 0.056 / 0.073): the two misses (seed run 1 +0.077,
-bootstrap run 2 +0.086) are of that size. ``arch``: members 1.. are 45 s convnets (query accuracy
-of the ensemble 0.58-0.60 against 0.70 for the heads): a third of the queries are IDK because
-weak members disagree, not because the query is hard, and probing them gains little.
+is seed +0.169 (151 queries), bootstrap +0.202 (143); the runs' intervals combined as
+independent normal errors give ~95 % intervals [+0.103, +0.235] and [+0.144, +0.260] (an
+estimate from the printed intervals, not a bootstrap of the pooled queries). A run's IDK set
+holds 24-37 queries and per-query gains are all-or-nothing (a subtree gained or lost), so one
+run's gain is uncertain by +-0.11 to +-0.16 (the printed 95 % bootstrap intervals of the paired
+per-query differences, ``cbir.bench.hardness.gain_interval``): the two misses (seed run 1
++0.077, bootstrap run 2 +0.086) lie well inside them, and 0.1 lies inside the intervals of 8
+of the 10 runs (all but bootstrap runs 0 and 1, lower ends +0.16 and +0.12): one run alone
+cannot tell the target met or missed; pooled, it is met by both, by bootstrap with more room.
+The t-test + confidence cost 1.07-1.39 % (seed) and 1.06-1.33 % (bootstrap) of the ensemble
+forward (first runs: 1.05-1.63 %; arch 0.31-0.39 %); latency ratios in the first runs
+1.67-2.44x; the shared-backbone encode 0.18-0.22x the per-member path. ``arch``: members 1.. are
+45 s convnets (query accuracy of the ensemble 0.58-0.60 against 0.70 for the heads): a third of
+the queries are IDK because weak members disagree, not because the query is hard, and probing
+them gains little.
 
 Why the warm start matters: with the earlier 15-epoch warm start (540 steps; same command
 otherwise, five runs on 2026-12-03/04) the backbone classified only ~0.64 of its own training
@@ -317,9 +330,11 @@ def main() -> None:
             print(f"  easy - hard (lex): {m['answered']['lex'] - m['idk']['lex']:+.4f} (target >= 0.2)")
         p = h["probing"]
         if p:
+            ci = p["recall_gain_ci95"]
+            ci = "" if ci is None else f", 95 % bootstrap interval [{ci[0]:+.4f}, {ci[1]:+.4f}]"
             print(
                 f"IDK queries ({p['queries']}, mean set size {p['mean_set_size']:.2f}): recall@{k} plain lex "
-                f"{p['recall_plain']:.4f}, prediction set {p['recall_prediction_set']:.4f} (gain {p['recall_gain']:+.4f}) "
+                f"{p['recall_plain']:.4f}, prediction set {p['recall_prediction_set']:.4f} (gain {p['recall_gain']:+.4f}{ci}) "
                 f"latency {p['latency_ms_plain']:.3f} vs {p['latency_ms_prediction_set']:.3f} ms ({p['latency_ratio']:.2f}x); "
                 f"top-2 classes {p['recall_top2']:.4f} (gain {p['recall_gain_top2']:+.4f}, {p['latency_ratio_top2']:.2f}x) "
                 "(targets: gain >= 0.1 at <= 3x)"

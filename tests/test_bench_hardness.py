@@ -116,6 +116,25 @@ def test_bench_probing_recall_matches_brute_force(tmp_path, ensemble_path):
     assert p["recall_set_only"] == pytest.approx(float(np.mean(rec)), abs=1e-12)
     assert p["recall_prediction_set"] == pytest.approx(float(np.mean(rec_filled)), abs=1e-12)
     assert p["mean_returned"]["full_set"] == 100 and p["mean_returned"]["plain"] == 100
+    lo, hi = p["recall_gain_ci95"]  # a bootstrap interval of the paired per-query differences
+    assert lo <= p["recall_gain"] <= hi
+
+
+def test_gain_interval_is_the_paired_bootstrap_of_the_mean():
+    """Percentile bootstrap of the mean difference: for many queries it is close to the normal
+    interval mean +- 1.96 s / sqrt(n); seeded; degenerate and tiny inputs handled."""
+    from cbir.bench.hardness import gain_interval
+
+    diff = np.random.default_rng(1).normal(0.15, 0.3, 400)
+    lo, hi = gain_interval(diff)
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert lo < diff.mean() < hi
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(diff.mean(), abs=0.1 * half)
+    assert gain_interval(diff) == [lo, hi]  # seeded
+    assert gain_interval(diff, seed=2) != [lo, hi]
+    assert gain_interval(np.full(5, 0.25)) == [0.25, 0.25]
+    assert gain_interval(np.array([0.3])) is None and gain_interval(np.zeros(0)) is None
 
 
 def test_single_model_has_no_hardness_section(tmp_path):

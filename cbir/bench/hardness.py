@@ -31,7 +31,9 @@ the threshold ``tau``, prediction set, IDK flag, hardness) give:
   it returns, and why the gain is what it is: how often the true class is first / in the first
   two / in the set, and how often the plain top-k reaches the set's second class); latency per query of each and the
   ratio to the plain search (measured in the same run, one query at a time, after a warm-up of
-  each; the fastest of 3 interleaved rounds).
+  each; the fastest of 3 interleaved rounds). The gain comes with a 95 % percentile bootstrap
+  interval of the queries' paired differences (:func:`gain_interval`): an IDK set is often a
+  few dozen queries, so one run's gain is uncertain by several hundredths.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["hardness_groups", "risk_coverage", "hardness_report", "hardness_markdown", "plot_risk_coverage"]
+__all__ = [
+    "hardness_groups",
+    "risk_coverage",
+    "gain_interval",
+    "hardness_report",
+    "hardness_markdown",
+    "plot_risk_coverage",
+]
 
 GROUPS = ("easy", "hard", "idk")
 
@@ -91,7 +100,7 @@ def _probe(reader, q_codes, dl, ql, sets, rows, k: int, id_to_row: dict | None, 
 
     returned: dict = {}
 
-    def run(fn) -> tuple[float, float]:
+    def run(fn) -> tuple[np.ndarray, float]:
         rec, wall, n = [], 0.0, []
         for i in rows:
             rel = int((dl == ql[i]).sum())
@@ -102,7 +111,7 @@ def _probe(reader, q_codes, dl, ql, sets, rows, k: int, id_to_row: dict | None, 
             n.append(len(got))
             rec.append((dl[got] == ql[i]).sum() / rel if rel else 0.0)
         returned[fn.__name__] = float(np.mean(n))
-        return float(np.mean(rec)), wall / len(rows)
+        return np.asarray(rec, dtype=np.float64), wall / len(rows)
 
     def plain(i):
         return reader.search_lex(q_codes[i : i + 1], k).ids
@@ -124,8 +133,9 @@ def _probe(reader, q_codes, dl, ql, sets, rows, k: int, id_to_row: dict | None, 
         for name, fn in searches:
             rec, wall = run(fn)
             best[name] = (rec, min(wall, best.get(name, (0.0, math.inf))[1]))
-    (r_plain, t_plain), (r_set, t_set), (r_top2, t_top2) = best["plain"], best["set"], best["top2"]
-    r_only, t_only = best["set_only"]
+    (q_plain, t_plain), (q_set, t_set), (q_top2, t_top2) = best["plain"], best["set"], best["top2"]
+    q_only, t_only = best["set_only"]
+    r_plain, r_set, r_top2, r_only = (float(v.mean()) for v in (q_plain, q_set, q_top2, q_only))
 
     def ratio(t: float) -> float:
         return t / t_plain if t_plain > 0 else math.nan
@@ -136,6 +146,7 @@ def _probe(reader, q_codes, dl, ql, sets, rows, k: int, id_to_row: dict | None, 
         "recall_plain": r_plain,
         "recall_prediction_set": r_set,
         "recall_gain": r_set - r_plain,
+        "recall_gain_ci95": gain_interval(q_set - q_plain),
         "recall_top2": r_top2,
         "recall_gain_top2": r_top2 - r_plain,
         "recall_set_only": r_only,
@@ -150,6 +161,29 @@ def _probe(reader, q_codes, dl, ql, sets, rows, k: int, id_to_row: dict | None, 
         "mean_returned": dict(returned),
         **_set_diagnostics(reader, q_codes, ql, sets, rows, k),
     }
+
+
+def gain_interval(diff, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean of per-query paired differences ``diff`` (the
+    prediction-set recall minus the plain recall of each IDK query; ``scipy.stats.bootstrap``,
+    queries resampled with replacement, seeded): how far one run's gain could move with other
+    queries of the same kind. ``None`` for fewer than 2 queries."""
+    from scipy import stats
+
+    diff = np.asarray(diff, dtype=np.float64)
+    if len(diff) < 2:
+        return None
+    if np.all(diff == diff[0]):  # every resample has the same mean
+        return [float(diff[0]), float(diff[0])]
+    ci = stats.bootstrap(
+        (diff,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return [float(ci.low), float(ci.high)]
 
 
 def _set_diagnostics(reader, q_codes, ql, sets, rows, k: int) -> dict[str, float]:
@@ -244,6 +278,11 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def _ci(p: dict) -> str:
+    ci = p.get("recall_gain_ci95")
+    return "" if ci is None else f" (95 % bootstrap [{ci[0]:+.4f}, {ci[1]:+.4f}])"
+
+
 def hardness_markdown(h: dict, plotted: bool = True) -> str:
     """The section as Markdown (tables of groups and of the probing figures)."""
     k = h["k"]
@@ -272,7 +311,7 @@ def hardness_markdown(h: dict, plotted: bool = True) -> str:
             f"{p['mean_set_size']:.2f}; index: {p['index']}):\n\n"
             f"| search | recall@{k} | gain | latency ms/query | ratio |\n|---|---:|---:|---:|---:|\n"
             f"| plain lex | {p['recall_plain']:.4f} | - | {p['latency_ms_plain']:.3f} | 1.00 |\n"
-            f"| prediction set | {p['recall_prediction_set']:.4f} | {p['recall_gain']:+.4f} | "
+            f"| prediction set | {p['recall_prediction_set']:.4f} | {p['recall_gain']:+.4f}{_ci(p)} | "
             f"{p['latency_ms_prediction_set']:.3f} | {p['latency_ratio']:.2f} |\n"
             f"| top-2 classes | {p['recall_top2']:.4f} | {p['recall_gain_top2']:+.4f} | "
             f"{p['latency_ms_top2']:.3f} | {p['latency_ratio_top2']:.2f} |\n"
