@@ -33,7 +33,8 @@ the threshold ``tau``, prediction set, IDK flag, hardness) give:
   ratio to the plain search (measured in the same run, one query at a time, after a warm-up of
   each; the fastest of 3 interleaved rounds). The gain comes with a 95 % percentile bootstrap
   interval of the queries' paired differences (:func:`gain_interval`): an IDK set is often a
-  few dozen queries, so one run's gain is uncertain by several hundredths.
+  few dozen queries, so one run's gain is uncertain by a tenth or more (+-0.11 to +-0.16 on the
+  cifar10-subset runs of ``benchmarks/bench_ensemble.py``).
 """
 
 from __future__ import annotations
